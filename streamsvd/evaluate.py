@@ -1,0 +1,73 @@
+"""Perplexity computed block by block from disk, so a model larger than memory can be
+scored; and greedy generation from a loaded model."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .lowrank import skeleton_for
+from .model import catch_block_inputs, empty, fill, find_blocks, run_block, to_device
+
+
+class _Feed(nn.Module):
+    """Stands in for the whole block stack: returns hidden states computed beforehand, so
+    the model's own code applies the final norm, LM head and loss."""
+
+    hidden: torch.Tensor | None = None
+
+    def forward(self, *args, **kwargs):
+        return self.hidden
+
+
+@torch.inference_mode()
+def perplexity(path: str | Path, windows: torch.Tensor, batch_size: int = 8,
+               device: str = "cpu", progress: bool = True) -> float:  # fmt: skip
+    """exp(mean next-token NLL) over (N, T) windows, each scored on its own (P1).
+
+    Loads one block at a time; the hidden states of all windows stay in memory
+    (N·T·hidden values), never the whole model. The skeleton is used up afterwards.
+    """
+    model, reader = skeleton_for(path)
+    prefix, blocks = find_blocks(model)
+    batches = [windows[s : s + batch_size] for s in range(0, len(windows), batch_size)]
+    rest = [n for n in reader if not n.startswith(prefix + ".")]
+    fill(model, reader.tensors(rest), "cpu")
+    model.tie_weights()
+    hidden, kwargs = [], None
+    for ids in batches:
+        h, kwargs = catch_block_inputs(model, blocks[0], ids)
+        hidden.append(h.to(device))
+    kwargs = to_device(kwargs, device)
+    for i, block in enumerate(
+        tqdm(blocks, desc="Evaluating", unit="block", disable=not progress or None)
+    ):
+        block_prefix = f"{prefix}.{i}"
+        tensors = reader.tensors(reader.under(block_prefix))
+        fill(block, {n[len(block_prefix) + 1 :]: t for n, t in tensors.items()}, device)
+        hidden = [run_block(block, h, kwargs) for h in hidden]
+        empty(block)
+    parent, _, attr = prefix.rpartition(".")
+    feed = _Feed()
+    setattr(model.get_submodule(parent) if parent else model, attr, nn.ModuleList([feed]))
+    model.to(device)  # only the embedding, final norm and head remain
+    total_nll, total_tokens = 0.0, 0
+    for ids, h in zip(batches, hidden, strict=True):
+        feed.hidden = h
+        out = model(input_ids=ids.to(device), labels=ids.to(device), use_cache=False)
+        tokens = ids.numel() - ids.shape[0]  # the first token of each window has no target
+        total_nll += float(out.loss) * tokens
+        total_tokens += tokens
+    return math.exp(total_nll / total_tokens)
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:
+    """Greedy continuation of `prompt` (deterministic, so before/after are comparable)."""
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

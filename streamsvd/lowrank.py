@@ -1,0 +1,150 @@
+"""The low-rank linear layer, loading a compressed checkpoint, and exporting it dense."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointReader, copy_side_files, save_shard, write_index
+from .errors import StreamSVDError
+from .model import build_skeleton, load_config
+
+SECTION = "streamsvd"  # the config.json section that describes a compressed checkpoint
+
+
+class LowRankLinear(nn.Module):
+    """y = A·(B·x) + b, stored as `down` (B: rank × in) and `up` (A: out × rank, bias)."""
+
+    def __init__(
+        self, in_features: int, out_features: int, rank: int, bias: bool, device=None, dtype=None
+    ):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    @classmethod
+    def from_factors(
+        cls, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+    ) -> LowRankLinear:
+        layer = cls(B.shape[1], A.shape[0], A.shape[1], bias is not None, A.device, dtype)
+        with torch.no_grad():
+            layer.down.weight.copy_(B)
+            layer.up.weight.copy_(A)
+            if bias is not None:
+                layer.up.bias.copy_(bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.up.weight @ self.down.weight
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}"
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+def read_section(path: Path, required: bool = True) -> dict | None:
+    """The streamsvd section of a checkpoint's config.json, checked complete; None for a
+    plain checkpoint when not required."""
+    config_path = path / "config.json"
+    if not config_path.exists():
+        raise StreamSVDError(f"{path} is not a model directory (no config.json)")
+    section = json.loads(config_path.read_text()).get(SECTION)
+    if section is None:
+        if not required:
+            return None
+        raise StreamSVDError(
+            f"{path} was not written by streamsvd compress (no '{SECTION}' section in config.json)"
+        )
+    if not section.get("complete"):
+        raise StreamSVDError(
+            f"{path} is an incomplete streamsvd output: its run did not finish; "
+            "rerun the same compress command to resume it"
+        )
+    return section
+
+
+def skeleton_for(path: str | os.PathLike) -> tuple[nn.Module, CheckpointReader]:
+    """Meta-device skeleton of any checkpoint directory, plain or streamsvd-compressed (then
+    with LowRankLinear layers of the recorded ranks in place), and a reader of its tensors."""
+    path = Path(path)
+    section = read_section(path, required=False) or {}
+    reader = CheckpointReader(path)
+    model = build_skeleton(load_config(path), reader.dtype())
+    ranks = {} if section.get("dense") else section.get("ranks", {})
+    for name, rank in ranks.items():
+        linear = model.get_submodule(name)
+        low = LowRankLinear(linear.in_features, linear.out_features, rank,
+                            linear.bias is not None, "meta", linear.weight.dtype)  # fmt: skip
+        replace_module(model, name, low)
+    return model, reader
+
+
+def load_compressed(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
+    """The original transformers architecture with LowRankLinear layers in place, in memory.
+
+    Works for compressed and dense-exported streamsvd outputs alike.
+    """
+    read_section(Path(path))
+    model, reader = skeleton_for(path)
+    result = model.load_state_dict(reader.tensors(list(reader)), strict=False, assign=True)
+    if result.unexpected_keys:
+        raise StreamSVDError(f"{path}: tensors that fit no layer: {result.unexpected_keys[:5]}")
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise StreamSVDError(f"{path}: checkpoint lacks tensors {missing[:5]}")
+    return model.to(device).eval()
+
+
+def export_dense(path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write W = A·B for every low-rank pair: a standard checkpoint that plain
+    AutoModelForCausalLM.from_pretrained loads. Works shard by shard."""
+    path, out = Path(path), Path(out)
+    section = read_section(path)
+    reader = CheckpointReader(path)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # factor tensor name -> dense tensor name, or None for B (folded into A's entry)
+    renames = {}
+    for layer in section.get("ranks", {}):
+        renames |= {
+            f"{layer}.up.weight": f"{layer}.weight",
+            f"{layer}.up.bias": f"{layer}.bias",
+            f"{layer}.down.weight": None,
+        }
+    weight_map = {}
+    for shard in sorted(set(reader.weight_map.values())):
+        tensors = reader.tensors([n for n, s in reader.weight_map.items() if s == shard])
+        dense = {}
+        for name, value in tensors.items():
+            new_name = renames.get(name, name)
+            if name.endswith(".up.weight") and new_name != name:
+                B = tensors[name[: -len("up.weight")] + "down.weight"]
+                value = (value.double() @ B.double()).to(value.dtype)
+            if new_name is not None:
+                dense[new_name] = value
+        save_shard(dense, tmp / shard)
+        weight_map.update({n: shard for n in dense})
+    write_index(tmp, weight_map)
+    copy_side_files(path, tmp)
+    config = json.loads((path / "config.json").read_text())
+    config[SECTION] = {**section, "dense": True}
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
