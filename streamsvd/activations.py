@@ -10,38 +10,56 @@ no bfloat16), as accelerate's offload does. Knows nothing about blocks or models
 from __future__ import annotations
 
 import hashlib
+import os
+from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 import zarr
 
+from .checkpoint import fsync_dir
+
 STREAMS = ("orig", "comp")
 
 
 class ActivationStore:
-    def __init__(self, root: Path, nsamples: int, seqlen: int, hidden: int, dtype: torch.dtype):
+    """durable=True: each chunk written is fsync'd by a background thread while the next
+    batch computes, and `sync` waits for those and makes the slot's directory durable."""
+
+    def __init__(self, root: Path, nsamples: int, seqlen: int, hidden: int, dtype: torch.dtype,
+                 durable: bool = False):  # fmt: skip
         self.root = Path(root)
         self.shape = (nsamples, seqlen, hidden)
         self.dtype = dtype
         self._stored = torch.int16 if dtype == torch.bfloat16 else dtype
         self._group = zarr.open_group(str(self.root), mode="a")
+        self._syncer = ThreadPoolExecutor(1, thread_name_prefix="fsync") if durable else None
+        self._pending: dict[str, list[Future]] = defaultdict(list)
 
     def _array(self, stream: str, slot: int, create: bool = False):
         name = f"{stream}{slot}"
-        if create or name not in self._group:
+        if create:
             return self._group.create_array(
                 name,
                 shape=self.shape,
                 chunks=(1, *self.shape[1:]),
                 dtype=np.dtype(str(self._stored).removeprefix("torch.")),
                 compressors=None,
+                # chunk files side by side (c.0.0.0, not c/0/0/0): one directory to fsync
+                chunk_key_encoding={"name": "default", "separator": "."},
                 overwrite=True,
             )
         return self._group[name]
 
+    def _chunk(self, stream: str, slot: int, sample: int) -> Path:
+        return self.root / f"{stream}{slot}" / f"c.{sample}.0.0"
+
     def reset(self, stream: str, slot: int) -> None:
         """Start a slot afresh before writing it whole."""
+        for future in self._pending.pop(f"{stream}{slot}", []):
+            future.exception()  # wait; its files are about to go anyway
         self._array(stream, slot, create=True)
 
     def read(self, stream: str, slot: int, start: int, stop: int) -> torch.Tensor:
@@ -53,6 +71,31 @@ class ActivationStore:
         if self.dtype == torch.bfloat16:
             values = values.view(torch.int16)
         self._array(stream, slot)[start : start + values.shape[0]] = values.numpy()
+        if self._syncer is not None:
+            chunks = [self._chunk(stream, slot, k) for k in range(start, start + len(values))]
+            self._pending[f"{stream}{slot}"].append(self._syncer.submit(_fsync_files, chunks))
+
+    def sync(self, stream: str, slot: int) -> None:
+        """Make a slot durable: its chunk and metadata files fsync'd, then its directory
+        (zarr renames each chunk into place but never fsyncs). Raises the OSError of a
+        background fsync that failed."""
+        top = self.root / f"{stream}{slot}"
+        pending = self._pending.pop(f"{stream}{slot}", None)
+        if pending is None:  # nothing synced in the background: every chunk now
+            _fsync_files(sorted(top.glob("c.*")))
+        for future in pending or []:
+            future.result()
+        _fsync_files([top / "zarr.json"])
+        fsync_dir(top)
+        fsync_dir(self.root)
+
+    def matches(self, stream: str, slot: int, digest: str) -> bool:
+        """Whether a slot on disk holds exactly what was recorded. A chunk that is missing,
+        truncated or unreadable in any way counts as not matching."""
+        try:
+            return self.checksum(stream, slot) == digest
+        except Exception:  # zarr raises many kinds for damaged chunks; all mean "redo it"
+            return False
 
     def checksum(self, stream: str, slot: int, batch: int = 8) -> str:
         """SHA-256 of a slot's contents, read back from disk sample by sample."""
@@ -61,6 +104,15 @@ class ActivationStore:
             stop = min(start + batch, self.shape[0])
             digest.update(self.read(stream, slot, start, stop).view(-1).view(torch.uint8).numpy())
         return digest.hexdigest()
+
+
+def _fsync_files(paths: list[Path]) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def tensor_digest(digest, values: torch.Tensor, dtype: torch.dtype):

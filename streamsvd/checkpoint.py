@@ -10,12 +10,13 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import StreamSVDError
@@ -71,6 +72,25 @@ class CheckpointReader(Mapping):
                     out[name] = f.get_tensor(name)
         return {name: out[name] for name in names}
 
+    def prefetch(self, names: list[str]) -> None:
+        """Ask the kernel to read the named tensors' bytes into the page cache ahead of use
+        (posix_fadvise WILLNEED), holding nothing in this process: run in a thread while
+        one block computes, the next block's read overlaps it. A no-op without fadvise."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        by_shard: dict[str, list[str]] = {}
+        for name in names:
+            by_shard.setdefault(self.weight_map[name], []).append(name)
+        for shard, shard_names in sorted(by_shard.items()):
+            ranges = data_ranges(self.path / shard)
+            fd = os.open(self.path / shard, os.O_RDONLY)
+            try:
+                for name in shard_names:
+                    start, stop = ranges[name]
+                    os.posix_fadvise(fd, start, stop - start, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+
     def under(self, prefix: str) -> list[str]:
         """Names inside module `prefix` (matching `prefix.` so layers.1 never takes layers.10)."""
         return [name for name in self.weight_map if name.startswith(prefix + ".")]
@@ -92,12 +112,17 @@ class CheckpointReader(Mapping):
         raise StreamSVDError(f"{self.path} holds no floating-point weights")
 
     def fingerprint(self) -> dict:
-        """Names, sizes and header hashes of the shards: changes whenever the weights do
-        in practice, without reading gigabytes of data."""
+        """Names, sizes, header hashes and a hash of the first and last MiB of data of each
+        shard: changes whenever the weights do in practice (a fine-tune keeps every header),
+        without reading gigabytes of data."""
         shards = {}
         for shard in sorted(set(self.weight_map.values())):
             path = self.path / shard
-            shards[shard] = {"size": path.stat().st_size, "header_sha256": header_sha256(path)}
+            shards[shard] = {
+                "size": path.stat().st_size,
+                "header_sha256": header_sha256(path),
+                "data_sample_sha256": data_sample_sha256(path),
+            }
         index = self.path / INDEX_NAME
         index_hash = hashlib.sha256(index.read_bytes()).hexdigest() if index.exists() else None
         return {"index_sha256": index_hash, "shards": shards}
@@ -109,6 +134,27 @@ def shard_shapes(path: Path) -> dict[str, list[int]]:
         return {name: f.get_slice(name).get_shape() for name in f.keys()}
 
 
+def page_in(tensors) -> None:
+    """Fault in every page of tensors read from shards (they are memory-mapped), so that
+    reading them from disk happens, and is timed, now rather than at their first use.
+    Touches one value per 4 KiB page; holds nothing more than the pages themselves."""
+    for tensor in tensors:
+        if tensor.numel() and tensor.device.type == "cpu":
+            tensor.reshape(-1)[:: max(1, 4096 // tensor.element_size())].sum()
+
+
+def data_ranges(path: Path) -> dict[str, tuple[int, int]]:
+    """Tensor name -> (first byte, end) of its data within a safetensors file."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return {
+        name: (8 + length + info["data_offsets"][0], 8 + length + info["data_offsets"][1])
+        for name, info in header.items()
+    }
+
+
 def header_sha256(path: Path) -> str:
     """SHA-256 of a safetensors file's length prefix and JSON header (names, dtypes, offsets)."""
     with open(path, "rb") as f:
@@ -117,6 +163,15 @@ def header_sha256(path: Path) -> str:
             raise StreamSVDError(f"{path} is truncated: not a safetensors file")
         (length,) = struct.unpack("<Q", prefix)
         return hashlib.sha256(prefix + f.read(length)).hexdigest()
+
+
+def data_sample_sha256(path: Path, span: int = 1 << 20) -> str:
+    """SHA-256 of the first and the last `span` bytes of a file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(span)
+        f.seek(max(0, size - span))
+        return hashlib.sha256(head + f.read(span)).hexdigest()
 
 
 def file_sha256(path: Path) -> str:
@@ -138,23 +193,51 @@ def fsync_dir(path: Path) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary name, fsync, rename: readers see the old file or the new one."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 
-def save_shard(tensors: dict[str, torch.Tensor], path: Path) -> str:
-    """Write one safetensors shard atomically; returns its SHA-256."""
+def save_shard(
+    tensors: dict[str, torch.Tensor],
+    path: Path,
+    durable: bool = True,
+    before_rename: Callable[[], None] | None = None,
+) -> str | None:
+    """Write one safetensors shard to a temporary name, fsync it, rename it into place;
+    returns its SHA-256. durable=False skips the fsyncs and the hash (benchmarking only).
+    `before_rename` runs between writing and renaming (fault injection)."""
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    digest = file_sha256(tmp)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    try:
+        try:
+            save_file(
+                {k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"}
+            )
+        except SafetensorError as exc:  # its I/O errors are not OSErrors: make them so
+            code = re.search(r"os error (\d+)", str(exc))
+            if code is None:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(tmp)) from exc
+        if before_rename is not None:
+            before_rename()
+        digest = None
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            digest = file_sha256(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_dir(path.parent)
     return digest
 
 

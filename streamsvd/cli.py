@@ -12,7 +12,9 @@ from pathlib import Path
 from . import __version__
 from .errors import StreamSVDError
 from .factorize import METHODS
+from .memory import return_freed_memory
 from .pipeline import DEFAULT_METHOD
+from .synth import DTYPES, SHAPES
 
 log = logging.getLogger("streamsvd")
 
@@ -23,6 +25,7 @@ examples:
   streamsvd eval --model ./llama13b-svd --data wiki.test.txt
   streamsvd generate --model ./llama13b-svd --prompt "The capital of France is"
   streamsvd export-dense --model ./llama13b-svd --out ./llama13b-svd-dense
+  streamsvd status --workdir ./llama13b-svd.work   # where an interrupted run stands
 """
 
 
@@ -118,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="discard an interrupted run in the workdir instead of resuming it",
     )
     c.add_argument("--summary-json", help="also write the run summary to this JSON file")
+    c.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan instead of running: ranks, parameters, output size, activation "
+        "disk, expected peak host/device memory, and whether this machine has enough",
+    )
 
     e = sub.add_parser("eval", help="perplexity, block by block from disk",
                        description="Perplexity of a plain or streamsvd checkpoint: the first "
@@ -132,6 +141,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(g, "checkpoint directory, plain or compressed")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=40)
+
+    st = sub.add_parser("status", help="where an interrupted or running compress run stands")
+    st.add_argument("--workdir", required=True, help="the run directory (compress's OUT.work)")
+
+    sy = sub.add_parser("synth", help="write a random Llama-family checkpoint of a real shape",
+                        description="A checkpoint of a named shape and any depth with random "
+                        "weights of decaying spectra, written tensor by tensor (memory stays "
+                        "small whatever its size): for measuring memory and time at scale. "
+                        "Shapes: " + ", ".join(f"{k} ({v.source})" for k, v in SHAPES.items())
+                        )  # fmt: skip
+    sy.add_argument("--shape", choices=list(SHAPES), required=True)
+    sy.add_argument("--layers", type=int, help="decoder blocks (default: the real model's)")
+    sy.add_argument("--out", required=True, help="output directory (must not exist yet)")
+    sy.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--max-shard-size", type=float, default=2.0, help="GiB (default 2)")
 
     x = sub.add_parser("export-dense", help="write a compressed checkpoint as plain W = A·B")
     x.add_argument("--model", required=True, help="streamsvd compressed checkpoint")
@@ -171,6 +196,14 @@ def cmd_compress(args) -> dict:
         dense=args.dense,
         restart=args.restart,
     )
+    if args.dry_run:
+        from .plan import format_plan, make_plan
+
+        plan = make_plan(cfg)
+        print(format_plan(plan))
+        if args.summary_json:
+            Path(args.summary_json).write_text(json.dumps(plan.to_dict(), indent=2))
+        return plan.to_dict()
     summary = compress(cfg)
     print(format_summary(summary))
     if args.summary_json:
@@ -190,6 +223,20 @@ def format_summary(s: dict) -> str:
         + (f", peak CUDA {s['peak_cuda_mb']:,.0f} MiB" if "peak_cuda_mb" in s else ""),
         "  time by stage " + ", ".join(f"{k} {v:.1f}s" for k, v in s["stage_seconds"].items()),
     ]
+    if "other_seconds" in s:
+        from .pipeline import WORK_STAGES
+
+        stages = s["stage_seconds"]
+        work = sum(v for k, v in stages.items() if k in WORK_STAGES)
+        overhead = {k: v for k, v in stages.items() if k not in WORK_STAGES}
+        overhead["other"] = s["other_seconds"]
+        total = max(work + sum(overhead.values()), 1e-9)
+        lines.append(
+            f"  work {work:.1f}s ({work / total:.0%}: {', '.join(WORK_STAGES)}), overhead "
+            f"{total - work:.1f}s ({(total - work) / total:.0%}: "
+            + ", ".join(f"{k} {v:.1f}s" for k, v in overhead.items())
+            + ")"
+        )
     return "\n".join(lines)
 
 
@@ -240,6 +287,40 @@ def cmd_generate(args) -> str:
     return text
 
 
+def cmd_status(args) -> dict:
+    from .journal import run_status
+
+    s = run_status(Path(args.workdir))
+    total, done = s["blocks_total"], s["blocks_done"]
+    if s["next_block"] is not None:
+        where = f"next: block {s['next_block'] + 1}/{total}"
+    else:
+        where = "output being assembled" if s["rest_done"] else "embedding/head shard next"
+    lines = [
+        f"run directory {s['workdir']}",
+        f"  {'blocks done':<18} {done}/{total} ({where})",
+        f"  {'disk used':<18} {s['disk_used_bytes'] / 2**20:,.1f} MiB",
+        f"  {'model':<18} {s['model_shards']} shards (fingerprint in manifest.json)",
+    ]
+    for key, value in s["settings"].items():
+        lines.append(f"  {key:<18} {json.dumps(value) if isinstance(value, dict) else value}")
+    error = s["last_error"]
+    last = f"{error['time']}: {error['error']}" if error else "none"
+    lines.append(f"  {'last error':<18} {last}")
+    print("\n".join(lines))
+    return s
+
+
+def cmd_synth(args) -> Path:
+    from .synth import synthesize
+
+    out = synthesize(args.out, args.shape, args.layers, DTYPES[args.dtype], args.seed,
+                     int(args.max_shard_size * 2**30))  # fmt: skip
+    size = sum(p.stat().st_size for p in out.iterdir())
+    print(f"wrote {out} ({size / 2**30:,.2f} GiB)")
+    return out
+
+
 def cmd_export_dense(args) -> None:
     from .lowrank import export_dense
 
@@ -284,6 +365,8 @@ COMMANDS = {
     "eval": cmd_eval,
     "generate": cmd_generate,
     "export-dense": cmd_export_dense,
+    "status": cmd_status,
+    "synth": cmd_synth,
     "demo": cmd_demo,
 }
 
@@ -295,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    return_freed_memory()  # peak RSS = what is alive (see memory.py)
     try:
         COMMANDS[args.command](args)
     except StreamSVDError as exc:

