@@ -51,6 +51,7 @@ from streamsvd.plan import host_memory_available, make_plan, measure_baseline  #
 from streamsvd.synth import DTYPES, SHAPES, checkpoint_bytes, synthesize  # noqa: E402
 
 GiB = 2**30
+COMMAND = " ".join([".venv/bin/python", "benchmarks/memory.py", *sys.argv[1:]])
 RUN_COMPRESS = """
 import json, sys
 from streamsvd.memory import return_freed_memory
@@ -84,6 +85,8 @@ def parse_args():
     p.add_argument("--prefetch-repeats", type=int, default=1)
     p.add_argument("--runs", type=Path, default=ROOT / "benchmarks/runs/memory")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks/results")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite memory.md and the plots from memory.json")  # fmt: skip
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep the synthetic checkpoints in --runs for the next time")  # fmt: skip
     return p.parse_args()
@@ -225,7 +228,7 @@ class Bench:
         return row
 
     def save(self) -> None:
-        data = {"settings": {k: str(v) for k, v in vars(self.args).items()},
+        data = {"command": COMMAND, "settings": {k: str(v) for k, v in vars(self.args).items()},
                 "machine": machine(), "read_bandwidth": self.bandwidth,
                 "runs": self.results}  # fmt: skip
         (self.args.results / "memory.json").write_text(json.dumps(data, indent=1))
@@ -237,6 +240,10 @@ class Bench:
 
 def main() -> None:
     a = parse_args()
+    if a.report_only:
+        data = json.loads((a.results / "memory.json").read_text())
+        write_report(data["runs"], a, data["read_bandwidth"], data["command"])
+        return
     if a.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA GPU is visible")
     bench = Bench(a)
@@ -303,11 +310,11 @@ def demo(bench: Bench) -> None:
 # -- report ----------------------------------------------------------------------------
 
 
-def write_report(runs: list[dict], a, bandwidth: float) -> None:
+def write_report(runs: list[dict], a, bandwidth: float, command: str = COMMAND) -> None:
     md = [
         "# Memory footprint and scale",
         "",
-        f"`{' '.join(['.venv/bin/python', 'benchmarks/memory.py', *sys.argv[1:]])}`  ",
+        f"`{command}`  ",
         f"{machine()}; method `{a.method}` at ratio {a.ratio}, {a.dtype} synthetic "
         f"Llama-family checkpoints (`streamsvd synth`), calibration {a.nsamples}×{a.seqlen}, "
         f"device {a.device}. Peak RSS is the larger of psutil sampling (20 ms) and the "
@@ -467,10 +474,13 @@ def time_section(runs, bandwidth: float) -> list[str]:
     if on and off:
         mean_on, mean_off = sum(on) / len(on), sum(off) / len(off)
         runs_s = lambda xs: ", ".join(f"{x:.1f}" for x in xs)  # noqa: E731
+        load = lambda flag: [r["stage_seconds"].get("load", 0) for r in pre  # noqa: E731
+                             if r["prefetch"] == flag]  # fmt: skip
         out += ["", f"Prefetching the next block ({pre[0]['checkpoint']}, cold page cache, "
-                f"runs alternating): {mean_on:.1f}s with ({runs_s(on)}), {mean_off:.1f}s "
-                f"without ({runs_s(off)}): {(mean_off - mean_on) / mean_off:+.1%} of the wall "
-                "time saved."]  # fmt: skip
+                f"runs alternating): wall {mean_on:.1f}s with ({runs_s(on)}), {mean_off:.1f}s "
+                f"without ({runs_s(off)}): {(mean_off - mean_on) / mean_off:+.1%} saved; "
+                f"the load stage (reading the blocks) took {runs_s(load(True))}s with, "
+                f"{runs_s(load(False))}s without."]  # fmt: skip
     out += ["", f"Cold read bandwidth of this disk: {bandwidth / 2**20:.0f} MiB/s.", ""]
     return out
 

@@ -31,7 +31,12 @@ from streamsvd.factorize import METHODS  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared/data/wikitext-2")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["svd", "svdllm-w", "svdllm-u", "svdllm-a"],
+        choices=list(METHODS),
+    )
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4])
     parser.add_argument("--nsamples", type=int, default=64, help="P1: 64")
     parser.add_argument("--windows", type=int, default=128, help="P1: 128")
