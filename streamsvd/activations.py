@@ -21,8 +21,6 @@ import zarr
 
 from .checkpoint import fsync_dir
 
-STREAMS = ("orig", "comp")
-
 
 class ActivationStore:
     """durable=True: each chunk written is fsync'd by a background thread while the next

@@ -70,17 +70,28 @@ def linear_layers(block: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
 
 
-def param_name(model: nn.Module, tensor: torch.Tensor) -> str:
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if p is tensor:
-            return name
-    raise StreamSVDError("parameter not found in model")
-
-
 def fill(module: nn.Module, tensors: dict[str, torch.Tensor], device, dtype=None) -> None:
     """Put real tensors into a (meta) module; names are relative to the module."""
     for name, value in tensors.items():
         set_module_tensor_to_device(module, name, device, value=value, dtype=dtype)
+
+
+def unfill(module: nn.Module, names: list[str]) -> None:
+    """Send the named tensors back to `meta`: the inverse of `fill`."""
+    for name in names:
+        set_module_tensor_to_device(module, name, "meta")
+
+
+def before_blocks(model: nn.Module, prefix: str, names: list[str]) -> list[str]:
+    """Of `names`, the tensors the forward uses before block 0: everything outside the
+    block stack except the LM head (token and learned position embeddings, ...)."""
+    head = model.get_output_embeddings()
+    head_prefix = next((n for n, m in model.named_modules() if m is head), None)
+    return [
+        n
+        for n in names
+        if not n.startswith(prefix + ".") and not (head_prefix and n.startswith(head_prefix + "."))
+    ]
 
 
 def empty(module: nn.Module) -> None:

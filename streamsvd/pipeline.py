@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_module_tensor_to_device
 from tqdm.auto import tqdm
 
 from . import __version__, faults
@@ -42,6 +41,7 @@ from .factorize import METHODS, Method, rank_for
 from .journal import JOURNAL, Journal, disk_used, read_manifest, record_error
 from .lowrank import SECTION, LowRankLinear, export_dense, replace_module
 from .model import (
+    before_blocks,
     build_skeleton,
     capture_inputs,
     catch_block_inputs,
@@ -54,6 +54,7 @@ from .model import (
     run_block,
     shared_input_groups,
     to_device,
+    unfill,
 )
 from .stats import InputStats
 
@@ -458,14 +459,7 @@ class Compressor:
         """Fill what runs before block 0 (every non-block tensor but the LM head: token and
         learned position embeddings, ...), record block 0's inputs for every stream, return
         the keyword arguments every block is called with (position embeddings, mask)."""
-        head = self.model.get_output_embeddings()
-        head_prefix = next((n for n, m in self.model.named_modules() if m is head), None)
-        before = [
-            n
-            for n in self.reader
-            if not n.startswith(self.prefix + ".")
-            and not (head_prefix and n.startswith(head_prefix + "."))
-        ]
+        before = before_blocks(self.model, self.prefix, list(self.reader))
         fill(self.model, self.reader.tensors(before), "cpu")
         first = self.blocks[0]
         with torch.inference_mode():
@@ -486,8 +480,7 @@ class Compressor:
                 self._record(
                     "inputs", {"activations": {s: d.hexdigest() for s, d in digests.items()}}
                 )
-        for name in before:
-            set_module_tensor_to_device(self.model, name, "meta")
+        unfill(self.model, before)
         return to_device(kwargs, self.device)
 
     def _batches(self):

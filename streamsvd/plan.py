@@ -34,6 +34,7 @@ from .checkpoint import CheckpointReader
 from .errors import StreamSVDError
 from .factorize import METHODS, RSVD_OVERSAMPLE, rank_for
 from .model import (
+    before_blocks,
     build_skeleton,
     capture_inputs,
     catch_block_inputs,
@@ -41,7 +42,6 @@ from .model import (
     find_blocks,
     linear_layers,
     load_config,
-    param_name,
     run_block,
     shared_input_groups,
     to_device,
@@ -130,11 +130,14 @@ def factorize_temp(method: str, m: int, n: int, rank: int) -> float:
 
 def input_groups(model, block) -> list[list[str]]:
     """Which of a block's linears read the very same tensor, found by running the block on
-    `meta` (no memory, any width): only the rows of the embedding it looks up are real."""
-    embed = model.get_input_embeddings()
-    fake = torch.empty(embed.weight.shape, dtype=embed.weight.dtype)  # untouched: no RSS
-    fill(model, {param_name(model, embed.weight): fake}, "cpu")
-    _, blocks = find_blocks(model)
+    `meta` (no memory, any width): only the embedding rows it looks up are ever touched."""
+    prefix, blocks = find_blocks(model)
+    params = dict(model.named_parameters())
+    fakes = {  # untouched empty tensors: no RSS
+        name: torch.empty(params[name].shape, dtype=params[name].dtype)
+        for name in before_blocks(model, prefix, list(params))
+    }
+    fill(model, fakes, "cpu")
     hidden, kwargs = catch_block_inputs(model, blocks[0], torch.zeros(1, 4, dtype=torch.long))
     names = list(linear_layers(block))
     with torch.inference_mode(), capture_inputs(block, names) as seen:
