@@ -142,8 +142,9 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for r in result["rows"]:
+        ppl = f"{r['perplexity']:.3g}" if r["perplexity"] >= 1e5 else f"{r['perplexity']:.2f}"
         lines.append(
-            f"| {r['method']} | {r['ratio']} | {r['perplexity']:.2f} | "
+            f"| {r['method']} | {r['ratio']} | {ppl} | "
             f"{r.get('compress_seconds', '–')} | {r.get('peak_rss_mb', '–')} |"
         )
     return "\n".join(lines) + "\n"

@@ -56,10 +56,12 @@ def perplexity(path: str | Path, windows: torch.Tensor, batch_size: int = 8,
     setattr(model.get_submodule(parent) if parent else model, attr, nn.ModuleList([feed]))
     model.to(device)  # only the embedding, final norm and head remain
     total_nll, total_tokens = 0.0, 0
-    for ids, h in zip(batches, hidden, strict=True):
+    # The head runs one window at a time: a batch's logits (batch × T × vocab floats, and
+    # the loss's copies of them) would be the largest thing the evaluation holds.
+    for ids, h in zip(torch.cat(batches).split(1), torch.cat(hidden).split(1), strict=True):
         feed.hidden = h
         out = model(input_ids=ids.to(device), labels=ids.to(device), use_cache=False)
-        tokens = ids.numel() - ids.shape[0]  # the first token of each window has no target
+        tokens = ids.shape[1] - 1  # the first token of a window has no target
         total_nll += float(out.loss) * tokens
         total_tokens += tokens
     return math.exp(total_nll / total_tokens)

@@ -13,6 +13,7 @@ from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .errors import StreamSVDError
 
@@ -29,6 +30,7 @@ def load_config(path: str | os.PathLike) -> PretrainedConfig:
 def build_skeleton(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
     """The causal LM with every parameter on `meta` (buffers such as rotary frequencies are
     real), in the checkpoint's dtype so that filled tensors keep their exact bytes."""
+    _refuse_non_causal(config)
     layer_types = set(getattr(config.get_text_config(), "layer_types", None) or [])
     if len(layer_types) > 1:
         raise StreamSVDError(
@@ -46,6 +48,19 @@ def build_skeleton(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedMo
             f"can build: {str(exc).splitlines()[0]}"
         ) from exc
     return model.eval()
+
+
+def _refuse_non_causal(config: PretrainedConfig) -> None:
+    """A checkpoint saved from an encoder head (BertForMaskedLM, ...) still builds as a
+    "causal LM" for some model types (BertLMHeadModel), but attends both ways and was never
+    trained to predict the next token: judge by the class that saved it."""
+    saved_as = getattr(config, "architectures", None) or []
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if saved_as and not any(name in causal for name in saved_as):
+        raise StreamSVDError(
+            f"checkpoint saved as {', '.join(saved_as)} is not a causal language model: "
+            "streamsvd compresses decoder LMs (a *ForCausalLM / *LMHeadModel checkpoint)"
+        )
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

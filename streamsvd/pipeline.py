@@ -10,7 +10,6 @@ import json
 import logging
 import math
 import os
-import resource
 import shutil
 import threading
 import time
@@ -40,6 +39,7 @@ from .errors import StreamSVDError
 from .factorize import METHODS, Method, rank_for
 from .journal import JOURNAL, Journal, disk_used, read_manifest, record_error
 from .lowrank import SECTION, LowRankLinear, export_dense, replace_module
+from .memory import peak_rss_bytes
 from .model import (
     before_blocks,
     build_skeleton,
@@ -137,7 +137,7 @@ class StageTimer:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_bytes() / 2**20
 
 
 def streams_for(method: Method) -> tuple[str, ...]:

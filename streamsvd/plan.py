@@ -146,11 +146,11 @@ def input_groups(model, block) -> list[list[str]]:
 
 
 _PROBE = """
-import json, resource, sys
+import json, sys
 import psutil, torch
 args = json.loads(sys.argv[1])
 import streamsvd.pipeline
-from streamsvd.memory import return_freed_memory
+from streamsvd.memory import peak_rss_bytes, return_freed_memory
 return_freed_memory()  # as the CLI does
 from streamsvd.calib import calibration_windows, load_text, tokenize
 from streamsvd.model import build_skeleton, load_config
@@ -163,7 +163,7 @@ if args["calibrate"]:
     windows = calibration_windows(ids, args["nsamples"], args["seqlen"], args["seed"])
 if args["device"].startswith("cuda"):
     torch.zeros(1, device=args["device"])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = peak_rss_bytes()
 print(json.dumps({"peak": peak, "after": psutil.Process().memory_info().rss}))
 """
 

@@ -212,3 +212,20 @@ def test_randomized_svd_is_deterministic_and_close_to_svd():
     err = torch.linalg.norm(W - A @ B)
     best = torch.linalg.norm(W - torch.mm(*plain_svd(W, None, rank)))
     assert best <= err <= 1.05 * best
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's")
+def test_peak_rss_of_a_child_excludes_its_parents_memory():
+    """ru_maxrss of a process started from a big parent counts the parent's memory (the
+    benchmark once reported 4 GB for a 0.5 GB compression); peak_rss_bytes must not."""
+    size = 1 << 30
+    held = torch.ones(size // 4)  # 1 GiB resident in this (parent) process
+    probe = (
+        "import resource; from streamsvd.memory import peak_rss_bytes; "
+        "print(peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    child_peak, child_maxrss = map(int, done.stdout.split())
+    assert held.sum() > 0
+    assert child_maxrss > size  # the old measure: includes the parent's gigabyte
+    assert child_peak < size  # an interpreter that imports streamsvd (torch, transformers)
