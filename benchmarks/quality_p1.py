@@ -37,12 +37,7 @@ def main() -> None:
         default=["svd", "svdllm-w", "svdllm-u", "svdllm-a"],
         choices=list(METHODS),
     )
-    parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4])
-    parser.add_argument("--nsamples", type=int, default=64, help="P1: 64")
-    parser.add_argument("--windows", type=int, default=128, help="P1: 128")
-    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks/results")
-    parser.add_argument("--name", default="quality_p1")
-    args = parser.parse_args()
+    args = run_arguments(parser, "quality_p1", ratios=[0.2, 0.4], nsamples=64, windows=128)
 
     from transformers import AutoTokenizer
 
@@ -116,6 +111,16 @@ def main() -> None:
                 shutil.rmtree(out)
                 save(args, protocol, rows, start)  # after every row: partial results survive
     print(markdown(save(args, protocol, rows, start)))
+
+
+def run_arguments(parser, name: str, ratios: list[float], nsamples: int, windows: int):
+    """The options every quality benchmark shares, with its defaults; parses them."""
+    parser.add_argument("--ratios", nargs="+", type=float, default=ratios)
+    parser.add_argument("--nsamples", type=int, default=nsamples, help="calibration windows")
+    parser.add_argument("--windows", type=int, default=windows, help="evaluation windows")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks/results")
+    parser.add_argument("--name", default=name, help="results file name")
+    return parser.parse_args()
 
 
 def save(args, protocol: str, rows: list[dict], start: float) -> dict:

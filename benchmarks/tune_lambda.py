@@ -21,6 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from quality_p1 import run_arguments  # noqa: E402  (benchmarks/, on sys.path as the script's folder)
+
 from streamsvd import factorize  # noqa: E402
 from streamsvd.calib import eval_windows, tokenize  # noqa: E402
 from streamsvd.default_model import default_model_path  # noqa: E402
@@ -34,12 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared/data/wikitext-2")
     parser.add_argument("--lambdas", nargs="+", type=float, default=[0.0, 0.1, 0.25, 0.4, 0.6])
-    parser.add_argument("--ratios", nargs="+", type=float, default=[0.4])
-    parser.add_argument("--nsamples", type=int, default=32)
-    parser.add_argument("--windows", type=int, default=48, help="held-out windows of 512")
-    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks/results")
-    parser.add_argument("--name", default="tune_lambda")
-    args = parser.parse_args()
+    args = run_arguments(parser, "tune_lambda", ratios=[0.4], nsamples=32, windows=48)
 
     from transformers import AutoTokenizer
 

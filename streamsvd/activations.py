@@ -10,7 +10,6 @@ no bfloat16), as accelerate's offload does. Knows nothing about blocks or models
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 import zarr
 
-from .checkpoint import fsync_dir
+from .checkpoint import fsync_path
 
 
 class ActivationStore:
@@ -84,8 +83,8 @@ class ActivationStore:
         for future in pending or []:
             future.result()
         _fsync_files([top / "zarr.json"])
-        fsync_dir(top)
-        fsync_dir(self.root)
+        fsync_path(top)
+        fsync_path(self.root)
 
     def matches(self, stream: str, slot: int, digest: str) -> bool:
         """Whether a slot on disk holds exactly what was recorded. A chunk that is missing,
@@ -106,11 +105,7 @@ class ActivationStore:
 
 def _fsync_files(paths: list[Path]) -> None:
     for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(path)
 
 
 def tensor_digest(digest, values: torch.Tensor, dtype: torch.dtype):

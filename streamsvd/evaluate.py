@@ -58,10 +58,11 @@ def perplexity(path: str | Path, windows: torch.Tensor, batch_size: int = 8,
     total_nll, total_tokens = 0.0, 0
     # The head runs one window at a time: a batch's logits (batch × T × vocab floats, and
     # the loss's copies of them) would be the largest thing the evaluation holds.
-    for ids, h in zip(torch.cat(batches).split(1), torch.cat(hidden).split(1), strict=True):
+    rows = (row for batch in hidden for row in batch.split(1))  # views: no copy of `hidden`
+    for window, h in zip(windows.split(1), rows, strict=True):
         feed.hidden = h
-        out = model(input_ids=ids.to(device), labels=ids.to(device), use_cache=False)
-        tokens = ids.shape[1] - 1  # the first token of a window has no target
+        out = model(input_ids=window.to(device), labels=window.to(device), use_cache=False)
+        tokens = window.shape[1] - 1  # the first token of a window has no target
         total_nll += float(out.loss) * tokens
         total_tokens += tokens
     return math.exp(total_nll / total_tokens)

@@ -54,7 +54,7 @@ class Journal:
         elif durable:
             atomic_write_bytes(manifest_path, json.dumps(manifest, indent=2).encode())
         self.manifest = manifest
-        self.stages: dict[str, dict] = _read_json(self.workdir / JOURNAL, {"stages": {}})["stages"]
+        self.stages: dict[str, dict] = read_stages(self.workdir)
 
     def done(self, stage: str) -> bool:
         return stage in self.stages
@@ -94,6 +94,11 @@ def read_manifest(workdir: Path) -> dict | None:
     return _read_json(Path(workdir) / MANIFEST)
 
 
+def read_stages(workdir: Path) -> dict[str, dict]:
+    """The finished stages the journal in `workdir` records (none without a journal)."""
+    return _read_json(Path(workdir) / JOURNAL, {"stages": {}})["stages"]
+
+
 def record_error(workdir: Path, message: str) -> None:
     """Keep the error a run stopped with, for `streamsvd status`. Best effort: the disk may
     be the very thing that failed."""
@@ -128,7 +133,7 @@ def run_status(workdir: Path) -> dict:
             f"{workdir} holds no streamsvd run (no {MANIFEST}); a finished run deletes its "
             "run directory"
         )
-    stages = _read_json(workdir / JOURNAL, {"stages": {}})["stages"]
+    stages = read_stages(workdir)
     n_blocks = manifest.get("n_blocks", 0)
     done = [i for i in range(n_blocks) if f"block.{i}" in stages]
     pending = [i for i in range(n_blocks) if f"block.{i}" not in stages]

@@ -28,7 +28,7 @@ from .checkpoint import (
     atomic_write_bytes,
     copy_side_files,
     file_sha256,
-    fsync_dir,
+    fsync_path,
     page_in,
     save_shard,
     shard_name,
@@ -37,7 +37,7 @@ from .checkpoint import (
 )
 from .errors import StreamSVDError
 from .factorize import METHODS, Method, rank_for
-from .journal import JOURNAL, Journal, disk_used, read_manifest, record_error
+from .journal import JOURNAL, Journal, read_manifest, record_error
 from .lowrank import SECTION, LowRankLinear, export_dense, replace_module
 from .memory import peak_rss_bytes
 from .model import (
@@ -56,6 +56,7 @@ from .model import (
     to_device,
     unfill,
 )
+from .plan import disk_bytes, disk_needs, existing, size_text
 from .stats import InputStats
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,9 @@ class Compressor:
         self.streams = streams_for(self.method)
         self.windows, calibration = self._calibration()
         self.threads = self._cpu_threads()
-        self.disk_estimate = self._disk_estimate()
+        hidden = self.config.get_text_config().hidden_size
+        self.disk = disk_bytes(cfg, self.reader, self.prefix, self.blocks, hidden,
+                               len(self.streams))  # fmt: skip
         self._check_disk()
         self.journal = Journal(
             cfg.run_dir, self._manifest(calibration), restart=cfg.restart, durable=self.durable
@@ -187,7 +190,6 @@ class Compressor:
         self.shards.mkdir(exist_ok=True)
         self.store = None
         if self.streams:
-            hidden = self.config.get_text_config().hidden_size
             self.store = ActivationStore(cfg.run_dir / "activations", cfg.nsamples,
                                          cfg.seqlen, hidden, self.dtype, self.durable)  # fmt: skip
 
@@ -248,57 +250,16 @@ class Compressor:
             log.info("using %d CPU threads, as the run began with", earlier["cpu_threads"])
         return earlier.get("cpu_threads") or torch.get_num_threads()
 
-    def _disk_estimate(self) -> dict[str, int]:
-        """Bytes the run writes: activations (two slots per stream), output shards (block
-        linears at their ranks, everything else as is), and the dense export if asked for."""
-        cfg = self.cfg
-        item = torch.empty((), dtype=self.dtype).element_size()
-        hidden = self.config.get_text_config().hidden_size
-        low_rank = {
-            f"{self.prefix}.{i}.{name}.weight"
-            for i, block in enumerate(self.blocks)
-            for name in linear_layers(block)
-        }
-        shards = dense = 0
-        for name, shape in self.reader.shapes().items():
-            dense += math.prod(shape) * item
-            if name in low_rank:
-                m, n = shape
-                shards += rank_for(m, n, cfg.ratio) * (m + n) * item
-            else:
-                shards += math.prod(shape) * item
-        per_chunk = cfg.seqlen * hidden * item + 4096  # + rounding to file-system blocks
-        acts = len(self.streams) * 2 * cfg.nsamples * per_chunk
-        return {"activations": acts, "output shards": shards, "dense export": dense * cfg.dense}
-
-    def _disk_needs(self) -> list[tuple[Path, int, str]]:
-        """(a directory on each filesystem the run writes to, bytes still to write there,
-        what they are). Output shards are hard links when the output is on the run
-        directory's filesystem, copies otherwise."""
-        est, run_dir = self.disk_estimate, self.cfg.run_dir
-        runs_on = _existing(run_dir)
-        outs_on = _existing(self.out.parent)
-        used = disk_used(run_dir) if run_dir.exists() and not self.cfg.restart else 0
-        needs = [(runs_on, max(0, est["activations"] + est["output shards"] - used), "run")]
-        out_bytes = est["dense export"]
-        if os.stat(outs_on).st_dev != os.stat(runs_on).st_dev:
-            out_bytes += est["output shards"]
-            needs.append((outs_on, out_bytes, "output"))
-        else:
-            needs[0] = (runs_on, needs[0][1] + out_bytes, "run and output")
-        return needs
-
     def _check_disk(self) -> None:
-        est = self.disk_estimate
-        parts = ", ".join(f"{k} {_size(v)}" for k, v in est.items() if v)
-        for where, need, what in self._disk_needs():
+        parts = ", ".join(f"{k} {size_text(v)}" for k, v in self.disk.items() if v)
+        for where, need, what in disk_needs(self.cfg, self.disk):
             free = shutil.disk_usage(where).free
             if need > free:
                 raise StreamSVDError(
                     f"not enough disk space for the {what} files: this run still needs about "
-                    f"{_size(need)} on the filesystem of {where} ({parts} in all), and "
-                    f"{_size(free)} is free there; free some space, or choose a --workdir or "
-                    "--out on a larger filesystem"
+                    f"{size_text(need)} on the filesystem of {where} ({parts} in all), and "
+                    f"{size_text(free)} is free there; free some space, or choose a --workdir "
+                    "or --out on a larger filesystem"
                 )
 
     def _io_error(self, exc: OSError) -> StreamSVDError:
@@ -307,18 +268,18 @@ class Compressor:
         path = exc.filename or "an unknown path"
         kept = "Nothing unfinished was recorded as done and finished blocks are kept"
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            where = _existing(Path(path)) if exc.filename else self.cfg.run_dir
+            where = existing(Path(path) if exc.filename else self.cfg.run_dir)
             need = sum(
                 n
-                for d, n, _ in self._disk_needs()
-                if os.stat(d).st_dev == os.stat(_existing(where)).st_dev
+                for d, n, _ in disk_needs(self.cfg, self.disk)
+                if os.stat(d).st_dev == os.stat(where).st_dev
             )
-            free = shutil.disk_usage(_existing(where)).free
+            free = shutil.disk_usage(where).free
             inodes = " (so it may be out of inodes: see df -i)" if free > need else ""
             return StreamSVDError(
                 f"no space left on device writing {path}: the run still needs about "
-                f"{_size(need)} on that filesystem and {_size(free)} is free{inodes}. {kept}: "
-                "free some space and run the same command again to resume"
+                f"{size_text(need)} on that filesystem and {size_text(free)} is free{inodes}. "
+                f"{kept}: free some space and run the same command again to resume"
             )
         return StreamSVDError(
             f"I/O error on {path}: {exc.strerror or exc}. {kept}: fix the cause and run the "
@@ -659,7 +620,7 @@ class Compressor:
                     export_dense(staging, self.out)
             else:
                 os.replace(staging, self.out)
-            fsync_dir(self.out.parent)
+            fsync_path(self.out.parent)
         shutil.rmtree(cfg.run_dir)
         return self._summary(seconds, ranks)
 
@@ -701,23 +662,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
-        with open(dst, "rb+") as f:
-            os.fsync(f.fileno())
-
-
-def _existing(path: Path) -> Path:
-    """`path`, or its nearest ancestor that exists (to ask about its filesystem)."""
-    path = Path(path).absolute()
-    while not path.exists():
-        path = path.parent
-    return path
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
+        fsync_path(dst)
 
 
 def compress(cfg: CompressConfig) -> dict:

@@ -33,6 +33,7 @@ import torch
 from .checkpoint import CheckpointReader
 from .errors import StreamSVDError
 from .factorize import METHODS, RSVD_OVERSAMPLE, rank_for
+from .journal import disk_used
 from .model import (
     before_blocks,
     build_skeleton,
@@ -223,21 +224,10 @@ def make_plan(cfg, fixed: dict[str, int] | None = None) -> Plan:
     )
     rest_bytes = sum(math.prod(s) for n, s in shapes.items() if not n.startswith(prefix + "."))
     rest_bytes *= item
-    side = sum(
-        p.stat().st_size
-        for p in Path(cfg.model).iterdir()
-        if p.is_file() and not p.name.endswith((".safetensors", ".bin", ".pt", ".gguf"))
-    )
-    shards_bytes = after * item + side  # the factors, as the run writes them
-    output_bytes = before * item + side if cfg.dense else shards_bytes
-
     streams = streams_for(method)
     per_stream = 2 * cfg.nsamples * cfg.seqlen * text.hidden_size * item
-    disk = {
-        "activations": per_stream * len(streams),
-        "output": shards_bytes,
-        "dense export": before * item if cfg.dense else 0,
-    }
+    disk = disk_bytes(cfg, reader, prefix, blocks, text.hidden_size, len(streams))
+    output_bytes = before * item + side_file_bytes(cfg.model) if cfg.dense else disk["output"]
 
     # memory
     if fixed is None:
@@ -352,8 +342,59 @@ def _cgroup_limits() -> list[tuple[int, int]]:
     return out
 
 
-def _existing(path: Path) -> Path:
-    path = path.absolute()
+def side_file_bytes(model: str | os.PathLike) -> int:
+    """Bytes of the files copied beside the shards (config, tokenizer, ...)."""
+    return sum(
+        p.stat().st_size
+        for p in Path(model).iterdir()
+        if p.is_file() and not p.name.endswith((".safetensors", ".bin", ".pt", ".gguf"))
+    )
+
+
+def disk_bytes(cfg, reader, prefix: str, blocks, hidden: int, n_streams: int) -> dict[str, int]:
+    """Bytes a compress run writes, by kind: "activations" (two slots per stream, each
+    sample's chunk plus a file-system block of rounding), "output" (the shards: block
+    linears as factors at their ranks, every other tensor as is, and the side files) and
+    "dense export" when asked for. The plan shows it; the run checks the disk with it."""
+    item = reader.dtype().itemsize
+    low_rank = {
+        f"{prefix}.{i}.{name}.weight"
+        for i, block in enumerate(blocks)
+        for name in linear_layers(block)
+    }
+    shards = dense = 0
+    for name, shape in reader.shapes().items():
+        dense += math.prod(shape) * item
+        if name in low_rank:
+            m, n = shape
+            shards += rank_for(m, n, cfg.ratio) * (m + n) * item
+        else:
+            shards += math.prod(shape) * item
+    per_chunk = cfg.seqlen * hidden * item + 4096
+    return {
+        "activations": n_streams * 2 * cfg.nsamples * per_chunk,
+        "output": shards + side_file_bytes(cfg.model),
+        "dense export": dense if cfg.dense else 0,
+    }
+
+
+def disk_needs(cfg, disk: dict[str, int]) -> list[tuple[Path, int, str]]:
+    """(a directory on each filesystem the run writes to, bytes still to write there, what
+    they are), from `disk_bytes`. What a run directory being resumed already holds counts
+    as written. Output shards are hard links when the output is on the run directory's
+    filesystem, copies otherwise."""
+    run_dir = Path(cfg.run_dir)
+    runs_on, outs_on = existing(run_dir), existing(Path(cfg.out).parent)
+    used = disk_used(run_dir) if run_dir.exists() and not cfg.restart else 0
+    run_bytes = max(0, disk["activations"] + disk["output"] - used)
+    if os.stat(outs_on).st_dev == os.stat(runs_on).st_dev:
+        return [(runs_on, run_bytes + disk["dense export"], "run and output")]
+    return [(runs_on, run_bytes, "run"), (outs_on, disk["output"] + disk["dense export"], "output")]
+
+
+def existing(path: Path) -> Path:
+    """`path`, or its nearest ancestor that exists (to ask about its filesystem)."""
+    path = Path(path).absolute()
     while not path.exists():
         path = path.parent
     return path
@@ -367,24 +408,21 @@ def _checks(plan: Plan, cfg) -> list[dict]:
         checks.append(
             {"what": "device memory (free)", "need": plan.device_peak_bytes, "have": free}
         )
-    run_dir = _existing(Path(cfg.run_dir))
-    out_dir = _existing(Path(cfg.out).parent)
-    needs = {run_dir: sum(plan.disk_bytes.values())}
-    if os.stat(run_dir).st_dev != os.stat(out_dir).st_dev:  # shards are copied, not linked
-        needs[out_dir] = plan.disk_bytes["output"] + plan.disk_bytes["dense export"]
-    for where, need in needs.items():
+    for where, need, what in disk_needs(cfg, plan.disk_bytes):
         checks.append(
-            {"what": f"disk at {where}", "need": need, "have": shutil.disk_usage(where).free}
-        )
+            {"what": f"disk for the {what} files at {where}", "need": need,
+             "have": shutil.disk_usage(where).free}
+        )  # fmt: skip
     for check in checks:
         check["ok"] = check["need"] <= check["have"]
     return checks
 
 
-def _size(n: float) -> str:
+def size_text(n: float) -> str:
+    """Bytes for people: 512 B, 4.0 KiB, 1,234.5 GiB."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
         n /= 1024
     raise AssertionError
 
@@ -404,24 +442,27 @@ def format_plan(plan: Plan) -> str:
         f"({pct(plan.params_after, plan.params_before)})",
         f"  linear params {plan.linear_params_before:,} -> {plan.linear_params_after:,} "
         f"({pct(plan.linear_params_after, plan.linear_params_before)})",
-        f"  checkpoint    {_size(plan.checkpoint_bytes)} -> output {_size(plan.output_bytes)}",
-        f"  activations   {_size(plan.activation_bytes_per_stream)} per stream × "
+        f"  checkpoint    {size_text(plan.checkpoint_bytes)} -> "
+        f"output {size_text(plan.output_bytes)}",
+        f"  activations   {size_text(plan.activation_bytes_per_stream)} per stream × "
         f"{len(plan.streams)} ({', '.join(plan.streams) or 'none: no calibration'})",
         "  peak host     "
-        + _size(plan.host_peak_bytes)
+        + size_text(plan.host_peak_bytes)
         + "  ("
-        + ", ".join(f"{k} {_size(v)}" for k, v in plan.host_phases.items())
+        + ", ".join(f"{k} {size_text(v)}" for k, v in plan.host_phases.items())
         + ")",
     ]
     if plan.device_phases:
         lines.append(
             "  peak device   "
-            + _size(plan.device_peak_bytes)
+            + size_text(plan.device_peak_bytes)
             + "  ("
-            + ", ".join(f"{k} {_size(v)}" for k, v in plan.device_phases.items())
+            + ", ".join(f"{k} {size_text(v)}" for k, v in plan.device_phases.items())
             + ")"
         )
     for c in plan.checks:
         mark = "ok" if c["ok"] else "NOT ENOUGH"
-        lines.append(f"  {c['what']}: need {_size(c['need'])}, have {_size(c['have'])}: {mark}")
+        lines.append(
+            f"  {c['what']}: need {size_text(c['need'])}, have {size_text(c['have'])}: {mark}"
+        )
     return "\n".join(lines)

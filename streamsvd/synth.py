@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import fsync_dir, shard_name, write_index
+from .checkpoint import fsync_path, shard_name, write_index
 from .errors import StreamSVDError
 
 STD = 0.02  # entry std of every random matrix (Llama's initializer_range)
@@ -250,7 +250,7 @@ def synthesize(
     config.save_pretrained(tmp)
     synthetic_tokenizer(min(TOKENIZER_VOCAB, shape.vocab)).save_pretrained(tmp)
     write_index(tmp, weight_map)
-    fsync_dir(tmp)
+    fsync_path(tmp)
     os.replace(tmp, out)
     return out
 
