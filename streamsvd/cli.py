@@ -125,7 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run",
         action="store_true",
         help="print the plan instead of running: ranks, parameters, output size, activation "
-        "disk, expected peak host/device memory, and whether this machine has enough",
+        "disk, expected peak host/device memory, estimated time per block and in total "
+        "(from a few-second micro-benchmark of the device), and whether this machine has "
+        "enough",
+    )
+    c.add_argument(
+        "--device-memory",
+        type=float,
+        metavar="GIB",
+        help="with --dry-run --device cuda on a machine without the GPU (a login node): "
+        "the GPU's memory in GiB to check the plan against",
     )
 
     e = sub.add_parser("eval", help="perplexity, block by block from disk",
@@ -157,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     sy.add_argument("--seed", type=int, default=0)
     sy.add_argument("--max-shard-size", type=float, default=2.0, help="GiB (default 2)")
+    sy.add_argument("--shape-only", action="store_true",
+                    help="write the shapes with all-zero weights in sparse files (no disk, "
+                    "instant): enough to plan a run with compress --dry-run")  # fmt: skip
 
     x = sub.add_parser("export-dense", help="write a compressed checkpoint as plain W = A·B")
     x.add_argument("--model", required=True, help="streamsvd compressed checkpoint")
@@ -199,7 +211,8 @@ def cmd_compress(args) -> dict:
     if args.dry_run:
         from .plan import format_plan, make_plan
 
-        plan = make_plan(cfg)
+        memory = None if args.device_memory is None else int(args.device_memory * 2**30)
+        plan = make_plan(cfg, device_memory=memory)
         print(format_plan(plan))
         if args.summary_json:
             Path(args.summary_json).write_text(json.dumps(plan.to_dict(), indent=2))
@@ -315,7 +328,7 @@ def cmd_synth(args) -> Path:
     from .synth import synthesize
 
     out = synthesize(args.out, args.shape, args.layers, DTYPES[args.dtype], args.seed,
-                     int(args.max_shard_size * 2**30))  # fmt: skip
+                     int(args.max_shard_size * 2**30), not args.shape_only)  # fmt: skip
     size = sum(p.stat().st_size for p in out.iterdir())
     print(f"wrote {out} ({size / 2**30:,.2f} GiB)")
     return out

@@ -1,6 +1,9 @@
 """Low-rank factorisation methods: pure functions `W, stats, rank -> (A, B)` with W ≈ A·B.
 
-W is (m, n) = (out_features, in_features), A is (m, r), B is (r, n); all float64.
+W is (m, n) = (out_features, in_features) in any float dtype (converted to float64 a
+block of rows at a time where the method allows); A is (m, r), B is (r, n), float64.
+`stats` is the layer's `stats.LinearStats` (None for methods that need no data); a method
+consumes it: Grams are overwritten by their Cholesky factors, W·C is handed over.
 A new method is one function here and one entry in METHODS.
 
 Every method also takes an optional `clock`: a function of a stage name ("cholesky",
@@ -18,7 +21,8 @@ from fractions import Fraction
 
 import torch
 
-from .stats import InputStats, damped_cholesky
+from .errors import StreamSVDError
+from .stats import CHOLESKY_BLOCK, CHUNK_VALUES, damped_cholesky
 
 Factors = tuple[torch.Tensor, torch.Tensor]
 Clock = Callable[[str], contextlib.AbstractContextManager]
@@ -39,12 +43,10 @@ def _split(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor, rank: int) -> Fac
     return U[:, :rank] * root, root[:, None] * Vh[:rank]
 
 
-def plain_svd(
-    W: torch.Tensor, stats: InputStats | None, rank: int, clock: Clock = untimed
-) -> Factors:
+def plain_svd(W: torch.Tensor, stats, rank: int, clock: Clock = untimed) -> Factors:
     """Truncated SVD of W itself: optimal in ‖W − AB‖_F, blind to the inputs (baseline)."""
     with clock("svd"):
-        U, s, Vh = torch.linalg.svd(W, full_matrices=False)
+        U, s, Vh = torch.linalg.svd(W.to(torch.float64), full_matrices=False)
         return _split(U, s, Vh, rank)
 
 
@@ -52,14 +54,13 @@ RSVD_OVERSAMPLE = 10
 RSVD_POWER_ITERATIONS = 2
 
 
-def randomized_svd(
-    W: torch.Tensor, stats: InputStats | None, rank: int, clock: Clock = untimed
-) -> Factors:
+def randomized_svd(W: torch.Tensor, stats, rank: int, clock: Clock = untimed) -> Factors:
     """Truncated SVD of W by randomised range finding (Halko, Martinsson & Tropp 2011,
     algorithm 4.4: subspace iteration): O(m·n·r) work instead of the O(m·n·min(m, n)) of a
     full SVD, and near `svd` when the spectrum decays. Seeded, so the same W always gives
     the same factors. For quick runs at scale and high ratios."""
     with clock("svd"):
+        W = W.to(torch.float64)
         m, n = W.shape
         q = min(rank + RSVD_OVERSAMPLE, m, n)
         gen = torch.Generator(device=W.device).manual_seed(0)
@@ -72,34 +73,74 @@ def randomized_svd(
         return _split(Q @ U, s, Vh, rank)
 
 
-def whitened_truncation(
-    W: torch.Tensor, L: torch.Tensor, rank: int, clock: Clock = untimed
+def truncate_whitened(
+    Y: torch.Tensor, L: torch.Tensor, rank: int, clock: Clock = untimed
 ) -> Factors:
-    """Best rank-r A·B in ‖(W − AB)·L‖_F for lower-triangular L (L Lᵀ = a Gram of inputs).
+    """Best rank-r A·B in ‖(Ŵ − AB)·L‖_F, given Y = Ŵ·L (m, n) and lower-triangular L
+    (L Lᵀ = a Gram of inputs).
 
-    SVD of W·L = UΣVᵀ, keep r: A = U_r Σ_r^½, B = Σ_r^½ V_rᵀ L⁻¹. Each dropped singular value
-    σ_i adds exactly σ_i² to the loss, so truncation drops what matters least.
+    With Y = UΣVᵀ the minimiser is A·B = U_r U_rᵀ Ŵ = Ŵ L V_r V_rᵀ L⁻¹; each dropped σ_i adds
+    exactly σ_i² to the loss. U_r (or V_r) comes from the eigendecomposition of the smaller
+    Gram, Y·Yᵀ or Yᵀ·Y: 3-5× faster than an SVD of Y on CPU and its memory is min(m, n)²;
+    the projection itself is applied to Y exactly (tests/test_factorize.py checks the loss
+    against the SVD's). Balanced as A = U_r Σ_r^½, B = Σ_r^½ V_rᵀ L⁻¹.
     """
+    m, n = Y.shape
     with clock("svd"):
-        U, s, Vh = torch.linalg.svd(W @ L, full_matrices=False)
-        A, BL = _split(U, s, Vh, rank)
-        B = torch.linalg.solve_triangular(L, BL, upper=False, left=False)  # B·L = BL
+        if m <= n:
+            _, U = torch.linalg.eigh(Y @ Y.mT)  # ascending eigenvalues
+            A = U[:, m - rank :].flip(1).contiguous()  # (m, r) = U_r
+            del U
+            B = A.mT @ Y  # (r, n) = Σ_r V_rᵀ
+            sigma = torch.linalg.vector_norm(B, dim=1)
+            torch.linalg.solve_triangular(L, B, upper=False, left=False, out=B)  # ·L⁻¹
+        else:
+            _, V = torch.linalg.eigh(Y.mT @ Y)
+            Vr = V[:, n - rank :].flip(1).contiguous()  # (n, r) = V_r
+            del V
+            A = Y @ Vr  # (m, r) = U_r Σ_r
+            sigma = torch.linalg.vector_norm(A, dim=0)
+            A /= torch.where(sigma > 0, sigma, 1)  # U_r
+            B = torch.linalg.solve_triangular(L, Vr.mT.contiguous(), upper=False, left=False)
+            B *= sigma[:, None]  # (r, n) = Σ_r V_rᵀ L⁻¹
+        root = sigma.sqrt()
+        A *= root
+        B /= torch.where(root > 0, root, 1)[:, None]
         return A, B
 
 
-def svdllm_w(W: torch.Tensor, stats: InputStats, rank: int, clock: Clock = untimed) -> Factors:
+def whitened_truncation(
+    W: torch.Tensor, L: torch.Tensor, rank: int, clock: Clock = untimed
+) -> Factors:
+    """Best rank-r A·B in ‖(W − AB)·L‖_F for lower-triangular L (L Lᵀ = a Gram of inputs)."""
+    with clock("svd"):
+        Y = _times_float64(W, L)
+    return truncate_whitened(Y, L, rank, clock)
+
+
+def _times_float64(W: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """W·M in float64 for W in any dtype, converting a block of W's rows at a time."""
+    out = torch.empty(W.shape[0], M.shape[1], dtype=torch.float64, device=M.device)
+    rows = max(1, CHUNK_VALUES // W.shape[1])
+    for r in range(0, W.shape[0], rows):
+        torch.mm(W[r : r + rows].to(M.device, torch.float64), M, out=out[r : r + rows])
+    return out
+
+
+def svdllm_w(W: torch.Tensor, stats, rank: int, clock: Clock = untimed) -> Factors:
     """SVD-LLM truncation-aware whitening with the original stream: minimises ‖(W − AB)X‖."""
     with clock("cholesky"):
-        L = damped_cholesky(stats.G, "G")
+        L = stats.whitener("orig")
     return whitened_truncation(W, L, rank, clock)
 
 
-def svdllm_u(W: torch.Tensor, stats: InputStats, rank: int, clock: Clock = untimed) -> Factors:
+def svdllm_u(W: torch.Tensor, stats, rank: int, clock: Clock = untimed) -> Factors:
     """SVD-LLM's update as its official code does it: keep the whitened B, then refit A by
     least squares so that A·B·x' matches W·x' on the compressed-stream inputs:
     A = W·G'·Bᵀ·(B·G'·Bᵀ)⁻¹."""
     _, B = svdllm_w(W, stats, rank, clock)
     with clock("update"):
+        W = W.to(torch.float64)
         H = B @ stats.Gc @ B.T  # (r, r)
         L = damped_cholesky(H, "B·G'·Bᵀ")
         A = torch.cholesky_solve(B @ stats.Gc @ W.T, L).T  # (m, r)
@@ -109,7 +150,7 @@ def svdllm_u(W: torch.Tensor, stats: InputStats, rank: int, clock: Clock = untim
 UPDATE_FRACTION = 0.25  # λ; chosen on held-out text by benchmarks/tune_lambda.py (README)
 
 
-def svdllm_a(W: torch.Tensor, stats: InputStats, rank: int, clock: Clock = untimed) -> Factors:
+def svdllm_a(W: torch.Tensor, stats, rank: int, clock: Clock = untimed) -> Factors:
     """The paper's update W·X·X'ᵀ(X'X'ᵀ)⁻¹, applied by a fraction λ (UPDATE_FRACTION).
 
     The paper's target is the original model's outputs W·X, to be produced from the
@@ -118,16 +159,68 @@ def svdllm_a(W: torch.Tensor, stats: InputStats, rank: int, clock: Clock = untim
     compounds with depth (perplexity 251 vs 56.5 for svdllm-w on SmolLM2 at ratio 0.2).
     We aim at a point between the original outputs and this layer's own outputs:
     min over rank-r W' of ‖W·(λX + (1 − λ)X') − W'·X'‖². Its unconstrained solution is
-    W_hat = (1 − λ)·W + λ·W·C·G'⁻¹; whitened truncation of W_hat with chol(G') then gives
-    the exact rank-r minimiser. λ = 0 is the exact form of svdllm-u's objective.
+    Ŵ = (1 − λ)·W + λ·W·C·G'⁻¹, and whitened truncation of Ŵ with L = chol(G') gives the
+    exact rank-r minimiser. λ = 0 is the exact form of svdllm-u's objective.
+
+    Memory: Ŵ·L = (1 − λ)·W·L + λ·W·C·L⁻ᵀ is formed in the one m×n buffer that holds W·C
+    (a triangular solve in place), so beyond the sums nothing larger than m×n and
+    min(m, n)² is allocated; L overwrites G'.
     """
     lam = UPDATE_FRACTION
     with clock("cholesky"):
-        L = damped_cholesky(stats.Gc, "G'")
+        L = stats.whitener("comp")
     with clock("update"):
-        corrected = torch.cholesky_solve((W @ stats.C).T, L).T  # W·C·G'⁻¹
-        W_hat = (1 - lam) * W + lam * corrected
-    return whitened_truncation(W_hat, L, rank, clock)
+        Y = stats.weighted_cross(W)  # (m, n) W·C, ours to overwrite
+        torch.linalg.solve_triangular(L.mT, Y, upper=True, left=False, out=Y)  # W·C·L⁻ᵀ
+        Y *= lam
+        rows = max(1, CHUNK_VALUES // W.shape[1])
+        for r in range(0, W.shape[0], rows):  # += (1 − λ)·W·L, a block of rows at a time
+            Y[r : r + rows].addmm_(W[r : r + rows].to(L.device, torch.float64), L, alpha=1 - lam)
+    return truncate_whitened(Y, L, rank, clock)
+
+
+# -- memory: float64 values a factorisation allocates beyond its group's sums ---------------
+# Measured with torch.linalg on CPU (see `plan.py`); the run's peak RSS is checked against
+# the plan in tests/test_scale.py and benchmarks/scale.py.
+SVD_MN, SVD_K2 = 3.0, 3.0  # torch.linalg.svd of m×n: LAPACK copy, U, Vh, workspace
+RSVD_MQ = 2.5  # randomized_svd: the (m + n)·q bases and products, then an SVD of q×n
+EIGH_K2 = 4.0  # eigh of a k×k Gram: the Gram, the eigenvectors, syevd's 2k² workspace
+
+
+def svd_temp(m: int, n: int) -> float:
+    return SVD_MN * m * n + SVD_K2 * min(m, n) ** 2
+
+
+def cholesky_temp(n: int) -> float:
+    """damped_cholesky_: copies of the diagonal blocks, one panel, a block's factor."""
+    b = min(CHOLESKY_BLOCK, n)
+    return 2 * n * b + 2 * b * b
+
+
+def truncation_temp(m: int, n: int, rank: int) -> float:
+    """truncate_whitened, Y excluded: the Gram's eigenvectors, then the factors."""
+    k = min(m, n)
+    return max(EIGH_K2 * k * k, k * k + k * rank, rank * (m + n) + k * rank)
+
+
+def workspace(method: str, m: int, n: int, rank: int, owns_cross: bool = False) -> float:
+    """Peak float64 values one factorisation of an m×n W allocates beyond its group's sums
+    (`stats.sum_shapes`) and W itself. owns_cross: the W·C sum is this linear's (counted with
+    the sums) and becomes its m×n work buffer."""
+    mn = m * n
+    if method == "svd":
+        return mn + svd_temp(m, n)
+    if method == "rsvd":
+        q = min(rank + RSVD_OVERSAMPLE, m, n)
+        return mn + RSVD_MQ * (m + n) * q + svd_temp(q, n)
+    whiten = max(cholesky_temp(n), mn + truncation_temp(m, n, rank))
+    if method == "svdllm-w":
+        return whiten
+    if method == "svdllm-u":  # W in float64, B·G'·Bᵀ and its factor, the refit
+        return whiten + mn + 2 * rank * n + 2 * rank * rank + rank * m
+    if method == "svdllm-a":
+        return max(cholesky_temp(n), (0 if owns_cross else mn) + truncation_temp(m, n, rank))
+    raise StreamSVDError(f"no memory model for method {method!r}")
 
 
 @dataclass(frozen=True)
@@ -136,6 +229,19 @@ class Method:
     factorize: Callable[..., Factors]  # (W, stats, rank, clock=untimed) -> (A, B)
     needs: frozenset[str]  # which sums of stats.NEEDS it reads
     summary: str
+
+    @property
+    def streams(self) -> tuple[str, ...]:
+        """Which activation streams the method needs carried from block to block."""
+        out = []
+        if self.needs & {"orig", "cross"}:
+            out.append("orig")
+        if self.needs & {"comp", "cross"}:
+            out.append("comp")
+        return tuple(out)
+
+    def workspace(self, m: int, n: int, rank: int, owns_cross: bool = False) -> float:
+        return workspace(self.name, m, n, rank, owns_cross)
 
 
 METHODS: dict[str, Method] = {

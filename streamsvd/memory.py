@@ -39,6 +39,28 @@ def return_freed_memory() -> bool:
     return ok
 
 
+_EARLIER_PEAK = 0  # the high-water mark before the last `reset_peak`
+
+
+def reset_peak() -> bool:
+    """Start a new high-water mark (Linux: /proc/self/clear_refs), so that the peak of one
+    phase can be read at its end; `peak_rss_bytes` still reports the whole run's. False
+    where the kernel does not allow it."""
+    global _EARLIER_PEAK
+    _EARLIER_PEAK = peak_rss_bytes()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def phase_peak_bytes() -> int:
+    """The high-water mark since the last `reset_peak` (or since the start)."""
+    return _hwm() or peak_rss_bytes()
+
+
 def peak_rss_bytes() -> int:
     """This process's resident high-water mark since it started its program.
 
@@ -47,6 +69,15 @@ def peak_rss_bytes() -> int:
     forked copy of the parent held before exec (4 GB reported for a 0.5 GB run started
     from a benchmark that had evaluated a model). ru_maxrss is the fallback elsewhere.
     """
+    hwm = _hwm()
+    if hwm:
+        return max(hwm, _EARLIER_PEAK)
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss if sys.platform == "darwin" else maxrss * 1024  # bytes on macOS, KiB on Linux
+
+
+def _hwm() -> int:
+    """VmHWM in bytes, 0 where /proc is not there."""
     try:
         with open("/proc/self/status", encoding="ascii") as status:
             for line in status:
@@ -54,5 +85,4 @@ def peak_rss_bytes() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return maxrss if sys.platform == "darwin" else maxrss * 1024  # bytes on macOS, KiB on Linux
+    return 0

@@ -36,10 +36,10 @@ from .checkpoint import (
     write_index,
 )
 from .errors import StreamSVDError
-from .factorize import METHODS, Method, rank_for
+from .factorize import METHODS, rank_for
 from .journal import JOURNAL, Journal, read_manifest, record_error
 from .lowrank import SECTION, LowRankLinear, export_dense, replace_module
-from .memory import peak_rss_bytes
+from .memory import peak_rss_bytes, phase_peak_bytes, reset_peak
 from .model import (
     before_blocks,
     build_skeleton,
@@ -57,7 +57,7 @@ from .model import (
     unfill,
 )
 from .plan import disk_bytes, disk_needs, existing, size_text
-from .stats import InputStats
+from .stats import InputStats, release_points
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,6 @@ class CompressConfig:
                 raise StreamSVDError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise StreamSVDError(f"device must be cpu or cuda, got {self.device!r}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise StreamSVDError("--device cuda was asked for but no CUDA GPU is visible")
 
     @property
     def run_dir(self) -> Path:
@@ -141,22 +139,14 @@ def peak_rss_mb() -> float:
     return peak_rss_bytes() / 2**20
 
 
-def streams_for(method: Method) -> tuple[str, ...]:
-    """Which activation streams a method needs carried from block to block."""
-    out = []
-    if method.needs & {"orig", "cross"}:
-        out.append("orig")
-    if method.needs & {"comp", "cross"}:
-        out.append("comp")
-    return tuple(out)
-
-
 class Compressor:
     """One compress run. Construct, then call run()."""
 
     def __init__(self, cfg: CompressConfig):
         self.cfg = cfg
         self.timer = StageTimer(cuda=cfg.device.startswith("cuda"))
+        self.phase_peaks: dict[str, dict] = {}  # phase -> peak memory over the blocks
+        self.block_seconds: list[dict] = []  # per block computed here: stage -> seconds
         self.out = Path(cfg.out)
         if self.out.exists():
             leftover = (
@@ -168,6 +158,11 @@ class Compressor:
             raise StreamSVDError(
                 f"output {self.out} already exists; remove it or choose another --out{leftover}"
             )
+        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise StreamSVDError(
+                "--device cuda was asked for but no CUDA GPU is visible (to plan a GPU run "
+                "here, use --dry-run with --device-memory)"
+            )
         self.durable = cfg.journal
         self.device = torch.device(cfg.device)
         self.reader = CheckpointReader(cfg.model)
@@ -176,7 +171,7 @@ class Compressor:
         self.model = build_skeleton(self.config, self.dtype)
         self.prefix, self.blocks = find_blocks(self.model)
         self.method = METHODS[cfg.method]
-        self.streams = streams_for(self.method)
+        self.streams = self.method.streams
         self.windows, calibration = self._calibration()
         self.threads = self._cpu_threads()
         hidden = self.config.get_text_config().hidden_size
@@ -454,6 +449,7 @@ class Compressor:
         of both. A crash at any instant leaves the block done or not done."""
         faults.point("between", i)
         t0 = time.perf_counter()
+        stages_before = dict(self.timer.seconds)
         block = self.blocks[i]
         block_prefix = f"{self.prefix}.{i}"
         with self.timer("load"):
@@ -465,20 +461,30 @@ class Compressor:
             names = self.reader.under(f"{self.prefix}.{i + 1}")
             threading.Thread(target=self.reader.prefetch, args=(names,), daemon=True).start()
         linears = linear_layers(block)
-        stats, digests = {}, {}
+        groups, digests = {}, {}
         if self.streams:
-            stats, digests["orig"] = self._collect_stats(i, block, list(linears), block_kwargs)
+            with self._phase("statistics"):
+                groups, digests["orig"] = self._collect_stats(i, block, linears, block_kwargs)
+        release = release_points(list(linears), groups)  # group -> its last linear
         ranks = {}
         out_tensors = {}
-        with self.timer("convert"):  # cholesky, svd and update inside are timed apart
+        with self.timer("convert"), self._phase("factorise"):  # cholesky, svd, update apart
             for name, linear in linears.items():
                 m, n = linear.weight.shape
                 rank = rank_for(m, n, self.cfg.ratio)
-                A, B = self.method.factorize(
-                    linear.weight.double(), stats.get(name), rank, self.timer
-                )
+                group = groups.get(name)
+                if group is not None and self.device.type == "cuda":
+                    for other in {id(g): g for g in groups.values()}.values():  # park the rest
+                        other.to(self.device if other is group else "cpu")
+                stats = group.for_linear(name) if group is not None else None
+                A, B = self.method.factorize(linear.weight, stats, rank, self.timer)
                 faults.point("svd", i)
                 new = LowRankLinear.from_factors(A, B, linear.bias, self.dtype)
+                del A, B, stats
+                if release.get(name) is not None:  # the group's last linear: free its sums
+                    for member in release[name]:
+                        groups.pop(member, None)
+                    group = None
                 replace_module(block, name, new)
                 full = f"{block_prefix}.{name}"
                 ranks[full] = rank
@@ -501,6 +507,10 @@ class Compressor:
         self._record(f"block.{i}", {"sha256": sha, "ranks": ranks, "activations": digests})
         faults.point("journaled", i)
         empty(block)
+        spent = {k: v - stages_before.get(k, 0.0) for k, v in self.timer.seconds.items()}
+        spent = {k: round(v, 2) for k, v in spent.items() if v > 0}
+        total = round(time.perf_counter() - t0, 2)
+        self.block_seconds.append({"block": i, "total": total, **spent})
         log.info(
             "block %d/%d: ranks %s, %.1fs, peak RSS %.0f MB",
             i + 1,
@@ -510,11 +520,38 @@ class Compressor:
             peak_rss_mb(),
         )
 
-    def _collect_stats(self, i: int, block, names: list[str], kwargs: dict) -> tuple[dict, str]:
+    @contextlib.contextmanager
+    def _phase(self, phase: str):
+        """Record the phase's peak host (and device) memory, and turn a CUDA out-of-memory
+        error into a message naming the phase and what the plan says it needs."""
+        reset_peak()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            yield
+            peaks = self.phase_peaks.setdefault(phase, {})
+            peaks["host_mb"] = max(peaks.get("host_mb", 0), round(phase_peak_bytes() / 2**20))
+            if self.device.type == "cuda":
+                device = round(torch.cuda.max_memory_allocated(self.device) / 2**20)
+                peaks["device_mb"] = max(peaks.get("device_mb", 0), device)
+        except torch.OutOfMemoryError as exc:
+            from .plan import make_plan, size_text
+
+            planned = make_plan(self.cfg, fixed={"peak": 0, "after": 0}).device_phases
+            need = planned.get(phase)
+            raise StreamSVDError(
+                f"{self.device} ran out of memory in the {phase} phase "
+                + (f"(the plan puts its peak at {size_text(need)}) " if need else "")
+                + "; lower --batch-size, free the GPU of other processes, or run on a device "
+                "with more memory; finished blocks are kept, so the same command resumes"
+            ) from exc
+
+    def _collect_stats(self, i: int, block, linears: dict, kwargs: dict) -> tuple[dict, str]:
         """Float64 statistics of every linear's inputs, shared within groups that read the
         same tensor; the dense block's outputs on the original stream are block i+1's input."""
         slot, nxt = i % 2, (i + 1) % 2
         needs = self.method.needs
+        names = list(linears)
         stats: dict[str, InputStats] = {}
         orig_digest = hashlib.sha256()
         with self._writing(self.store.root):
@@ -525,25 +562,27 @@ class Compressor:
                 with capture_inputs(block, names) as seen:
                     y = run_block(block, x, kwargs)
                 self._write_activations("orig", nxt, start, y, orig_digest)
+                del x, y
                 faults.point("activations", i)
                 seen_c = {}
                 if needs & {"comp", "cross"}:
                     xc = self._read_activations("comp", slot, start, stop)
                     with capture_inputs(block, names) as seen_c:
                         run_block(block, xc, kwargs)
+                    del xc
             with self.timer("stats"):
                 if not stats:
                     for group in shared_input_groups(seen):
-                        shared = InputStats(seen[group[0]].shape[-1], needs, self.device)
+                        weights = {name: linears[name].weight for name in group}
+                        shared = InputStats(seen[group[0]].shape[-1], needs, self.device, weights)
                         stats.update({name: shared for name in group})
-                done = set()
-                for name, s in stats.items():
-                    if id(s) not in done:
-                        done.add(id(s))
-                        s.add(
-                            seen[name] if "orig" in needs or "cross" in needs else None,
-                            seen_c.get(name),
-                        )
+                for shared in {id(s): s for s in stats.values()}.values():
+                    name = next(n for n, s in stats.items() if s is shared)
+                    shared.add(
+                        seen[name] if "orig" in needs or "cross" in needs else None,
+                        seen_c.get(name),
+                    )
+            del seen, seen_c
         return stats, orig_digest.hexdigest()
 
     def _advance_comp(self, i: int, block, kwargs: dict) -> str:
@@ -645,6 +684,8 @@ class Compressor:
             "stage_seconds": {k: round(v, 2) for k, v in sorted(self.timer.seconds.items())},
             "other_seconds": round(max(0.0, seconds - sum(self.timer.seconds.values())), 2),
             "peak_rss_mb": round(peak_rss_mb(), 1),
+            "phase_peaks": self.phase_peaks,
+            "block_seconds": self.block_seconds,
         }
         if self.device.type == "cuda":
             summary["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

@@ -6,15 +6,20 @@ Peak memory is the largest of the run's phases, each a sum of what is alive in i
     fixed      the interpreter and libraries, the calibration text and windows, measured
                in a subprocess that does only that (`measure_baseline`)
     block      one block's weights (the safetensors pages it touches)
-    stats      float64 Grams of every input group of the block (n² each: G, G', C)
-    forward    one micro-batch through the block, and its float64 copy for the Grams
-    factorise  one linear at a time: W in float64 plus the method's temporaries
+    sums       float64 statistics of every input group (`stats.sum_shapes`: the run
+               allocates from the same description); a group's are freed after its last
+               linear (`stats.release_points`), and on a GPU the groups not being
+               factorised are parked in host memory
+    forward    one micro-batch through the block, both streams' captured inputs, and the
+               float64 token chunks the sums are accumulated from
+    factorise  one linear at a time: the method's temporaries (`factorize.workspace`)
     compressed the block's factors so far, in the checkpoint dtype
     rest       embedding, final norm and head, read whole to be copied through
 
-The coefficients of the method temporaries (multiples of m·n, n² and min(m, n)² float64
-values) were measured with `torch.linalg` on CPU; `tests/test_scale.py` checks the whole
-estimate against real runs, and `benchmarks/memory.py` reports both side by side.
+The coefficients of the method temporaries were measured with `torch.linalg` on CPU;
+`tests/test_scale.py` checks the whole estimate against real runs, and
+`benchmarks/scale.py` reports both side by side at 7B-70B widths. Time per block comes from
+`speed.py`: flop counts of the block's work over rates measured on the device.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import torch
 
 from .checkpoint import CheckpointReader
 from .errors import StreamSVDError
-from .factorize import METHODS, RSVD_OVERSAMPLE, rank_for
+from .factorize import METHODS, rank_for
 from .journal import disk_used
 from .model import (
     before_blocks,
@@ -47,13 +52,10 @@ from .model import (
     shared_input_groups,
     to_device,
 )
+from .stats import CHUNK_VALUES, cross_as_product, release_points, sums_bytes
 
 F64 = 8
 CGROUP = Path("/sys/fs/cgroup")
-# Temporaries of one factorisation, in float64 values (measured on CPU, see module doc).
-SVD_MN, SVD_K2 = 3.0, 3.0  # torch.linalg.svd of m×n: LAPACK copy, U, Vh, workspace
-CHOLESKY_N2 = 5.0  # damped_cholesky: clone, symmetrised copy, identity, factor
-RSVD_MQ = 2.5  # randomized_svd: the (m + n)·q bases and products, then an SVD of q×n
 WRITE_BUFFER = 32 << 20  # writing a shard: the tensors are written from where they are,
 # then read back in 16 MiB chunks for the checksum
 
@@ -87,6 +89,8 @@ class Plan:
     fixed_bytes: dict[str, int]  # measured: "peak" of setup, "after" setup
     host_phases: dict[str, int]  # peak host memory of each phase, fixed part included
     device_phases: dict[str, int]  # CUDA runs only: peak device memory of each phase
+    seconds_per_block: dict[str, float] | None = None  # by stage; None: device not here
+    timing_note: str = ""  # where the time estimate comes from, or why there is none
     checks: list[dict] = field(default_factory=list)  # {what, need, have, ok}
 
     @property
@@ -106,27 +110,6 @@ class Plan:
         out["host_peak_bytes"] = self.host_peak_bytes
         out["device_peak_bytes"] = self.device_peak_bytes
         return out
-
-
-def svd_temp(m: int, n: int) -> float:
-    return SVD_MN * m * n + SVD_K2 * min(m, n) ** 2
-
-
-def factorize_temp(method: str, m: int, n: int, rank: int) -> float:
-    """float64 values alive at the peak of one factorisation of an m×n W, W excluded."""
-    mn, n2 = m * n, n * n
-    if method == "svd":
-        return svd_temp(m, n)
-    if method == "rsvd":
-        q = min(rank + RSVD_OVERSAMPLE, m, n)
-        return RSVD_MQ * (m + n) * q + svd_temp(q, n)
-    cholesky = CHOLESKY_N2 * n2
-    whitened = n2 + mn + svd_temp(m, n)  # L, W·L, its SVD
-    if method in ("svdllm-w", "svdllm-u"):
-        return max(cholesky, whitened)
-    if method == "svdllm-a":  # K and the target stay alive through the whitened SVD
-        return max(n2 + cholesky, 3 * n2 + 3 * mn, 2 * n2 + 2 * mn + whitened)
-    raise StreamSVDError(f"no memory model for method {method!r}")
 
 
 def input_groups(model, block) -> list[list[str]]:
@@ -162,7 +145,7 @@ if args["calibrate"]:
     tok = AutoTokenizer.from_pretrained(args["model"])
     ids = tokenize(tok, load_text(args["calib"])[0])
     windows = calibration_windows(ids, args["nsamples"], args["seqlen"], args["seed"])
-if args["device"].startswith("cuda"):
+if args["device"].startswith("cuda") and torch.cuda.is_available():
     torch.zeros(1, device=args["device"])
 peak = peak_rss_bytes()
 print(json.dumps({"peak": peak, "after": psutil.Process().memory_info().rss}))
@@ -192,11 +175,12 @@ def measure_baseline(cfg) -> dict[str, int]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def make_plan(cfg, fixed: dict[str, int] | None = None) -> Plan:
+def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | None = None,
+              timing: bool = True) -> Plan:  # fmt: skip
     """The plan of compress run `cfg` (a CompressConfig). `fixed`: the setup's memory as
-    `measure_baseline` returns it, measured when not given."""
-    from .pipeline import streams_for
-
+    `measure_baseline` returns it, measured when not given. `device_memory`: bytes of the
+    GPU the run is meant for, where that GPU is not visible here (planning on a login
+    node); the time estimate then is unavailable. timing=False skips the micro-benchmark."""
     reader = CheckpointReader(cfg.model)
     config = load_config(cfg.model)
     dtype = reader.dtype()
@@ -219,12 +203,9 @@ def make_plan(cfg, fixed: dict[str, int] | None = None) -> Plan:
     linear_after = len(blocks) * sum(lp.rank * sum(lp.shape) for lp in linears)
     after = before - linear_before + linear_after
     block_bytes = sum(math.prod(shapes[n]) for n in shapes if _in_block(n, prefix, 0)) * item
-    block_after = block_bytes - sum(
-        (math.prod(lp.shape) - lp.rank * sum(lp.shape)) * item for lp in linears
-    )
     rest_bytes = sum(math.prod(s) for n, s in shapes.items() if not n.startswith(prefix + "."))
     rest_bytes *= item
-    streams = streams_for(method)
+    streams = method.streams
     per_stream = 2 * cfg.nsamples * cfg.seqlen * text.hidden_size * item
     disk = disk_bytes(cfg, reader, prefix, blocks, text.hidden_size, len(streams))
     output_bytes = before * item + side_file_bytes(cfg.model) if cfg.dense else disk["output"]
@@ -232,35 +213,22 @@ def make_plan(cfg, fixed: dict[str, int] | None = None) -> Plan:
     # memory
     if fixed is None:
         fixed = measure_baseline(cfg)
-    base = fixed["after"]
-    stats = sum(len(_stat_sums(method.needs)) * linear_in(linears, g[0]) ** 2 for g in groups)
-    stats *= F64
-    tokens = min(cfg.batch_size, cfg.nsamples) * cfg.seqlen
-    wide = max(lp.shape[1] for lp in linears)
-    n_streams_run = 2 if method.needs & {"comp", "cross"} else 1
-    forward = tokens * (8 * text.hidden_size + 5 * getattr(text, "intermediate_size", wide)) * item
-    forward += (tokens * wide * F64 * n_streams_run) if method.needs else 0
     on_gpu = cfg.device.startswith("cuda")
-    if on_gpu:  # attention scores, where the kernel materialises them (masked SDPA)
-        batch = min(cfg.batch_size, cfg.nsamples)
-        forward += 2 * batch * text.num_attention_heads * cfg.seqlen**2 * item
-    factor = max(
-        (lp.shape[0] * lp.shape[1] + factorize_temp(cfg.method, *lp.shape, lp.rank)) * F64
-        + (prev.rank * sum(prev.shape) * F64 if prev else 0)
-        for prev, lp in zip([None, *linears[:-1]], linears, strict=True)
-    )
-    host = {"setup": fixed["peak"]}
-    device = {}
-    if on_gpu:
-        host["block"] = base + block_bytes + block_after + WRITE_BUFFER
-        host["rest"] = base + rest_bytes + WRITE_BUFFER
-        device["statistics"] = block_bytes + stats + forward
-        device["factorise"] = block_bytes + block_after + stats + factor
-    else:
-        host["statistics"] = base + block_bytes + stats + forward
-        host["factorise"] = base + block_bytes + block_after + stats + factor
-        host["write"] = base + block_bytes + block_after + stats + WRITE_BUFFER
-        host["rest"] = base + rest_bytes + WRITE_BUFFER
+    host, device = block_memory(cfg, text, linears, groups, block_bytes, item, fixed["after"])
+    host["setup"] = fixed["peak"]
+    host["rest"] = fixed["after"] + rest_bytes + WRITE_BUFFER
+    host = {"setup": host.pop("setup"), **host}
+
+    seconds, note = None, ""
+    if timing:
+        from .speed import block_seconds, measure_speed
+
+        if on_gpu and not torch.cuda.is_available():
+            note = "unavailable: the GPU is not visible here (planned with --device-memory)"
+        else:
+            rates = measure_speed(cfg.device, dtype, cfg.method)
+            seconds = block_seconds(cfg, text, linears, groups, rates)
+            note = f"from a micro-benchmark of {rates['device_name']}"
     plan = Plan(
         model=str(cfg.model),
         method=cfg.method,
@@ -282,21 +250,78 @@ def make_plan(cfg, fixed: dict[str, int] | None = None) -> Plan:
         fixed_bytes=dict(fixed),
         host_phases={k: int(v) for k, v in host.items()},
         device_phases={k: int(v) for k, v in device.items()},
+        seconds_per_block=seconds,
+        timing_note=note,
     )
-    plan.checks = _checks(plan, cfg)
+    plan.checks = _checks(plan, cfg, device_memory)
     return plan
 
 
-def linear_in(linears: list[LinearPlan], name: str) -> int:
-    return next(lp.shape[1] for lp in linears if lp.name == name)
+def block_memory(cfg, text, linears: list[LinearPlan], groups: list[list[str]],
+                 block_bytes: int, item: int, base: int) -> tuple[dict, dict]:  # fmt: skip
+    """Peak host and (on a GPU) device bytes of one block's phases: "statistics" (forward
+    and sums) and "factorise" (the worst linear, in the order the run takes them: module
+    order, each group's sums freed after its last linear, the others parked in host
+    memory on a GPU). The run allocates by the same `sum_shapes`, `release_points` and
+    `workspace`."""
+    method = METHODS[cfg.method]
+    shape = {lp.name: lp.shape for lp in linears}
+    group_of = {name: t for t in map(tuple, groups) for name in t}
+    sums = {
+        g: sums_bytes(shape[g[0]][1], {name: shape[name][0] for name in g}, method.needs)
+        for g in set(group_of.values())
+    }
+    release = release_points([lp.name for lp in linears], group_of)
+    all_sums = sum(sums.values())
+
+    tokens = min(cfg.batch_size, cfg.nsamples) * cfg.seqlen
+    wide = max(lp.shape[1] for lp in linears)
+    inter = getattr(text, "intermediate_size", None) or wide
+    forward = tokens * (8 * text.hidden_size + 5 * inter) * item  # the block's activations
+    if method.needs & {"comp", "cross"}:  # the other stream's captured inputs
+        forward += tokens * (3 * text.hidden_size + inter) * item
+    if method.needs:  # float64 token chunks of both streams and a block of W·x
+        forward += 3 * min(tokens * wide, CHUNK_VALUES) * F64
+    on_gpu = cfg.device.startswith("cuda")
+    if on_gpu:  # attention scores, where the kernel materialises them (masked SDPA)
+        batch = min(cfg.batch_size, cfg.nsamples)
+        forward += 2 * batch * text.num_attention_heads * cfg.seqlen**2 * item
+
+    worst_device = worst_host = 0
+    alive, compressed = dict(sums), 0
+    for lp in linears:
+        m, n = lp.shape
+        group = group_of.get(lp.name)
+        owns = (
+            group is not None
+            and "cross" in method.needs
+            and cross_as_product([shape[name][0] for name in group], n)
+        )
+        work = method.workspace(m, n, lp.rank, owns) * F64
+        current = alive.get(group, 0)
+        if on_gpu:
+            worst_device = max(worst_device, block_bytes + current + work + compressed)
+            worst_host = max(worst_host, sum(alive.values()) - current)
+        else:
+            worst_host = max(worst_host, sum(alive.values()) + work + compressed)
+        compressed += lp.rank * (m + n) * item
+        for member in release.get(lp.name, []):
+            alive.pop(group_of[member], None)
+    host, device = {}, {}
+    if on_gpu:
+        device["statistics"] = block_bytes + all_sums + forward
+        device["factorise"] = worst_device
+        host["block"] = base + block_bytes + compressed + WRITE_BUFFER
+        host["factorise"] = base + block_bytes + worst_host + compressed
+    else:
+        host["statistics"] = base + block_bytes + all_sums + forward
+        host["factorise"] = base + block_bytes + worst_host
+        host["write"] = base + block_bytes + compressed + WRITE_BUFFER
+    return host, device
 
 
 def _in_block(name: str, prefix: str, i: int) -> bool:
     return name.startswith(f"{prefix}.{i}.")
-
-
-def _stat_sums(needs: frozenset[str]) -> list[str]:
-    return [s for s in ("orig", "comp", "cross") if s in needs]
 
 
 def host_memory_available() -> tuple[int, str]:
@@ -400,14 +425,21 @@ def existing(path: Path) -> Path:
     return path
 
 
-def _checks(plan: Plan, cfg) -> list[dict]:
+def _checks(plan: Plan, cfg, device_memory: int | None = None) -> list[dict]:
     have, source = host_memory_available()
     checks = [{"what": f"host memory ({source})", "need": plan.host_peak_bytes, "have": have}]
     if plan.device_phases:
-        free, _ = torch.cuda.mem_get_info(torch.device(cfg.device))
-        checks.append(
-            {"what": "device memory (free)", "need": plan.device_peak_bytes, "have": free}
-        )
+        if device_memory is not None:
+            free, what = device_memory, "device memory (--device-memory)"
+        elif torch.cuda.is_available():
+            free = torch.cuda.mem_get_info(torch.device(cfg.device))[0]
+            what = "device memory (free)"
+        else:
+            raise StreamSVDError(
+                "no CUDA GPU is visible to check the plan against: give the GPU's memory "
+                "with --device-memory GIB (e.g. 24) to plan for it here"
+            )
+        checks.append({"what": what, "need": plan.device_peak_bytes, "have": free})
     for where, need, what in disk_needs(cfg, plan.disk_bytes):
         checks.append(
             {"what": f"disk for the {what} files at {where}", "need": need,
@@ -425,6 +457,16 @@ def size_text(n: float) -> str:
             return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
         n /= 1024
     raise AssertionError
+
+
+def duration_text(seconds: float) -> str:
+    """Seconds for people: 42s, 7m 05s, 3h 12m."""
+    s = round(seconds)
+    if s < 60:
+        return f"{max(seconds, 0):.1f}s" if seconds < 10 else f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    return f"{s // 3600}h {s % 3600 // 60:02d}m"
 
 
 def format_plan(plan: Plan) -> str:
@@ -460,6 +502,16 @@ def format_plan(plan: Plan) -> str:
             + ", ".join(f"{k} {size_text(v)}" for k, v in plan.device_phases.items())
             + ")"
         )
+    if plan.seconds_per_block:
+        per = plan.seconds_per_block
+        lines.append(
+            f"  time          about {duration_text(per['total'])} per block, "
+            f"{duration_text(per['total'] * plan.blocks)} in all ("
+            + ", ".join(f"{k} {v:,.1f}s" for k, v in per.items() if k != "total")
+            + f"; {plan.timing_note})"
+        )
+    elif plan.timing_note:
+        lines.append(f"  time          {plan.timing_note}")
     for c in plan.checks:
         mark = "ok" if c["ok"] else "NOT ENOUGH"
         lines.append(

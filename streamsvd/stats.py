@@ -1,9 +1,17 @@
-"""Second-moment statistics of a linear layer's inputs, accumulated in float64, and a
-Cholesky factorisation that survives singular Grams."""
+"""Second-moment statistics of a linear layer's inputs, accumulated in float64, and an
+in-place Cholesky factorisation that survives singular Grams.
+
+Memory is the point of this module: at 70B width one n×n float64 sum of down_proj's inputs
+is 6.1 GiB. So sums are accumulated from token chunks (no float64 copy of a whole batch),
+the cross sum is kept as the smaller of C (n×n) and W·C (m×n per linear), and the Cholesky
+factor overwrites its Gram instead of taking copies. `sum_shapes` is the one description
+of what a group holds, used both to allocate it and by the plan to count it.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -14,64 +22,244 @@ log = logging.getLogger(__name__)
 # Which sums a method needs: "orig" G = Σ x xᵀ over the original stream, "comp" G' = Σ x' x'ᵀ
 # over the compressed stream, "cross" C = Σ x x'ᵀ pairing the two streams token by token.
 NEEDS = ("orig", "comp", "cross")
+CHUNK_VALUES = 1 << 22  # float64 values converted at a time while accumulating (32 MiB)
+CHOLESKY_BLOCK = 1024  # panel width of the in-place blocked Cholesky
+F64 = 8
+
+
+def cross_as_product(outs: list[int], n: int) -> bool:
+    """Keep the cross sum as W·C per linear (Σ m·n values) rather than C (n² values) when
+    that is smaller: down_proj at 70B width holds 8192×28672 instead of 28672²."""
+    return bool(outs) and sum(outs) < n
+
+
+def sum_shapes(n: int, outs: dict[str, int], needs: frozenset[str]) -> dict[str, tuple]:
+    """The float64 sums an input group of width n holds, by name: "G", "Gc", and "C" or
+    "WC.<linear>" for each linear (outs: out_features by linear name)."""
+    shapes = {}
+    if "orig" in needs:
+        shapes["G"] = (n, n)
+    if "comp" in needs:
+        shapes["Gc"] = (n, n)
+    if "cross" in needs:
+        if cross_as_product(list(outs.values()), n):
+            shapes.update({f"WC.{name}": (m, n) for name, m in outs.items()})
+        else:
+            shapes["C"] = (n, n)
+    return shapes
+
+
+def sums_bytes(n: int, outs: dict[str, int], needs: frozenset[str]) -> int:
+    return sum(a * b for a, b in sum_shapes(n, outs, needs).values()) * F64
 
 
 class InputStats:
-    """Float64 sums over calibration tokens of one layer's inputs (n = in_features)."""
+    """Float64 sums over calibration tokens of the inputs of one group of linears that read
+    the same tensor (n = in_features). `weights` (name -> W, (m, n)) are the group's
+    weights, needed when the cross sum is kept as W·C.
 
-    def __init__(self, dim: int, needs: frozenset[str], device: torch.device | str):
-        zeros = lambda: torch.zeros(dim, dim, dtype=torch.float64, device=device)  # noqa: E731
-        self.G = zeros() if "orig" in needs else None  # (n, n)
-        self.Gc = zeros() if "comp" in needs else None  # (n, n)
-        self.C = zeros() if "cross" in needs else None  # (n, n)
+    Factorising consumes the sums: `whitener` overwrites a Gram with its factor, and
+    `weighted_cross` hands over the W·C buffer."""
+
+    def __init__(self, dim: int, needs: frozenset[str], device: torch.device | str,
+                 weights: dict[str, torch.Tensor] | None = None):  # fmt: skip
+        outs = {name: w.shape[0] for name, w in (weights or {}).items()}
+        shapes = sum_shapes(dim, outs, needs)
+        zeros = lambda s: torch.zeros(s, dtype=torch.float64, device=device)  # noqa: E731
+        self.dim = dim
+        self.G = zeros(shapes["G"]) if "G" in shapes else None  # (n, n)
+        self.Gc = zeros(shapes["Gc"]) if "Gc" in shapes else None  # (n, n)
+        self.C = zeros(shapes["C"]) if "C" in shapes else None  # (n, n)
+        self.WC = {  # linear name -> (m, n): Σ (W x) x'ᵀ
+            k.removeprefix("WC."): zeros(s) for k, s in shapes.items() if k.startswith("WC.")
+        }
+        self._weights = weights if self.WC else None
+        self._factors: dict[str, torch.Tensor] = {}
         self.tokens = 0
 
     def add(self, x: torch.Tensor | None, xc: torch.Tensor | None) -> None:
         """x, xc: (..., n) inputs of the same tokens from the original / compressed stream."""
-        x = None if x is None else x.reshape(-1, x.shape[-1]).double()
-        xc = None if xc is None else xc.reshape(-1, xc.shape[-1]).double()
-        if self.G is not None:
-            self.G.addmm_(x.T, x)
-        if self.Gc is not None:
-            self.Gc.addmm_(xc.T, xc)
-        if self.C is not None:
-            self.C.addmm_(x.T, xc)
-        self.tokens += (x if x is not None else xc).shape[0]
+        x = None if x is None else x.reshape(-1, x.shape[-1])
+        xc = None if xc is None else xc.reshape(-1, xc.shape[-1])
+        total = (x if x is not None else xc).shape[0]
+        step = max(1, CHUNK_VALUES // self.dim)
+        for s in range(0, total, step):
+            xs = None if x is None else x[s : s + step].double()  # (t, n)
+            xcs = None if xc is None else xc[s : s + step].double()
+            if self.G is not None:
+                self.G.addmm_(xs.T, xs)
+            if self.Gc is not None:
+                self.Gc.addmm_(xcs.T, xcs)
+            if self.C is not None:
+                self.C.addmm_(xs.T, xcs)
+            for name, WC in self.WC.items():
+                W = self._weights[name]
+                rows = max(1, CHUNK_VALUES // self.dim)
+                for r in range(0, W.shape[0], rows):  # W·x a row block at a time
+                    WC[r : r + rows].addmm_(W[r : r + rows].double() @ xs.T, xcs)
+        self.tokens += total
+
+    def whitener(self, which: str = "comp") -> torch.Tensor:
+        """The lower Cholesky factor of G ("orig") or G' ("comp"), computed in place on the
+        first call (the Gram is gone afterwards) and shared by the group's linears."""
+        if which not in self._factors:
+            gram = self.G if which == "orig" else self.Gc
+            if gram is None:
+                raise StreamSVDError(f"no {which} Gram was accumulated for this layer")
+            self._factors[which] = damped_cholesky_(gram, "G" if which == "orig" else "G'")
+        return self._factors[which]
+
+    def weighted_cross(self, W: torch.Tensor, name: str | None = None) -> torch.Tensor:
+        """W·C (m, n) float64, owned by the caller: the stored product for linear `name`
+        (handed over), or computed from C a row block at a time."""
+        if self.WC:
+            if name not in self.WC:
+                raise StreamSVDError(f"no W·C sum kept for linear {name!r}")
+            return self.WC.pop(name)
+        out = torch.empty(W.shape, dtype=torch.float64, device=self.C.device)
+        rows = max(1, CHUNK_VALUES // self.dim)
+        for r in range(0, W.shape[0], rows):
+            torch.mm(W[r : r + rows].to(torch.float64), self.C, out=out[r : r + rows])
+        return out
+
+    def for_linear(self, name: str) -> LinearStats:
+        return LinearStats(self, name)
+
+    def tensors(self) -> list[torch.Tensor]:
+        sums = [self.G, self.Gc, self.C, *self.WC.values(), *self._factors.values()]
+        return list({id(t): t for t in sums if t is not None}.values())
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def to(self, device: torch.device | str) -> InputStats:
+        """Move every sum (and factor) to `device`, in place: on a GPU, sums not in use are
+        parked in host memory."""
+        moved = {id(t): t.to(device) for t in self.tensors()}
+        for attr in ("G", "Gc", "C"):
+            t = getattr(self, attr)
+            if t is not None:
+                setattr(self, attr, moved[id(t)])
+        self.WC = {k: moved[id(t)] for k, t in self.WC.items()}
+        self._factors = {k: moved[id(t)] for k, t in self._factors.items()}
+        return self
+
+
+@dataclass
+class LinearStats:
+    """One linear's view of its group's sums: what a factorisation method receives."""
+
+    group: InputStats
+    name: str
+
+    @property
+    def G(self) -> torch.Tensor | None:
+        return self.group.G
+
+    @property
+    def Gc(self) -> torch.Tensor | None:
+        return self.group.Gc
+
+    @property
+    def C(self) -> torch.Tensor | None:
+        return self.group.C
+
+    def whitener(self, which: str = "comp") -> torch.Tensor:
+        return self.group.whitener(which)
+
+    def weighted_cross(self, W: torch.Tensor) -> torch.Tensor:
+        return self.group.weighted_cross(W, self.name)
 
 
 def damped_cholesky(gram: torch.Tensor, what: str = "Gram") -> torch.Tensor:
-    """Lower-triangular L with L Lᵀ = G + δI, δ as small as works.
+    """`damped_cholesky_` on a float64 copy: the Gram is left as it was."""
+    return damped_cholesky_(gram.to(torch.float64, copy=True), what)
+
+
+def damped_cholesky_(gram: torch.Tensor, what: str = "Gram") -> torch.Tensor:
+    """Overwrite a float64 Gram G (n×n, contiguous) with lower-triangular L, L Lᵀ = G + δI,
+    δ as small as works, and return it. No n×n copy is taken.
 
     A Gram can be singular (dead channels, fewer tokens than dimensions) or so
     ill-conditioned that its factor is useless. Dead channels (zero diagonal) get a unit
     diagonal, as GPTQ does. Then δ starts at 0 and escalates from 1e-8 to 1e3 times the
     mean diagonal, by factors of 10, until the factorisation succeeds with
-    min(diag L)² ≥ 1e-12 · max(diag G). For a finite PSD matrix the last step always
-    succeeds, so this never crashes and never returns NaN. Damping is logged.
+    min(diag L)² ≥ 1e-12 · max(diag G). A failed attempt has overwritten only the lower
+    triangle, which is restored from the upper one. For a finite PSD matrix the last step
+    always succeeds, so this never crashes and never returns NaN. Damping is logged.
     """
-    if not torch.isfinite(gram).all():
-        raise StreamSVDError(f"{what} has NaN or inf entries: the calibration inputs overflowed")
-    g = gram.to(torch.float64).clone()
-    g = (g + g.T) / 2
-    diag = g.diagonal()
+    if gram.dtype != torch.float64 or not gram.is_contiguous():
+        raise TypeError("damped_cholesky_ needs a contiguous float64 matrix")
+    if not torch.isfinite(gram.sum()):  # a NaN or inf anywhere makes the sum non-finite
+        raise StreamSVDError(
+            f"{what} has NaN or inf entries: the calibration inputs overflowed; run the "
+            "blocks in a wider dtype"
+        )
+    diag = gram.diagonal()
     dead = diag <= 0
     if dead.any():
         diag[dead] = 1.0
         log.info("%s: %d dead input channels given unit variance", what, int(dead.sum()))
-    scale = diag.mean()
-    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    scale, biggest = float(diag.mean()), float(diag.max())
+    n, b = gram.shape[0], CHOLESKY_BLOCK
+    # What an attempt overwrites and the strict upper triangle cannot give back.
+    diagonal_blocks = [gram[c : c + b, c : c + b].clone() for c in range(0, n, b)]
     for step in [None, *range(-8, 4)]:
-        damp = 0.0 if step is None else float(scale) * 10.0**step
-        factor, info = torch.linalg.cholesky_ex(g + damp * eye if damp else g)
-        pivots = factor.diagonal()
-        if int(info) == 0 and torch.isfinite(factor).all():
-            if float(pivots.min()) ** 2 >= 1e-12 * float(diag.max()):
+        damp = 0.0 if step is None else scale * 10.0**step
+        if damp:
+            _restore_(gram, diagonal_blocks, damp)
+        if _cholesky_lower_(gram, b):
+            pivots = gram.diagonal()
+            if bool(torch.isfinite(pivots).all()) and float(pivots.min()) ** 2 >= 1e-12 * biggest:
                 if damp:
-                    log.info(
-                        "%s: Cholesky needed damping %.3g (mean diagonal %.3g)",
-                        what,
-                        damp,
-                        float(scale),
-                    )
-                return factor
+                    log.info("%s: Cholesky needed damping %.3g (mean diagonal %.3g)",
+                             what, damp, scale)  # fmt: skip
+                return gram.tril_()
     raise StreamSVDError(f"{what}: Cholesky failed even with damping {damp:.3g}")
+
+
+def _cholesky_lower_(A: torch.Tensor, block: int = CHOLESKY_BLOCK) -> bool:
+    """Right-looking blocked Cholesky of A's lower triangle, in place. Off the diagonal
+    blocks, the strict upper triangle is never written. Temporaries: one n×block panel.
+    False if A is not positive definite (its lower triangle is then partly overwritten)."""
+    n = A.shape[0]
+    for j in range(0, n, block):
+        e = min(j + block, n)
+        D, info = torch.linalg.cholesky_ex(A[j:e, j:e])  # (b, b), reads the lower triangle
+        if int(info) != 0:
+            return False
+        A[j:e, j:e] = D
+        if e == n:
+            break
+        P = torch.linalg.solve_triangular(D.mT, A[e:, j:e], upper=True, left=False)  # P·Dᵀ
+        A[e:, j:e] = P
+        for c in range(e, n, block):  # the trailing lower triangle, a block column at a time
+            ce = min(c + block, n)
+            A[c:, c:ce].addmm_(P[c - e :], P[c - e : ce - e].mT, alpha=-1)
+    return True
+
+
+def _restore_(A: torch.Tensor, diagonal_blocks: list[torch.Tensor], damp: float) -> None:
+    """Undo a failed `_cholesky_lower_` on a symmetric A: the lower triangle again from the
+    upper one, the diagonal blocks from their copies, and `damp` added to the diagonal."""
+    n, b = A.shape[0], diagonal_blocks[0].shape[0]
+    for k, c in enumerate(range(0, n, b)):
+        ce = min(c + b, n)
+        A[ce:, c:ce] = A[c:ce, ce:].mT
+        A[c:ce, c:ce] = diagonal_blocks[k]
+        A[c:ce, c:ce].diagonal().add_(damp)
+
+
+def release_points(order: list[str], groups: dict[str, object]) -> dict[str, list[str]]:
+    """Linears factorised in `order`, sharing sums as `groups` says (linear -> its group):
+    for each linear that is the last of its group, the group's members, whose sums can be
+    freed once it is done. The run frees them there, and the plan counts them until then."""
+    last = {}
+    for name in order:
+        if name in groups:
+            last[id(groups[name])] = name
+    members: dict[str, list[str]] = {}
+    for name in order:
+        if name in groups:
+            members.setdefault(last[id(groups[name])], []).append(name)
+    return members

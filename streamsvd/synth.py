@@ -61,6 +61,7 @@ SHAPES: dict[str, Shape] = {
     "13b": Shape(5120, 13824, 40, 40, 32000, 40, source="Llama-2-13B"),
     "34b": Shape(8192, 22016, 64, 8, 32000, 48, 16384, 1e6, source="CodeLlama-34B"),
     "70b": Shape(8192, 28672, 64, 8, 32000, 80, source="Llama-2-70B"),
+    "405b": Shape(16384, 53248, 128, 8, 128256, 126, 131072, 5e5, source="Llama-3.1-405B"),
 }
 
 _ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
@@ -159,9 +160,11 @@ def _decaying_rows(shape: tuple[int, ...], seed: int) -> Iterator[torch.Tensor]:
         yield US[start:stop] @ V + torch.randn(stop - start, n, generator=gen) * bulk
 
 
-def write_safetensors(path: Path, specs: list[TensorSpec], dtype: torch.dtype) -> None:
+def write_safetensors(path: Path, specs: list[TensorSpec], dtype: torch.dtype,
+                      values: bool = True) -> None:  # fmt: skip
     """Write one safetensors file tensor by tensor, from the header that the shapes alone
-    determine: never more than one row block in memory. Temp file, fsync, rename."""
+    determine: never more than one row block in memory. Temp file, fsync, rename.
+    values=False leaves the data a hole in a sparse file (zeros, no disk, no time)."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for spec in specs:
@@ -178,6 +181,9 @@ def write_safetensors(path: Path, specs: list[TensorSpec], dtype: torch.dtype) -
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
+        if not values:
+            f.truncate(8 + len(raw) + offset)
+            specs = []
         for spec in specs:
             written = 0
             for block in spec.values():
@@ -222,8 +228,11 @@ def synthesize(
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
     max_shard_bytes: int = 2 << 30,
+    values: bool = True,
 ) -> Path:
-    """Write a synthetic checkpoint to `out` (which must not exist); returns its path."""
+    """Write a synthetic checkpoint to `out` (which must not exist); returns its path.
+    values=False writes the shapes only, every weight zero in sparse files: enough for
+    `compress --dry-run` at any size (405B on a laptop), useless for running."""
     if isinstance(shape, str):
         if shape not in SHAPES:
             raise StreamSVDError(f"unknown shape {shape!r}; choose from {list(SHAPES)}")
@@ -245,7 +254,7 @@ def synthesize(
     weight_map = {}
     for k, group in enumerate(shards):
         name = shard_name(k + 1, len(shards))
-        write_safetensors(tmp / name, group, dtype)
+        write_safetensors(tmp / name, group, dtype, values)
         weight_map.update({spec.name: name for spec in group})
     config.save_pretrained(tmp)
     synthetic_tokenizer(min(TOKENIZER_VOCAB, shape.vocab)).save_pretrained(tmp)

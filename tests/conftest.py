@@ -65,6 +65,18 @@ def write_checkpoint(path: Path, config, seed: int = 0, dtype=torch.float32) -> 
     return path
 
 
+def assert_within_summation_bound(got: torch.Tensor, A: torch.Tensor, B: torch.Tensor):
+    """got = A·B up to rounding in float64, in whatever order the sums were taken: each entry
+    is a dot product of length N, so |got − A·B| ≤ 2γ_N·(|A|·|B|) with γ_N = N·u/(1 − N·u)
+    and u = 2⁻⁵³ (Higham, Accuracy and Stability of Numerical Algorithms, §3.1), one γ_N for
+    `got` and one for the reference product. Independent of the BLAS and its blocking."""
+    n_terms = A.shape[1]
+    u = torch.finfo(torch.float64).eps / 2
+    gamma = n_terms * u / (1 - n_terms * u)
+    bound = 2 * gamma * (A.abs() @ B.abs())
+    assert bool(((got - A @ B).abs() <= bound).all()), float(((got - A @ B).abs() / bound).max())
+
+
 def _load_tokenizer():
     from tokenizers import Tokenizer
 

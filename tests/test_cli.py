@@ -119,6 +119,35 @@ def test_help_runs_as_a_module():
         assert command in result.stdout
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="plans for a GPU that is not here")
+def test_dry_run_plans_a_gpu_run_on_a_machine_without_one(model_dir, small_calib_text, tmp_path):
+    """People plan on a login node and run on a GPU node."""
+    out = tmp_path / "out"
+    argv = [
+        "compress",
+        "--model",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--device",
+        "cuda",
+        "--calib",
+        str(small_calib_text),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--dry-run",
+    ]
+    code, stdout, stderr = run(argv)  # fmt: skip
+    assert code == 2 and "--device-memory" in stderr and "Traceback" not in stderr
+    code, stdout, stderr = run([*argv, "--device-memory", "24"])
+    assert code == 0, stderr
+    assert "peak device" in stdout and "device memory (--device-memory)" in stdout
+    assert "unavailable" in stdout  # no time estimate without the device
+    assert not out.exists() and not out.with_name("out.work").exists()
+
+
 # -- bad input -----------------------------------------------------------------------
 
 

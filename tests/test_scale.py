@@ -22,6 +22,7 @@ from streamsvd.evaluate import perplexity
 from streamsvd.factorize import plain_svd, randomized_svd, rank_for
 from streamsvd.journal import disk_used
 from streamsvd.pipeline import StageTimer
+from streamsvd.plan import make_plan
 from streamsvd.synth import SHAPES, Shape, checkpoint_bytes, synthesize
 
 # Wide enough that one block's statistics and factorisation temporaries are a third of the
@@ -136,6 +137,12 @@ def test_plan_is_within_25_percent_of_a_real_run(tmp_path, small_calib_text):
     assert run_disk == pytest.approx(disk_at_fullest, rel=0.25)
     assert plan["activation_bytes_per_stream"] == 2 * 8 * 64 * PLAN_SHAPE.hidden * 4
     assert "work" in run.stdout and "overhead" in run.stdout  # the time breakdown
+    # peaks by phase and seconds by block, which benchmarks/scale.py reports against the plan
+    assert {"statistics", "factorise"} <= set(summary["phase_peaks"])
+    for phase, peaks in summary["phase_peaks"].items():
+        assert 0 < peaks["host_mb"] <= summary["peak_rss_mb"] + 1, phase
+    assert [b["block"] for b in summary["block_seconds"]] == [0, 1]
+    assert "time" in dry.stdout and plan["seconds_per_block"]["total"] > 0
 
 
 def test_plan_finds_shared_inputs_and_ranks_without_loading_weights(tiny_synth, tmp_path):
@@ -229,3 +236,24 @@ def test_peak_rss_of_a_child_excludes_its_parents_memory():
     assert held.sum() > 0
     assert child_maxrss > size  # the old measure: includes the parent's gigabyte
     assert child_peak < size  # an interpreter that imports streamsvd (torch, transformers)
+
+
+# -- the plan at real widths, from shapes alone -------------------------------------------
+
+
+def test_a_70b_block_fits_in_20_gib_of_host_and_24_gib_of_gpu_by_the_plan(tmp_path):
+    """The headline, as the plan sees it (benchmarks/scale.py measures it): the default
+    method at 70B width, compress's default calibration, from a shape-only checkpoint
+    (sparse files: no disk, no time), planned for a 24 GiB GPU that is not here."""
+    ckpt = synthesize(tmp_path / "70b", "70b", 1, values=False)
+    assert sum(p.stat().st_blocks for p in ckpt.iterdir()) * 512 < 2**20  # sparse
+    fixed = {"peak": 600 * 2**20, "after": 550 * 2**20}  # the interpreter, as measured
+    cpu = make_plan(CompressConfig(model=str(ckpt), out=str(tmp_path / "o")), fixed,
+                    timing=False)  # fmt: skip
+    assert cpu.method == "svdllm-a" and cpu.host_peak_bytes <= 20 * 2**30
+    gpu_cfg = CompressConfig(model=str(ckpt), out=str(tmp_path / "o"), device="cuda")
+    gpu = make_plan(gpu_cfg, fixed, device_memory=24 * 2**30, timing=False)
+    assert gpu.device_peak_bytes <= 24 * 2**30
+    assert gpu.checks[1]["what"] == "device memory (--device-memory)"
+    # the sums are the bulk: down_proj's G' (28672²) and W·C (8192×28672) in float64
+    assert cpu.host_phases["statistics"] > (28672**2 + 8192 * 28672) * 8

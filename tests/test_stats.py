@@ -6,9 +6,11 @@ import logging
 
 import pytest
 import torch
+from conftest import assert_within_summation_bound
 
+from streamsvd import stats as stats_module
 from streamsvd.errors import StreamSVDError
-from streamsvd.stats import InputStats, damped_cholesky
+from streamsvd.stats import InputStats, damped_cholesky, damped_cholesky_
 
 N_IN = 40  # input channels
 
@@ -39,9 +41,9 @@ def test_input_stats_sums_equal_gram_products(dtype):
     X, Xc = x.double().T, xc.double().T  # (n, tokens): columns are tokens
     for got in (stats.G, stats.Gc, stats.C):
         assert got.dtype == torch.float64 and got.shape == (N_IN, N_IN)
-    torch.testing.assert_close(stats.G, X @ X.T, rtol=1e-13, atol=0)
-    torch.testing.assert_close(stats.Gc, Xc @ Xc.T, rtol=1e-13, atol=0)
-    torch.testing.assert_close(stats.C, X @ Xc.T, rtol=1e-13, atol=1e-11)
+    assert_within_summation_bound(stats.G, X, X.T)
+    assert_within_summation_bound(stats.Gc, Xc, Xc.T)
+    assert_within_summation_bound(stats.C, X, Xc.T)
     assert stats.tokens == 96
 
 
@@ -50,13 +52,13 @@ def test_input_stats_keeps_only_the_sums_a_method_needs():
     stats = InputStats(N_IN, frozenset({"comp"}), "cpu")
     stats.add(None, xc.view(2, 10, N_IN))
     assert stats.G is None and stats.C is None
-    torch.testing.assert_close(stats.Gc, xc.T @ xc, rtol=1e-13, atol=0)
+    assert_within_summation_bound(stats.Gc, xc.T, xc)
     assert stats.tokens == 20
 
     orig_only = InputStats(N_IN, frozenset({"orig"}), "cpu")
     orig_only.add(xc, None)
     assert orig_only.Gc is None and orig_only.C is None
-    torch.testing.assert_close(orig_only.G, xc.T @ xc, rtol=1e-13, atol=0)
+    assert_within_summation_bound(orig_only.G, xc.T, xc)
 
 
 # -- damped_cholesky -------------------------------------------------------------------
@@ -124,7 +126,9 @@ def check_factor(gram: torch.Tensor, L: torch.Tensor) -> float:
         (well_conditioned, False),
     ],
 )
-def test_damped_cholesky_survives_singular_grams(make, needs_damping, caplog):
+@pytest.mark.parametrize("block", [1024, 16, 7])  # one block; several, the last one short
+def test_damped_cholesky_survives_singular_grams(make, needs_damping, block, caplog, monkeypatch):
+    monkeypatch.setattr(stats_module, "CHOLESKY_BLOCK", block)
     gram = make()
     caplog.set_level(logging.INFO, logger="streamsvd.stats")
     L = damped_cholesky(gram, "test-gram")
@@ -158,3 +162,36 @@ def test_damped_cholesky_rejects_non_finite_gram(bad):
     gram[3, 4] = bad
     with pytest.raises(StreamSVDError, match="NaN or inf"):
         damped_cholesky(gram, "G")
+
+
+@pytest.mark.parametrize("block", [1024, 16, 7])
+def test_damped_cholesky_works_in_place_and_matches_lapack(block, monkeypatch):
+    """The factor overwrites the Gram (no n×n copy) and is LAPACK's factor up to rounding:
+    |L − L_lapack| is bounded by the Cholesky backward error, c·n·u·‖G‖/min diag(L)."""
+    monkeypatch.setattr(stats_module, "CHOLESKY_BLOCK", block)
+    gram = well_conditioned()
+    work = gram.clone()
+    L = damped_cholesky_(work, "G")
+    assert L.data_ptr() == work.data_ptr() and torch.equal(L, L.tril())
+    expected = torch.linalg.cholesky(gram)
+    u = torch.finfo(torch.float64).eps / 2
+    bound = 4 * N_IN * u * float(gram.diagonal().max()) / float(expected.diagonal().min())
+    assert float((L - expected).abs().max()) <= bound
+
+
+def test_cross_sum_kept_as_w_times_c_when_that_is_smaller():
+    """A group whose outputs are narrower than its inputs (down_proj) keeps W·C (m×n)
+    instead of C (n×n), and hands it over once."""
+    x, xc = tokens(96, seed=9), tokens(96, seed=10)
+    W = torch.randn(12, N_IN, dtype=torch.float64, generator=gen(11))
+    stats = InputStats(N_IN, frozenset({"comp", "cross"}), "cpu", {"down": W.float()})
+    assert stats.C is None and set(stats.WC) == {"down"}
+    for start in range(0, 96, 40):
+        stats.add(x[start : start + 40], xc[start : start + 40])
+    Wf = W.float().double()
+    assert_within_summation_bound(stats.WC["down"], Wf @ x.T, xc)
+    got = stats.weighted_cross(Wf, "down")
+    assert not stats.WC
+    assert_within_summation_bound(got, Wf @ x.T, xc)
+    wide = InputStats(N_IN, frozenset({"comp", "cross"}), "cpu", {"up": torch.zeros(50, N_IN)})
+    assert wide.C is not None and not wide.WC

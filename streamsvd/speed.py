@@ -1,0 +1,124 @@
+"""How long a block will take: the flops of a block's work, stage by stage, over the rates
+this device reaches on the same kernels in a short micro-benchmark (a few seconds).
+
+Rates are measured at sizes of 1-2 thousand, where BLAS is less efficient than at 8-28
+thousand, so the estimate leans long on big shapes; `benchmarks/scale.py` reports it
+against measured stage times.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .factorize import METHODS, RSVD_OVERSAMPLE, RSVD_POWER_ITERATIONS
+from .stats import cross_as_product, damped_cholesky_
+
+BENCH_N = 1536  # size of the micro-benchmark's matrices
+
+
+def _best_seconds(fn, device: torch.device, repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_speed(device: str, dtype: torch.dtype, method: str) -> dict:
+    """Rates of this device: flop/s of float64 matrix products, triangular solves and the
+    in-place Cholesky, flop/s of the block's forward matmuls in the checkpoint dtype, and
+    seconds per k³ of an eigendecomposition (and per m·n·k of an SVD where the method uses
+    one). Seeded inputs; takes a few seconds."""
+    dev = torch.device(device)
+    n = BENCH_N
+    gen = torch.Generator(device=dev).manual_seed(0)
+    a = torch.randn(n, n, dtype=torch.float64, device=dev, generator=gen)
+    gram = a @ a.mT + n * torch.eye(n, dtype=torch.float64, device=dev)
+    low = torch.linalg.cholesky(gram)
+    rhs = torch.randn(n // 2, n, dtype=torch.float64, device=dev, generator=gen)
+    x = a.to(dtype)
+    with torch.inference_mode():
+        rates = {
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "this CPU",
+            "gemm64": 2 * n**3 / _best_seconds(lambda: a @ a, dev),
+            "forward": 2 * n**3 / _best_seconds(lambda: torch.nn.functional.linear(x, x), dev),
+            "trsm": (n // 2)
+            * n**2
+            / _best_seconds(
+                lambda: torch.linalg.solve_triangular(low.mT, rhs, upper=True, left=False), dev
+            ),
+            "cholesky": n**3 / 3 / _best_seconds(lambda: damped_cholesky_(gram.clone()), dev),
+            "eigh_k3": _best_seconds(lambda: torch.linalg.eigh(gram), dev, 2) / n**3,
+        }
+        if method in ("svd", "rsvd"):
+            w = a[: n // 2]
+            rates["svd_mnk"] = _best_seconds(
+                lambda: torch.linalg.svd(w, full_matrices=False), dev, 2
+            ) / (n * (n // 2) ** 2)
+    return rates
+
+
+def block_seconds(cfg, text, linears, groups: list[list[str]], rates: dict) -> dict[str, float]:
+    """Estimated seconds of one block by stage (the StageTimer's names) and "total".
+    linears: plan.LinearPlan; groups: names of linears that share inputs."""
+    method = METHODS[cfg.method]
+    needs = method.needs
+    tokens = cfg.nsamples * cfg.seqlen
+    shape = {lp.name: lp.shape for lp in linears}
+    dense = 2 * sum(m * n for m, n in shape.values())
+    low = 2 * sum(lp.rank * sum(lp.shape) for lp in linears)
+    attention = 4 * cfg.seqlen * text.hidden_size
+    flops = dict.fromkeys(("forward", "stats", "cholesky", "update", "svd"), 0.0)
+    seconds = {}
+    if needs:  # the dense block on each stream it carries, the compressed one on X'
+        passes = len(method.streams)
+        flops["forward"] = tokens * (passes * (dense + attention))
+        if needs & {"comp", "cross"}:
+            flops["forward"] += tokens * (low + attention)
+    for group in groups:
+        n = shape[group[0]][1]
+        outs = [shape[name][0] for name in group]
+        sums = len(needs & {"orig", "comp"}) * 2 * n * n
+        if "cross" in needs:
+            sums += 4 * sum(outs) * n if cross_as_product(outs, n) else 2 * n * n
+            if not cross_as_product(outs, n):  # W·C from C, per linear
+                flops["update"] += sum(2 * m * n * n for m in outs)
+        flops["stats"] += tokens * sums
+        flops["cholesky"] += n**3 / 3
+    eigh = 0.0
+    for lp in linears:
+        m, n = lp.shape
+        r, k = lp.rank, min(m, n)
+        if cfg.method == "svd":
+            seconds["svd"] = seconds.get("svd", 0.0) + rates["svd_mnk"] * m * n * k
+            continue
+        if cfg.method == "rsvd":
+            q = min(r + RSVD_OVERSAMPLE, m, n)
+            flops["svd"] += 2 * m * n * q * (2 * RSVD_POWER_ITERATIONS + 2)
+            seconds["svd"] = seconds.get("svd", 0.0) + rates["svd_mnk"] * q * q * n
+            continue
+        if cfg.method == "svdllm-a":
+            flops["update"] += 2 * m * n * n  # (1 − λ)·W·L
+            seconds["update"] = seconds.get("update", 0.0) + m * n * n / rates["trsm"]
+        else:  # W·L
+            flops["svd"] += 2 * m * n * n
+        flops["svd"] += 2 * k * k * max(m, n) + 2 * r * m * n  # the Gram; B or A
+        seconds["svd"] = seconds.get("svd", 0.0) + r * n * n / rates["trsm"]
+        eigh += rates["eigh_k3"] * k**3
+        if cfg.method == "svdllm-u":
+            flops["update"] += 2 * r * n * (n + m) + 2 * r * r * n
+    seconds["forward"] = flops["forward"] / rates["forward"]
+    seconds["stats"] = flops["stats"] / rates["gemm64"]
+    seconds["cholesky"] = flops["cholesky"] / rates["cholesky"]
+    seconds["update"] = seconds.get("update", 0.0) + flops["update"] / rates["gemm64"]
+    seconds["svd"] = seconds.get("svd", 0.0) + flops["svd"] / rates["gemm64"] + eigh
+    seconds = {k: v for k, v in seconds.items() if v > 0}
+    seconds["total"] = sum(seconds.values())
+    return seconds
