@@ -328,6 +328,11 @@ class Compressor:
             log.info("resuming at block %d/%d", first + 1, n_blocks)
         block_kwargs = self._embedding_stage()
         bar = tqdm(total=n_blocks, initial=first, desc="Compressing", unit="block", disable=None)
+        if first < n_blocks:
+            planned = self._planned_seconds()
+            log.info("estimated %.0fs per block, %.0fs for the %d left (device micro-benchmark)",
+                     planned, planned * (n_blocks - first), n_blocks - first)  # fmt: skip
+            bar.set_postfix_str(f"plan {planned:.0f}s/block")
         with torch.inference_mode():
             for i in range(first, n_blocks):
                 if not self.journal.done(f"block.{i}"):
@@ -336,6 +341,21 @@ class Compressor:
         bar.close()
         self._write_rest()
         return self._finish(time.perf_counter() - start)
+
+    def _planned_seconds(self) -> float:
+        """The plan's time per block (speed.py) for this device, as --dry-run prints it."""
+        from .plan import LinearPlan, input_groups
+        from .speed import block_seconds, measure_speed
+
+        linears = []
+        for name, layer in linear_layers(self.blocks[0]).items():
+            m, n = layer.out_features, layer.in_features
+            linears.append(LinearPlan(name, (m, n), rank_for(m, n, self.cfg.ratio)))
+        groups = input_groups(self.model, self.blocks[0]) if self.method.needs else []
+        width = max(lp.shape[1] for lp in linears)
+        rates = measure_speed(self.cfg.device, self.dtype, self.cfg.method, width)
+        text = self.config.get_text_config()
+        return block_seconds(self.cfg, text, linears, groups, rates)["total"]
 
     def _resume_point(self) -> int:
         """First block to compute. Every file the journal vouches for is checked against its

@@ -51,6 +51,7 @@ from .model import (
     run_block,
     shared_input_groups,
     to_device,
+    unfill,
 )
 from .stats import CHUNK_VALUES, cross_as_product, release_points, sums_bytes
 
@@ -122,10 +123,13 @@ def input_groups(model, block) -> list[list[str]]:
         for name in before_blocks(model, prefix, list(params))
     }
     fill(model, fakes, "cpu")
-    hidden, kwargs = catch_block_inputs(model, blocks[0], torch.zeros(1, 4, dtype=torch.long))
-    names = list(linear_layers(block))
-    with torch.inference_mode(), capture_inputs(block, names) as seen:
-        run_block(block, hidden.to("meta"), to_device(kwargs, "meta"))
+    try:
+        hidden, kwargs = catch_block_inputs(model, blocks[0], torch.zeros(1, 4, dtype=torch.long))
+        names = list(linear_layers(block))
+        with torch.inference_mode(), capture_inputs(block, names) as seen:
+            run_block(block, hidden.to("meta"), to_device(kwargs, "meta"))
+    finally:
+        unfill(model, list(fakes))
     return shared_input_groups(seen)
 
 
@@ -226,7 +230,7 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
         if on_gpu and not torch.cuda.is_available():
             note = "unavailable: the GPU is not visible here (planned with --device-memory)"
         else:
-            rates = measure_speed(cfg.device, dtype, cfg.method)
+            rates = measure_speed(cfg.device, dtype, cfg.method, max(lp.shape[1] for lp in linears))
             seconds = block_seconds(cfg, text, linears, groups, rates)
             note = f"from a micro-benchmark of {rates['device_name']}"
     plan = Plan(

@@ -31,13 +31,14 @@ def _best_seconds(fn, device: torch.device, repeats: int = 3) -> float:
     return best
 
 
-def measure_speed(device: str, dtype: torch.dtype, method: str) -> dict:
+def measure_speed(device: str, dtype: torch.dtype, method: str, width: int = BENCH_N) -> dict:
     """Rates of this device: flop/s of float64 matrix products, triangular solves and the
     in-place Cholesky, flop/s of the block's forward matmuls in the checkpoint dtype, and
     seconds per k³ of an eigendecomposition (and per m·n·k of an SVD where the method uses
-    one). Seeded inputs; takes a few seconds."""
+    one). Seeded inputs; takes a few seconds. `width`: the model's, which caps the size
+    (a tiny model is timed on its own small shapes, in milliseconds)."""
     dev = torch.device(device)
-    n = BENCH_N
+    n = max(128, min(BENCH_N, width))
     gen = torch.Generator(device=dev).manual_seed(0)
     a = torch.randn(n, n, dtype=torch.float64, device=dev, generator=gen)
     gram = a @ a.mT + n * torch.eye(n, dtype=torch.float64, device=dev)
