@@ -1,13 +1,16 @@
 """Float32 or float64 sums? The relative error of float32-accumulated Grams of real layer
 inputs, and what it does to the whitened truncation's loss, on SmolLM2-135M.
 
-    .venv/bin/python benchmarks/sum_precision.py
+    .venv/bin/python benchmarks/sum_precision.py              # Gram errors (minutes)
+    .venv/bin/python benchmarks/sum_precision.py --p1 0.2 0.4  # + P1 with float32 sums
 
 Inputs of every linear of blocks 0, 14 and 29, on P1's first --nsamples calibration windows
 (WikiText-2 valid, 512 tokens). For each input group: ‖G32 − G64‖/‖G64‖ with G32 summed in
 float32 a micro-batch at a time, as a float32 accumulator would; and, for the group's first
 linear at ratio 0.2, the loss ‖(W − W')X‖² of svdllm-w's truncation whitened with each Gram,
-measured against the float64 Gram, as a ratio to the float64 result. Writes
+measured against the float64 Gram, as a ratio to the float64 result. With --p1: protocol P1
+of the default method with float32 sums (`stats.SUM_DTYPE`, factorised in float64 all the
+same), to set beside quality_p1.py's float64 rows. Writes
 benchmarks/results/sum_precision.json and .md.
 """
 
@@ -33,7 +36,61 @@ BLOCKS = (0, 14, 29)
 NSAMPLES, SEQLEN, BATCH = 16, 512, 4
 
 
+def p1_float32(ratios: list[float]) -> list[dict]:
+    """P1 perplexity of svdllm-a with float32 sums, compressed in this process."""
+    import tempfile
+    import time
+
+    from streamsvd import CompressConfig, compress, stats
+    from streamsvd.calib import eval_windows
+    from streamsvd.evaluate import perplexity
+
+    path = default_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    data = ROOT.parent / "shared/data/wikitext-2"
+    test = tokenize(tok, (data / "test.txt").read_text(encoding="utf-8"), special_tokens=True)
+    windows = eval_windows(test, 512, 128)
+    stats.SUM_DTYPE = torch.float32
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="streamsvd-f32-") as tmp:
+        for ratio in ratios:
+            out = Path(tmp) / f"f32-{ratio}"
+            start = time.perf_counter()
+            compress(
+                CompressConfig(
+                    model=str(path),
+                    out=str(out),
+                    ratio=ratio,
+                    calib=str(data / "valid.txt"),
+                    nsamples=64,
+                    seqlen=512,
+                )
+            )
+            seconds = time.perf_counter() - start
+            rows.append(
+                {
+                    "ratio": ratio,
+                    "sums": "float32",
+                    "compress_seconds": round(seconds, 1),
+                    "perplexity": perplexity(out, windows, progress=False),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)  # fmt: skip
+    stats.SUM_DTYPE = torch.float64
+    return rows
+
+
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--p1", nargs="*", type=float, default=[], metavar="RATIO")
+    args = parser.parse_args()
+    out = ROOT / "benchmarks/results"
+    if args.p1:
+        rows = p1_float32(args.p1)
+        (out / "sum_precision_p1.json").write_text(json.dumps(rows, indent=2))
+        return
     path = default_model_path()
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -82,7 +139,6 @@ def main() -> None:
                 }
             )
             print(json.dumps(rows[-1]), flush=True)  # fmt: skip
-    out = ROOT / "benchmarks/results"
     (out / "sum_precision.json").write_text(json.dumps(rows, indent=2))
     lines = ["# Float32 vs float64 Gram sums (SmolLM2-135M, real inputs)", "",
              "Command: `.venv/bin/python benchmarks/sum_precision.py`", "",

@@ -170,9 +170,15 @@ def measure_baseline(cfg) -> dict[str, int]:
         "seed": cfg.seed,
         "device": cfg.device,
     }
-    result = subprocess.run(
-        [sys.executable, "-c", _PROBE, json.dumps(args)], capture_output=True, text=True
-    )
+    # Run from the filesystem root with this very streamsvd first on the path: a folder
+    # named streamsvd in the caller's working directory must not be imported instead.
+    here = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
+    args["model"] = str(Path(args["model"]).resolve())
+    if args["calib"] and Path(args["calib"]).exists():
+        args["calib"] = str(Path(args["calib"]).resolve())
+    result = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(args)],
+                            capture_output=True, text=True, cwd=os.sep, env=env)  # fmt: skip
     if result.returncode != 0:
         tail = result.stderr.strip().splitlines()[-1:] or ["no output"]
         raise StreamSVDError(f"could not measure the run's fixed memory: {tail[0]}")

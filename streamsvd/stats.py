@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 # over the compressed stream, "cross" C = Σ x x'ᵀ pairing the two streams token by token.
 NEEDS = ("orig", "comp", "cross")
 CHUNK_VALUES = 1 << 22  # float64 values converted at a time while accumulating (32 MiB)
+# The sums' dtype. float64 always; benchmarks/sum_precision.py sets float32 (factorised in
+# float64 all the same) to measure what float32 sums would cost.
+SUM_DTYPE = torch.float64
 CHOLESKY_BLOCK = 1024  # panel width of the in-place blocked Cholesky
 F64 = 8
 
@@ -65,7 +68,7 @@ class InputStats:
                  weights: dict[str, torch.Tensor] | None = None):  # fmt: skip
         outs = {name: w.shape[0] for name, w in (weights or {}).items()}
         shapes = sum_shapes(dim, outs, needs)
-        zeros = lambda s: torch.zeros(s, dtype=torch.float64, device=device)  # noqa: E731
+        zeros = lambda s: torch.zeros(s, dtype=SUM_DTYPE, device=device)  # noqa: E731
         self.dim = dim
         self.G = zeros(shapes["G"]) if "G" in shapes else None  # (n, n)
         self.Gc = zeros(shapes["Gc"]) if "Gc" in shapes else None  # (n, n)
@@ -84,8 +87,8 @@ class InputStats:
         total = (x if x is not None else xc).shape[0]
         step = max(1, CHUNK_VALUES // self.dim)
         for s in range(0, total, step):
-            xs = None if x is None else x[s : s + step].double()  # (t, n)
-            xcs = None if xc is None else xc[s : s + step].double()
+            xs = None if x is None else x[s : s + step].to(SUM_DTYPE)  # (t, n)
+            xcs = None if xc is None else xc[s : s + step].to(SUM_DTYPE)
             if self.G is not None:
                 self.G.addmm_(xs.T, xs)
             if self.Gc is not None:
@@ -96,7 +99,7 @@ class InputStats:
                 W = self._weights[name]
                 rows = max(1, CHUNK_VALUES // self.dim)
                 for r in range(0, W.shape[0], rows):  # W·x a row block at a time
-                    WC[r : r + rows].addmm_(W[r : r + rows].double() @ xs.T, xcs)
+                    WC[r : r + rows].addmm_(W[r : r + rows].to(SUM_DTYPE) @ xs.T, xcs)
         self.tokens += total
 
     def whitener(self, which: str = "comp") -> torch.Tensor:
@@ -106,6 +109,7 @@ class InputStats:
             gram = self.G if which == "orig" else self.Gc
             if gram is None:
                 raise StreamSVDError(f"no {which} Gram was accumulated for this layer")
+            gram = gram.to(torch.float64)  # a copy only where the sums are not float64
             self._factors[which] = damped_cholesky_(gram, "G" if which == "orig" else "G'")
         return self._factors[which]
 
@@ -115,11 +119,12 @@ class InputStats:
         if self.WC:
             if name not in self.WC:
                 raise StreamSVDError(f"no W·C sum kept for linear {name!r}")
-            return self.WC.pop(name)
+            return self.WC.pop(name).to(torch.float64)
         out = torch.empty(W.shape, dtype=torch.float64, device=self.C.device)
         rows = max(1, CHUNK_VALUES // self.dim)
+        C = self.C.to(torch.float64)
         for r in range(0, W.shape[0], rows):
-            torch.mm(W[r : r + rows].to(torch.float64), self.C, out=out[r : r + rows])
+            torch.mm(W[r : r + rows].to(torch.float64), C, out=out[r : r + rows])
         return out
 
     def for_linear(self, name: str) -> LinearStats:

@@ -257,3 +257,18 @@ def test_a_70b_block_fits_in_20_gib_of_host_and_24_gib_of_gpu_by_the_plan(tmp_pa
     assert gpu.checks[1]["what"] == "device memory (--device-memory)"
     # the sums are the bulk: down_proj's G' (28672²) and W·C (8192×28672) in float64
     assert cpu.host_phases["statistics"] > (28672**2 + 8192 * 28672) * 8
+
+
+def test_out_of_memory_names_the_phase(tiny_synth, tmp_path):
+    """A device OOM inside a phase becomes a message that names it and says what to do
+    (on a GPU run it also gives the plan's figure for that phase)."""
+    from streamsvd.errors import StreamSVDError
+    from streamsvd.pipeline import Compressor
+
+    cfg = CompressConfig(model=str(tiny_synth), out=str(tmp_path / "out"), nsamples=2,
+                         seqlen=16, calib=None)  # fmt: skip
+    compressor = Compressor(cfg)
+    with pytest.raises(StreamSVDError, match="factorise phase.*--batch-size.*resumes"):
+        with compressor._phase("factorise"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.00 GiB")
+    assert "factorise" not in compressor.phase_peaks  # a failed phase records no peak
