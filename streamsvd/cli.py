@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .errors import StreamSVDError
+from .errors import EXIT_INTERRUPTED, EXIT_RESOURCES, StreamSVDError
 from .factorize import METHODS
 from .memory import return_freed_memory
 from .pipeline import DEFAULT_METHOD
@@ -26,6 +26,15 @@ examples:
   streamsvd generate --model ./llama13b-svd --prompt "The capital of France is"
   streamsvd export-dense --model ./llama13b-svd --out ./llama13b-svd-dense
   streamsvd status --workdir ./llama13b-svd.work   # where an interrupted run stands
+
+exit codes:
+  0    success
+  2    bad input: arguments, checkpoint, calibration text, a changed setting on resume
+  3    not enough resources: memory, disk or device (a --dry-run plan that says NOT
+       ENOUGH included), a full disk, device out of memory, or the run directory in use
+       by another run
+  4    I/O failure: a read or write failed; finished blocks are kept, rerun to resume
+  130  interrupted; rerun the same command to resume
 """
 
 
@@ -216,7 +225,7 @@ def cmd_compress(args) -> dict:
         print(format_plan(plan))
         if args.summary_json:
             Path(args.summary_json).write_text(json.dumps(plan.to_dict(), indent=2))
-        return plan.to_dict()
+        return {**plan.to_dict(), "ok": plan.ok}
     summary = compress(cfg)
     print(format_summary(summary))
     if args.summary_json:
@@ -317,6 +326,9 @@ def cmd_status(args) -> dict:
     ]
     for key, value in s["settings"].items():
         lines.append(f"  {key:<18} {json.dumps(value) if isinstance(value, dict) else value}")
+    live = s["running"]
+    running = f"yes, pid {live['pid']} since {live['since']}" if live else "no"
+    lines.insert(1, f"  {'running now':<18} {running}")
     error = s["last_error"]
     last = f"{error['time']}: {error['error']}" if error else "none"
     lines.append(f"  {'last error':<18} {last}")
@@ -393,13 +405,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     return_freed_memory()  # peak RSS = what is alive (see memory.py)
     try:
-        COMMANDS[args.command](args)
+        result = COMMANDS[args.command](args)
+        if args.command == "compress" and args.dry_run and not result["ok"]:
+            return EXIT_RESOURCES  # the plan says NOT ENOUGH
     except StreamSVDError as exc:
         print(f"streamsvd: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print("streamsvd: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     return 0
 
 

@@ -1,5 +1,29 @@
-"""The one exception type the CLI turns into a clean message and a non-zero exit."""
+"""The exceptions the CLI turns into a one-line message and an exit code a script can use:
+
+0    success
+2    bad input (arguments, checkpoint, calibration text, settings of a run to resume)
+3    not enough resources: memory, disk or device by the plan (`--dry-run` included),
+     a full disk, device out of memory, or the run directory in use by another run
+4    I/O failure (a read or write failed); finished blocks are kept, rerun to resume
+130  interrupted (Ctrl-C); rerun the same command to resume
+"""
+
+EXIT_BAD_INPUT, EXIT_RESOURCES, EXIT_IO, EXIT_INTERRUPTED = 2, 3, 4, 130
 
 
 class StreamSVDError(Exception):
     """Bad input or environment: the message says what is wrong and what to do."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class NotEnoughResources(StreamSVDError):
+    """Memory, disk or device are short, or another run holds the run directory."""
+
+    exit_code = EXIT_RESOURCES
+
+
+class RunIOError(StreamSVDError):
+    """A read or write failed for a reason other than space."""
+
+    exit_code = EXIT_IO

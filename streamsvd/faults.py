@@ -6,7 +6,9 @@
 OSError(ENOSPC) while block 1's output shard is written. Blocks count from 0; a point
 outside the blocks (`rest`, `finish`) takes no block. Actions: `kill` (SIGKILL, the
 default: no handler, no cleanup, as when the OOM killer or a scheduler ends a job),
-`enospc` (disk full) and `eio` (I/O error). Unset, a check is one dictionary lookup.
+`enospc` (disk full), `eio` (I/O error) and `pause` (create the file named by
+STREAMSVD_FAULT_MARKER, then wait until it is deleted: holds a run still for a test of what
+happens beside it). Unset, a check is one dictionary lookup.
 
 Points, in the order a block meets them:
   inputs            block 0's input activations half written (before any block)
@@ -26,6 +28,8 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
+from pathlib import Path
 
 from .errors import StreamSVDError
 
@@ -42,7 +46,7 @@ POINTS = (
     "rest",
     "finish",
 )
-ACTIONS = ("kill", "enospc", "eio")
+ACTIONS = ("kill", "enospc", "eio", "pause")
 
 
 def parse(spec: str) -> tuple[str, int | None, str]:
@@ -71,5 +75,11 @@ def point(name: str, block: int | None = None) -> None:
         return
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if action == "pause":
+        marker = Path(os.environ[ENV + "_MARKER"])
+        marker.touch()
+        while marker.exists():
+            time.sleep(0.05)
+        return
     code = errno.ENOSPC if action == "enospc" else errno.EIO
     raise OSError(code, f"{os.strerror(code)} (injected by {ENV}={spec})")

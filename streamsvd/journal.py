@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from .checkpoint import atomic_write_bytes
-from .errors import StreamSVDError
+from .errors import NotEnoughResources, StreamSVDError
 
 MANIFEST = "manifest.json"
 JOURNAL = "journal.json"
@@ -76,6 +76,77 @@ class Journal:
         if self.durable:
             data = json.dumps({"stages": self.stages}, indent=2).encode()
             atomic_write_bytes(self.workdir / JOURNAL, data)
+
+
+class RunLock:
+    """One run per run directory: an exclusive advisory lock (flock) on `<run dir>.lock`,
+    held from before the run directory is touched until the run ends. The kernel releases
+    it when the process dies, so a killed run never leaves a stale lock; the file itself
+    may stay behind, harmless, and is taken over by the next run."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.path = lock_path(self.run_dir)
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): one run at a time is then up to you
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            holder = lock_holder(self.run_dir) or {}
+            who = f"pid {holder['pid']}, started {holder['since']}" if holder else "another"
+            raise NotEnoughResources(
+                f"another streamsvd run ({who}) is using {self.run_dir}; wait for it to "
+                "finish (streamsvd status --workdir shows it), or choose another --out or "
+                "--workdir"
+            ) from None
+        os.ftruncate(fd, 0)
+        info = {"pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.write(fd, json.dumps(info).encode())
+        self._fd = fd
+        return self
+
+    def release(self, remove: bool = False) -> None:
+        if self._fd is not None:
+            if remove:
+                self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
+
+
+def lock_path(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    return run_dir.with_name(run_dir.name + ".lock")
+
+
+def lock_holder(run_dir: Path) -> dict | None:
+    """{pid, since} of the live run holding `run_dir`'s lock, or None if none does."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    path = lock_path(run_dir)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:  # held: a run is live
+        try:
+            return json.loads(path.read_text() or "{}") or {"pid": "?", "since": "?"}
+        except ValueError:
+            return {"pid": "?", "since": "?"}
+    finally:
+        os.close(fd)
+    return None
 
 
 def _read_json(path: Path, default=None):
@@ -147,6 +218,7 @@ def run_status(workdir: Path) -> dict:
         "rest_done": "rest" in stages,
         "disk_used_bytes": disk_used(workdir),
         "last_error": _read_json(workdir / LAST_ERROR),
+        "running": lock_holder(workdir),
     }
 
 

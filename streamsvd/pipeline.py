@@ -13,6 +13,7 @@ import os
 import shutil
 import threading
 import time
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +36,9 @@ from .checkpoint import (
     shard_shapes,
     write_index,
 )
-from .errors import StreamSVDError
+from .errors import NotEnoughResources, RunIOError, StreamSVDError
 from .factorize import METHODS, rank_for
-from .journal import JOURNAL, Journal, read_manifest, record_error
+from .journal import JOURNAL, Journal, RunLock, read_manifest, record_error
 from .lowrank import SECTION, LowRankLinear, export_dense, replace_module
 from .memory import peak_rss_bytes, phase_peak_bytes, reset_peak
 from .model import (
@@ -178,9 +179,14 @@ class Compressor:
         self.disk = disk_bytes(cfg, self.reader, self.prefix, self.blocks, hidden,
                                len(self.streams))  # fmt: skip
         self._check_disk()
-        self.journal = Journal(
-            cfg.run_dir, self._manifest(calibration), restart=cfg.restart, durable=self.durable
-        )
+        self.lock = RunLock(cfg.run_dir).acquire()
+        weakref.finalize(self, self.lock.release)
+        try:
+            self.journal = Journal(cfg.run_dir, self._manifest(calibration),
+                                   restart=cfg.restart, durable=self.durable)  # fmt: skip
+        except BaseException:
+            self.lock.release()
+            raise
         self.shards = cfg.run_dir / "shards"
         self.shards.mkdir(exist_ok=True)
         self.store = None
@@ -250,7 +256,7 @@ class Compressor:
         for where, need, what in disk_needs(self.cfg, self.disk):
             free = shutil.disk_usage(where).free
             if need > free:
-                raise StreamSVDError(
+                raise NotEnoughResources(
                     f"not enough disk space for the {what} files: this run still needs about "
                     f"{size_text(need)} on the filesystem of {where} ({parts} in all), and "
                     f"{size_text(free)} is free there; free some space, or choose a --workdir "
@@ -271,12 +277,12 @@ class Compressor:
             )
             free = shutil.disk_usage(where).free
             inodes = " (so it may be out of inodes: see df -i)" if free > need else ""
-            return StreamSVDError(
+            return NotEnoughResources(
                 f"no space left on device writing {path}: the run still needs about "
                 f"{size_text(need)} on that filesystem and {size_text(free)} is free{inodes}. "
                 f"{kept}: free some space and run the same command again to resume"
             )
-        return StreamSVDError(
+        return RunIOError(
             f"I/O error on {path}: {exc.strerror or exc}. {kept}: fix the cause and run the "
             "same command again to resume"
         )
@@ -314,6 +320,7 @@ class Compressor:
             raise
         finally:
             torch.set_num_threads(threads)
+            self.lock.release(remove=not self.cfg.run_dir.exists())  # gone: the run finished
 
     def _run(self) -> dict:
         start = time.perf_counter()
@@ -557,9 +564,9 @@ class Compressor:
         except torch.OutOfMemoryError as exc:
             from .plan import make_plan, size_text
 
-            planned = make_plan(self.cfg, fixed={"peak": 0, "after": 0}).device_phases
-            need = planned.get(phase)
-            raise StreamSVDError(
+            planned = make_plan(self.cfg, fixed={"peak": 0, "after": 0}, timing=False)
+            need = planned.device_phases.get(phase)
+            raise NotEnoughResources(
                 f"{self.device} ran out of memory in the {phase} phase "
                 + (f"(the plan puts its peak at {size_text(need)}) " if need else "")
                 + "; lower --batch-size, free the GPU of other processes, or run on a device "

@@ -253,3 +253,25 @@ def test_unknown_method_is_an_argparse_error(model_dir, tmp_path):
     check_refused(["compress", "--model", str(model_dir), "--out", str(out),
                    "--method", "magic", *SMALL], out,
                   "invalid choice: 'magic'", code=2)  # fmt: skip
+
+
+def test_a_plan_that_says_not_enough_exits_3(model_dir, small_calib_text, tmp_path, monkeypatch):
+    """--dry-run is a check a script can act on: NOT ENOUGH is exit code 3 (resources)."""
+    from streamsvd import plan as plan_module
+
+    monkeypatch.setattr(plan_module, "host_memory_available", lambda: (1 << 20, "test limit"))
+    out = tmp_path / "out"
+    code, stdout, stderr = run(["compress", "--model", str(model_dir), "--out", str(out),
+                                "--calib", str(small_calib_text), "--nsamples", "4",
+                                "--seqlen", "32", "--dry-run"])  # fmt: skip
+    assert code == 3, stderr
+    assert "host memory (test limit)" in stdout and "NOT ENOUGH" in stdout
+    assert not out.exists()
+
+
+def test_help_lists_the_exit_codes():
+    code, stdout, _ = run(["--help"])
+    assert code == 0
+    for line in ("2    bad input", "3    not enough resources", "4    I/O failure",
+                 "130  interrupted"):  # fmt: skip
+        assert line in stdout

@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -85,9 +86,11 @@ def output_hashes(out: Path) -> dict:
     return hashes
 
 
-def run_cli(model: Path, calib: Path, out: Path, method: str, fault: str | None = None):
-    """`streamsvd compress` in a subprocess, optionally with a fault injected."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+def run_cli(model: Path, calib: Path, out: Path, method: str, fault: str | None = None,
+            wait: bool = True, **env_more):  # fmt: skip
+    """`streamsvd compress` in a subprocess, optionally with a fault injected; wait=False
+    returns the running Popen."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **env_more}
     env.pop("STREAMSVD_FAULT", None)
     if fault:
         env["STREAMSVD_FAULT"] = fault
@@ -95,6 +98,9 @@ def run_cli(model: Path, calib: Path, out: Path, method: str, fault: str | None 
             "--out", str(out), "--method", method, "--calib", str(calib)]  # fmt: skip
     for key, value in SETTINGS.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
+    if not wait:
+        return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)  # fmt: skip
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -207,12 +213,12 @@ def test_disk_full_then_resume(setup, tmp_path, capsys):
     model, calib, reference = setup
     out, work = tmp_path / "out", tmp_path / "out.work"
     result = run_cli(model, calib, out, "svdllm-a", "activations:1:enospc")
-    assert result.returncode == 2
+    assert result.returncode == 3  # not enough resources
     assert f"no space left on device writing {work / 'activations'}" in result.stderr
     assert "still needs about" in result.stderr and "Traceback" not in result.stderr
     assert sorted(journal(out)) == ["block.0", "inputs"]
     result = run_cli(model, calib, out, "svdllm-a", "shard-write:1:enospc")
-    assert result.returncode == 2
+    assert result.returncode == 3
     assert f"writing {work / 'shards' / 'block-00001.safetensors'}" in result.stderr
     assert sorted(journal(out)) == ["block.0", "inputs"]
     assert sorted(p.name for p in (work / "shards").iterdir()) == ["block-00000.safetensors"]
@@ -302,3 +308,32 @@ def test_save_shard_turns_a_full_disk_into_oserror(tmp_path, monkeypatch):
         save_shard({"w": torch.zeros(3)}, path)
     assert info.value.errno == 28 and info.value.filename == f"{path}.tmp"
     assert list(tmp_path.iterdir()) == []  # no half-written file left behind
+
+
+def test_a_second_run_on_the_same_work_refuses_while_the_first_finishes(setup, tmp_path):
+    """Two processes: the first holds the run directory's lock (paused between blocks 1 and
+    2); a second `compress` of the same command refuses at once, naming the first, and
+    `status` shows the run live; the first then finishes with the bytes of a lone run."""
+    model, calib, reference = setup
+    out, marker = tmp_path / "out", tmp_path / "paused"
+    first = run_cli(model, calib, out, "svdllm-a", "between:1:pause", wait=False,
+                    STREAMSVD_FAULT_MARKER=str(marker))  # fmt: skip
+    try:
+        for _ in range(1200):
+            if marker.exists() or first.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert marker.exists(), first.communicate()[1][-3000:]
+        second = run_cli(model, calib, out, "svdllm-a")
+        assert second.returncode == 3  # not enough resources: the run directory is busy
+        assert f"another streamsvd run (pid {first.pid}" in second.stderr
+        assert "Traceback" not in second.stderr
+        status = subprocess.run([sys.executable, "-m", "streamsvd.cli", "status", "--workdir",
+                                 f"{out}.work"], capture_output=True, text=True)  # fmt: skip
+        assert f"running now        yes, pid {first.pid}" in status.stdout, status.stdout
+    finally:
+        marker.unlink(missing_ok=True)
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-3000:]
+    assert output_hashes(out) == reference("svdllm-a")
+    assert not Path(f"{out}.work.lock").exists()  # a finished run takes its lock file along
