@@ -142,6 +142,7 @@ def measure(spec: str, args) -> dict:
     subprocess.run(["rm", "-rf", str(out)], check=True)
     row = {
         "run": spec,
+        "command": " ".join([".venv/bin/python", "benchmarks/scale.py", *sys.argv[1:]]),
         "wall_seconds": round(wall, 1),
         "peak_rss": run["peak_rss_mb"] * 2**20,
         "planned_peak": plan["host_peak_bytes"],
@@ -262,17 +263,20 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--base", default=BASE, help="commit whose plan is 'before'")
-    p.add_argument("--skip-plans", action="store_true", help="reuse the plans in scale.json")
+    p.add_argument("--skip-plans", action="store_true",
+                   help="reuse the plans and the other runs in scale.json (a run measured "
+                   "again replaces its row)")  # fmt: skip
     args = p.parse_args()
     RESULTS.mkdir(exist_ok=True)
     RUNS.mkdir(exist_ok=True)
     path = RESULTS / "scale.json"
+    earlier = json.loads(path.read_text()) if args.skip_plans else {}
     result = {
         "command": " ".join([".venv/bin/python", "benchmarks/scale.py", *sys.argv[1:]]),
         "calibration": f"{args.nsamples}×{args.seqlen} tokens of WikiText-2 valid, batch "
                        f"{args.batch_size}, bf16, ratio 0.2",
-        "plans": json.loads(path.read_text())["plans"] if args.skip_plans else plans(args.base),
-        "runs": [],
+        "plans": earlier["plans"] if args.skip_plans else plans(args.base),
+        "runs": [r for r in earlier.get("runs", []) if r["run"] not in args.measure],
     }  # fmt: skip
     for spec in args.measure:
         result["runs"].append(measure(spec, args))

@@ -55,10 +55,34 @@ def load_text(source: str | None) -> tuple[str, str]:
         return stdlib_docstrings(), f"{DEFAULT_SOURCE} (docstrings of the Python standard library)"
     path = Path(source).expanduser()
     if path.is_file():
-        return path.read_text(encoding="utf-8", errors="replace"), str(path)
+        return read_text_file(path), str(path)
     if path.exists() or not _looks_like_dataset(source):
         raise StreamSVDError(f"calibration text {source}: no such file")
     return _hub_dataset_text(source), f"hub dataset {source}"
+
+
+PRINTABLE_SHARE = 0.95  # of a text's characters, at least: letters, digits, punctuation, space
+
+
+def read_text_file(path: Path) -> str:
+    """A UTF-8 text file's contents; a binary or otherwise non-text file is refused with
+    what is wrong (a binary tokenises to nonsense, and compression runs on it all the same)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise StreamSVDError(
+            f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            "give a plain text file, or convert it with iconv"
+        ) from None
+    sample = text[:1_000_000]
+    printable = sum(c.isprintable() or c.isspace() for c in sample)
+    if sample and printable < PRINTABLE_SHARE * len(sample):
+        raise StreamSVDError(
+            f"{path} does not look like text: only {printable / len(sample):.0%} of its "
+            "characters are printable; give a plain text file"
+        )
+    return text
 
 
 def _looks_like_dataset(source: str) -> bool:

@@ -37,8 +37,8 @@ class CheckpointReader(Mapping):
         if index.exists():
             self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
         elif (self.path / SINGLE_NAME).exists():
-            with safe_open(self.path / SINGLE_NAME, "pt") as f:
-                self.weight_map = {key: SINGLE_NAME for key in f.keys()}
+            header = check_shard(self.path / SINGLE_NAME)
+            self.weight_map = {key: SINGLE_NAME for key in header}
         else:
             raise StreamSVDError(
                 f"{self.path} holds no {INDEX_NAME} or {SINGLE_NAME}: streamsvd reads "
@@ -48,6 +48,13 @@ class CheckpointReader(Mapping):
             if not (self.path / shard).exists():
                 raise StreamSVDError(
                     f"shard {shard} named in the index is missing from {self.path}"
+                )
+            header = check_shard(self.path / shard)
+            missing = [n for n, s in self.weight_map.items() if s == shard and n not in header]
+            if missing:
+                raise StreamSVDError(
+                    f"shard {self.path / shard} lacks {len(missing)} tensor(s) its index puts "
+                    f"there, e.g. {missing[0]}: the checkpoint is incomplete or mixed up"
                 )
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -128,19 +135,54 @@ class CheckpointReader(Mapping):
         return {"index_sha256": index_hash, "shards": shards}
 
 
+def check_shard(path: Path) -> dict[str, dict]:
+    """A safetensors file's header (name -> dtype, shape, offsets), checked against the
+    file: it parses, and the file holds exactly the bytes the header describes. A truncated
+    or corrupt file is named with what is wrong, before any work starts."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise StreamSVDError(f"{path} is truncated ({size} bytes): not a safetensors file")
+        (length,) = struct.unpack("<Q", prefix)
+        if 8 + length > size:
+            raise StreamSVDError(
+                f"{path} is truncated or corrupt: its header claims {length:,} bytes, the file "
+                f"has {size:,}"
+            )
+        try:
+            header = json.loads(f.read(length))
+            header.pop("__metadata__", None)
+            end = max((info["data_offsets"][1] for info in header.values()), default=0)
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            raise StreamSVDError(f"{path} has a corrupt safetensors header: {exc}") from exc
+    if size != 8 + length + end:
+        what = "truncated" if size < 8 + length + end else "longer than its header says"
+        raise StreamSVDError(
+            f"{path} is {what}: its header describes {8 + length + end:,} bytes, the file "
+            f"has {size:,}; copy or download it again"
+        )
+    return header
+
+
 def shard_shapes(path: Path) -> dict[str, list[int]]:
     """Tensor name -> shape for one safetensors file, from its header alone."""
     with safe_open(path, "pt") as f:
         return {name: f.get_slice(name).get_shape() for name in f.keys()}
 
 
-def page_in(tensors) -> None:
-    """Fault in every page of tensors read from shards (they are memory-mapped), so that
-    reading them from disk happens, and is timed, now rather than at their first use.
-    Touches one value per 4 KiB page; holds nothing more than the pages themselves."""
-    for tensor in tensors:
-        if tensor.numel() and tensor.device.type == "cpu":
-            tensor.reshape(-1)[:: max(1, 4096 // tensor.element_size())].sum()
+def check_finite(tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """Refuse NaN or inf weights, naming the tensor: compressed, they would turn every
+    statistic and factor of the block into NaN. One float32 sum per tensor (no copy); only a
+    non-finite sum is looked at more closely."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t.sum(dtype=torch.float32)):
+            bad = sum(int((~torch.isfinite(rows)).sum()) for rows in t.reshape(-1).split(1 << 22))
+            if bad:
+                raise StreamSVDError(
+                    f"{name} in {where} holds {bad:,} NaN or inf value(s): the checkpoint is "
+                    "damaged (or was saved after a diverged training step); fix it first"
+                )
 
 
 def data_ranges(path: Path) -> dict[str, tuple[int, int]]:

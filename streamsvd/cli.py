@@ -115,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="where blocks run (default: cuda when available)",
     )
     c.add_argument(
+        "--compute-dtype",
+        choices=["auto", "checkpoint", "float32"],
+        default="auto",
+        help="dtype the blocks and activations run in; the output keeps the checkpoint's. "
+        "auto (default): float32 for float16 checkpoints, whose activations can overflow "
+        "float16's range (65504), else the checkpoint's own",
+    )
+    c.add_argument(
         "--workdir",
         help="run directory for activations, shards and the journal "
         "(default: OUT.work); deleted when the run finishes",
@@ -216,6 +224,7 @@ def cmd_compress(args) -> dict:
         workdir=args.workdir,
         dense=args.dense,
         restart=args.restart,
+        compute_dtype=args.compute_dtype,
     )
     if args.dry_run:
         from .plan import format_plan, make_plan
@@ -245,6 +254,8 @@ def format_summary(s: dict) -> str:
         + (f", peak CUDA {s['peak_cuda_mb']:,.0f} MiB" if "peak_cuda_mb" in s else ""),
         "  time by stage " + ", ".join(f"{k} {v:.1f}s" for k, v in s["stage_seconds"].items()),
     ]
+    if s.get("compute_dtype", s.get("dtype")) != s.get("dtype"):
+        lines.insert(1, f"  blocks ran in {s['compute_dtype']}; the output is {s['dtype']}")
     if "other_seconds" in s:
         from .pipeline import WORK_STAGES
 
@@ -265,11 +276,11 @@ def format_summary(s: dict) -> str:
 def _eval_windows(model: str, data: str | None, seqlen: int, windows: int):
     from transformers import AutoTokenizer
 
-    from .calib import eval_windows, python_help_topics, tokenize
+    from .calib import eval_windows, python_help_topics, read_text_file, tokenize
 
     if data is not None and not Path(data).is_file():
         raise StreamSVDError(f"evaluation text {data}: no such file")
-    text = Path(data).read_text(encoding="utf-8") if data else python_help_topics()
+    text = read_text_file(Path(data)) if data else python_help_topics()
     tokenizer = AutoTokenizer.from_pretrained(model)
     return eval_windows(tokenize(tokenizer, text, special_tokens=True), seqlen, windows)
 

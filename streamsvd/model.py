@@ -24,7 +24,20 @@ def load_config(path: str | os.PathLike) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as exc:
-        raise StreamSVDError(f"{path} has no usable config.json: {exc}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StreamSVDError(f"{path} has no usable config.json: {first}") from exc
+
+
+COMPUTE_DTYPES = ("auto", "checkpoint", "float32")
+
+
+def compute_dtype(setting: str, checkpoint: torch.dtype) -> torch.dtype:
+    """The dtype blocks run in. float16 activations overflow (65504) in some real models,
+    and likelier in a compressed stream, so "auto" runs float16 checkpoints in float32;
+    bfloat16 has float32's range and runs as it is."""
+    if setting == "float32" or (setting == "auto" and checkpoint == torch.float16):
+        return torch.float32
+    return checkpoint
 
 
 def build_skeleton(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:

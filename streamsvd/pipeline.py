@@ -27,10 +27,10 @@ from .calib import calibration_windows, load_text, text_sha256, tokenize
 from .checkpoint import (
     CheckpointReader,
     atomic_write_bytes,
+    check_finite,
     copy_side_files,
     file_sha256,
     fsync_path,
-    page_in,
     save_shard,
     shard_name,
     shard_shapes,
@@ -42,10 +42,12 @@ from .journal import JOURNAL, Journal, RunLock, read_manifest, record_error
 from .lowrank import SECTION, LowRankLinear, export_dense, replace_module
 from .memory import peak_rss_bytes, phase_peak_bytes, reset_peak
 from .model import (
+    COMPUTE_DTYPES,
     before_blocks,
     build_skeleton,
     capture_inputs,
     catch_block_inputs,
+    compute_dtype,
     empty,
     fill,
     find_blocks,
@@ -58,6 +60,7 @@ from .model import (
     unfill,
 )
 from .plan import disk_bytes, disk_needs, existing, size_text
+from .preflight import check_locations, check_shapes
 from .stats import InputStats, release_points
 
 log = logging.getLogger(__name__)
@@ -85,6 +88,7 @@ class CompressConfig:
     journal: bool = True
     # Read the next block's tensors into the page cache while this one computes.
     prefetch: bool = True
+    compute_dtype: str = "auto"  # model.COMPUTE_DTYPES; the output keeps the checkpoint's
 
     def __post_init__(self):
         if not 0 < self.ratio < 1:
@@ -94,6 +98,10 @@ class CompressConfig:
         for name in ("nsamples", "seqlen", "batch_size"):
             if getattr(self, name) < 1:
                 raise StreamSVDError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise StreamSVDError(
+                f"compute dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}"
+            )
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise StreamSVDError(f"device must be cpu or cuda, got {self.device!r}")
 
@@ -168,8 +176,11 @@ class Compressor:
         self.device = torch.device(cfg.device)
         self.reader = CheckpointReader(cfg.model)
         self.config = load_config(cfg.model)
-        self.dtype = self.reader.dtype()
-        self.model = build_skeleton(self.config, self.dtype)
+        self.dtype = self.reader.dtype()  # the output's
+        self.compute = compute_dtype(cfg.compute_dtype, self.dtype)  # the blocks' and streams'
+        self.model = build_skeleton(self.config, self.compute)
+        check_shapes(self.model, self.reader.shapes(), cfg.model)
+        check_locations(cfg.model, cfg.out, cfg.run_dir)
         self.prefix, self.blocks = find_blocks(self.model)
         self.method = METHODS[cfg.method]
         self.streams = self.method.streams
@@ -191,8 +202,8 @@ class Compressor:
         self.shards.mkdir(exist_ok=True)
         self.store = None
         if self.streams:
-            self.store = ActivationStore(cfg.run_dir / "activations", cfg.nsamples,
-                                         cfg.seqlen, hidden, self.dtype, self.durable)  # fmt: skip
+            self.store = ActivationStore(cfg.run_dir / "activations", cfg.nsamples, cfg.seqlen,
+                                         hidden, self.compute, self.durable)  # fmt: skip
 
     # -- setup -------------------------------------------------------------------------
     def _calibration(self) -> tuple[torch.Tensor | None, dict]:
@@ -232,6 +243,7 @@ class Compressor:
             "rank_policy": "floor((1 - ratio) * m * n / (m + n)) for every block linear",
             "calibration": calibration,
             "dtype": str(self.dtype),
+            "compute_dtype": str(self.compute),
             "batch_size": cfg.batch_size,
             "device_type": self.device.type,
             "cpu_threads": self.threads,
@@ -360,7 +372,7 @@ class Compressor:
             linears.append(LinearPlan(name, (m, n), rank_for(m, n, self.cfg.ratio)))
         groups = input_groups(self.model, self.blocks[0]) if self.method.needs else []
         width = max(lp.shape[1] for lp in linears)
-        rates = measure_speed(self.cfg.device, self.dtype, self.cfg.method, width)
+        rates = measure_speed(self.cfg.device, self.compute, self.cfg.method, width)
         text = self.config.get_text_config()
         return block_seconds(self.cfg, text, linears, groups, rates)["total"]
 
@@ -443,7 +455,10 @@ class Compressor:
         learned position embeddings, ...), record block 0's inputs for every stream, return
         the keyword arguments every block is called with (position embeddings, mask)."""
         before = before_blocks(self.model, self.prefix, list(self.reader))
-        fill(self.model, self.reader.tensors(before), "cpu")
+        tensors = self.reader.tensors(before)
+        check_finite(tensors, self.reader.path)
+        fill(self.model, tensors, "cpu")
+        del tensors
         first = self.blocks[0]
         with torch.inference_mode():
             _, kwargs = catch_block_inputs(
@@ -482,7 +497,7 @@ class Compressor:
         with self.timer("load"):
             names = self.reader.under(block_prefix)
             original = self.reader.tensors(names)
-            page_in(original.values())
+            check_finite(original, self.reader.path)  # reads every page in, too
             fill(block, {n[len(block_prefix) + 1 :]: t for n, t in original.items()}, self.device)
         if self.cfg.prefetch and i + 1 < len(self.blocks):
             names = self.reader.under(f"{self.prefix}.{i + 1}")
@@ -506,19 +521,20 @@ class Compressor:
                 stats = group.for_linear(name) if group is not None else None
                 A, B = self.method.factorize(linear.weight, stats, rank, self.timer)
                 faults.point("svd", i)
-                new = LowRankLinear.from_factors(A, B, linear.bias, self.dtype)
+                new = LowRankLinear.from_factors(A, B, linear.bias, self.dtype)  # as written
                 del A, B, stats
                 if release.get(name) is not None:  # the group's last linear: free its sums
                     for member in release[name]:
                         groups.pop(member, None)
                     group = None
-                replace_module(block, name, new)
                 full = f"{block_prefix}.{name}"
                 ranks[full] = rank
-                out_tensors[f"{full}.down.weight"] = new.down.weight.cpu()
-                out_tensors[f"{full}.up.weight"] = new.up.weight.cpu()
+                out_tensors[f"{full}.down.weight"] = new.down.weight.detach().cpu()
+                out_tensors[f"{full}.up.weight"] = new.up.weight.detach().cpu()
                 if linear.bias is not None:
                     out_tensors[f"{full}.up.bias"] = original[f"{full}.bias"]
+                # the block runs the values written, in the compute dtype (.to is in place)
+                replace_module(block, name, new.to(self.compute))
         for name, tensor in original.items():  # norms and the like: bit for bit
             if name.rsplit(".", 1)[0][len(block_prefix) + 1 :] not in linears:
                 out_tensors[name] = tensor
@@ -633,7 +649,7 @@ class Compressor:
         with self.timer("activations"):
             self.store.write(stream, slot, start, values)
             if self.durable:
-                tensor_digest(digest, values, self.dtype)
+                tensor_digest(digest, values, self.compute)
 
     def _write_rest(self) -> None:
         """Embedding, final norm, LM head: copied through unchanged in a shard of their own."""
@@ -711,6 +727,8 @@ class Compressor:
             "stage_seconds": {k: round(v, 2) for k, v in sorted(self.timer.seconds.items())},
             "other_seconds": round(max(0.0, seconds - sum(self.timer.seconds.values())), 2),
             "peak_rss_mb": round(peak_rss_mb(), 1),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "compute_dtype": str(self.compute).removeprefix("torch."),
             "phase_peaks": self.phase_peaks,
             "block_seconds": self.block_seconds,
         }

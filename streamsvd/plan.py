@@ -44,6 +44,7 @@ from .model import (
     build_skeleton,
     capture_inputs,
     catch_block_inputs,
+    compute_dtype,
     fill,
     find_blocks,
     linear_layers,
@@ -53,6 +54,7 @@ from .model import (
     to_device,
     unfill,
 )
+from .preflight import check_locations, check_shapes
 from .stats import CHUNK_VALUES, cross_as_product, release_points, sums_bytes
 
 F64 = 8
@@ -194,11 +196,14 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
     reader = CheckpointReader(cfg.model)
     config = load_config(cfg.model)
     dtype = reader.dtype()
-    item = dtype.itemsize
-    model = build_skeleton(config, dtype)
+    item = dtype.itemsize  # on disk
+    compute = compute_dtype(cfg.compute_dtype, dtype)
+    model = build_skeleton(config, compute)
     prefix, blocks = find_blocks(model)
     method = METHODS[cfg.method]
     shapes = {name: tuple(shape) for name, shape in reader.shapes().items()}
+    check_shapes(model, shapes, cfg.model)
+    check_locations(cfg.model, cfg.out, Path(cfg.run_dir))
     text = config.get_text_config()
 
     linears = []
@@ -212,11 +217,12 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
     linear_before = len(blocks) * sum(math.prod(lp.shape) for lp in linears)
     linear_after = len(blocks) * sum(lp.rank * sum(lp.shape) for lp in linears)
     after = before - linear_before + linear_after
-    block_bytes = sum(math.prod(shapes[n]) for n in shapes if _in_block(n, prefix, 0)) * item
+    block_bytes = sum(math.prod(shapes[n]) for n in shapes if _in_block(n, prefix, 0))
+    block_bytes *= compute.itemsize
     rest_bytes = sum(math.prod(s) for n, s in shapes.items() if not n.startswith(prefix + "."))
     rest_bytes *= item
     streams = method.streams
-    per_stream = 2 * cfg.nsamples * cfg.seqlen * text.hidden_size * item
+    per_stream = 2 * cfg.nsamples * cfg.seqlen * text.hidden_size * compute.itemsize
     disk = disk_bytes(cfg, reader, prefix, blocks, text.hidden_size, len(streams))
     output_bytes = before * item + side_file_bytes(cfg.model) if cfg.dense else disk["output"]
 
@@ -224,7 +230,8 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
     if fixed is None:
         fixed = measure_baseline(cfg)
     on_gpu = cfg.device.startswith("cuda")
-    host, device = block_memory(cfg, text, linears, groups, block_bytes, item, fixed["after"])
+    host, device = block_memory(cfg, text, linears, groups, block_bytes, compute.itemsize,
+                                fixed["after"])  # fmt: skip
     host["setup"] = fixed["peak"]
     host["rest"] = fixed["after"] + rest_bytes + WRITE_BUFFER
     host = {"setup": host.pop("setup"), **host}
@@ -236,7 +243,9 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
         if on_gpu and not torch.cuda.is_available():
             note = "unavailable: the GPU is not visible here (planned with --device-memory)"
         else:
-            rates = measure_speed(cfg.device, dtype, cfg.method, max(lp.shape[1] for lp in linears))
+            rates = measure_speed(
+                cfg.device, compute, cfg.method, max(lp.shape[1] for lp in linears)
+            )
             seconds = block_seconds(cfg, text, linears, groups, rates)
             note = f"from a micro-benchmark of {rates['device_name']}"
     plan = Plan(
@@ -405,7 +414,8 @@ def disk_bytes(cfg, reader, prefix: str, blocks, hidden: int, n_streams: int) ->
             shards += rank_for(m, n, cfg.ratio) * (m + n) * item
         else:
             shards += math.prod(shape) * item
-    per_chunk = cfg.seqlen * hidden * item + 4096
+    per_chunk = cfg.seqlen * hidden * compute_dtype(cfg.compute_dtype, reader.dtype()).itemsize
+    per_chunk += 4096
     return {
         "activations": n_streams * 2 * cfg.nsamples * per_chunk,
         "output": shards + side_file_bytes(cfg.model),

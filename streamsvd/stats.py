@@ -198,7 +198,7 @@ def damped_cholesky_(gram: torch.Tensor, what: str = "Gram") -> torch.Tensor:
     if not torch.isfinite(gram.sum()):  # a NaN or inf anywhere makes the sum non-finite
         raise StreamSVDError(
             f"{what} has NaN or inf entries: the calibration inputs overflowed; run the "
-            "blocks in a wider dtype"
+            "blocks in a wider dtype (compress --compute-dtype float32)"
         )
     diag = gram.diagonal()
     dead = diag <= 0
