@@ -245,3 +245,25 @@ def test_float16_overflow_compresses_in_float32(overflowing, tmp_path, small_cal
     factors = [t for p in (tmp_path / "ok").glob("*.safetensors") for t in load_file(p).values()]
     assert {t.dtype for t in factors} == {torch.float16}
     assert all(torch.isfinite(t).all() for t in factors)
+
+
+def test_out_on_a_real_read_only_mount(model, tmp_path, small_calib_text):
+    """The same on a real read-only filesystem, where this machine lets us mount one."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)],
+                             capture_output=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a read-only filesystem here")
+    try:
+        out = ro / "out"
+        line = refused(compress(model, out, small_calib_text), out, "Read-only file system")
+        assert "--out" in line
+        line = refused(
+            compress(model, tmp_path / "out2", small_calib_text, "--workdir", str(ro / "work")),
+            tmp_path / "out2",
+            "Read-only file system",
+        )
+        assert "--workdir" in line
+    finally:
+        subprocess.run(["umount", str(ro)], capture_output=True)

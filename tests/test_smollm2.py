@@ -6,6 +6,7 @@ Reduced P1 variant (labelled as such): 16 calibration windows and 8 evaluation w
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,12 @@ from streamsvd.pipeline import DEFAULT_METHOD
 
 pytestmark = pytest.mark.slow
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
+# The project's copy sits beside the checkout; elsewhere point STREAMSVD_WIKITEXT2 at a folder
+# holding WikiText-2's raw valid.txt and test.txt.
+DATA = Path(
+    os.environ.get("STREAMSVD_WIKITEXT2")
+    or Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
+)
 SEQLEN = 256
 METHODS_UNDER_TEST = ["svd", "svdllm-w", "svdllm-u", "svdllm-a"]
 
@@ -33,7 +39,10 @@ def smollm2() -> Path:
 def p1_reduced(smollm2, tmp_path_factory):
     """Perplexity of every method at ratio 0.4 on the reduced P1 variant."""
     if not DATA.is_dir():
-        pytest.skip(f"WikiText-2 not found at {DATA}")
+        pytest.skip(
+            f"WikiText-2 not found at {DATA}: the real-model tests need its raw valid.txt "
+            "and test.txt there, or in the folder STREAMSVD_WIKITEXT2 names (README)"
+        )
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
