@@ -90,6 +90,7 @@ def main() -> None:
     if args.p1:
         rows = p1_float32(args.p1)
         (out / "sum_precision_p1.json").write_text(json.dumps(rows, indent=2))
+        write_markdown(out)
         return
     path = default_model_path()
     tok = AutoTokenizer.from_pretrained(path)
@@ -140,13 +141,34 @@ def main() -> None:
             )
             print(json.dumps(rows[-1]), flush=True)  # fmt: skip
     (out / "sum_precision.json").write_text(json.dumps(rows, indent=2))
+    write_markdown(out)
+
+
+def write_markdown(out: Path) -> None:
+    """sum_precision.md from the JSON of both parts (the P1 part where it was run), with
+    quality_p1.py's float64 rows beside the float32 ones."""
+    rows = json.loads((out / "sum_precision.json").read_text())
     lines = ["# Float32 vs float64 Gram sums (SmolLM2-135M, real inputs)", "",
-             "Command: `.venv/bin/python benchmarks/sum_precision.py`", "",
-             "| block | input group | ‖G32 − G64‖/‖G64‖ | whitened loss, f32 / f64 |",
+             "Command: `.venv/bin/python benchmarks/sum_precision.py` (16×512 P1 calibration "
+             "tokens, blocks 0, 14, 29; ratio 0.2 for the loss)", "",
+             "| block | input group | ‖G32 − G64‖/‖G64‖ | whitened loss, f32 / f64 − 1 |",
              "|---|---|---|---|"]  # fmt: skip
     for r in rows:
         lines.append(f"| {r['block']} | {', '.join(r['group'])} | {r['gram_rel_error']:.2e} | "
-                     f"{r['loss_ratio_f32_over_f64']:.6f} |")  # fmt: skip
+                     f"{r['loss_ratio_f32_over_f64'] - 1:+.1e} |")  # fmt: skip
+    p1 = out / "sum_precision_p1.json"
+    if p1.exists():
+        f64 = {r["ratio"]: r["perplexity"] for r in
+               json.loads((out / "quality_p1_default.json").read_text())["rows"]
+               if r["method"] == "svdllm-a"}  # fmt: skip
+        lines += ["", "## P1, default method (svdllm-a)", "",
+                  "Command: `.venv/bin/python benchmarks/sum_precision.py --p1 0.2 0.4`; "
+                  "float64 from `benchmarks/quality_p1.py --methods svdllm-a --name "
+                  "quality_p1_default`", "",
+                  "| ratio | float64 sums | float32 sums |", "|---|---|---|"]  # fmt: skip
+        for r in json.loads(p1.read_text()):
+            lines.append(f"| {r['ratio']} | {f64.get(r['ratio'], float('nan')):.4f} | "
+                         f"{r['perplexity']:.4f} |")  # fmt: skip
     (out / "sum_precision.md").write_text("\n".join(lines) + "\n")
 
 
