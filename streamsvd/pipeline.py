@@ -641,8 +641,14 @@ class Compressor:
         return digest.hexdigest()
 
     def _read_activations(self, stream: str, slot: int, start: int, stop: int) -> torch.Tensor:
+        """A micro-batch of a stream on the device. The one host-to-device copy of the run's
+        activations: on a GPU from pinned memory, asynchronously (the caching host
+        allocator keeps the pinned buffer alive until the copy is done)."""
         with self.timer("activations"):
-            return self.store.read(stream, slot, start, stop).to(self.device)
+            batch = self.store.read(stream, slot, start, stop)
+            if self.device.type == "cuda":
+                return batch.pin_memory().to(self.device, non_blocking=True)
+            return batch
 
     def _write_activations(self, stream: str, slot: int, start: int, values, digest) -> None:
         """Store a micro-batch of a stream and feed it to the stream's checksum."""
