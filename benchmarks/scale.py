@@ -164,7 +164,13 @@ def write_tables(result: dict) -> None:
     lines = [
         "# svdllm-a at real widths",
         "",
-        f"Command: `{result['command']}`",
+        "Commands: "
+        + ", ".join(
+            f"`{c}`"
+            for c in dict.fromkeys([result["command"], *(r.get("command") for r in result["runs"])])
+        ),
+        "(each run's own command is in scale.json; a run interrupted before it finished is "
+        "not listed)",
         "",
         "## Planned peak per block (ratio 0.2, 64×512 calibration, batch 8)",
         "",
