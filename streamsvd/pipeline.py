@@ -363,13 +363,10 @@ class Compressor:
 
     def _planned_seconds(self) -> float:
         """The plan's time per block (speed.py) for this device, as --dry-run prints it."""
-        from .plan import LinearPlan, input_groups
+        from .plan import input_groups, linear_plans
         from .speed import block_seconds, measure_speed
 
-        linears = []
-        for name, layer in linear_layers(self.blocks[0]).items():
-            m, n = layer.out_features, layer.in_features
-            linears.append(LinearPlan(name, (m, n), rank_for(m, n, self.cfg.ratio)))
+        linears = linear_plans(self.blocks[0], self.cfg.ratio)
         groups = input_groups(self.model, self.blocks[0]) if self.method.needs else []
         width = max(lp.shape[1] for lp in linears)
         rates = measure_speed(self.cfg.device, self.compute, self.cfg.method, width)

@@ -115,6 +115,15 @@ class Plan:
         return out
 
 
+def linear_plans(block, ratio: float) -> list[LinearPlan]:
+    """A block's linears with their shapes and the ranks `ratio` gives them, in module order."""
+    return [
+        LinearPlan(name, (layer.out_features, layer.in_features),
+                   rank_for(layer.out_features, layer.in_features, ratio))
+        for name, layer in linear_layers(block).items()
+    ]  # fmt: skip
+
+
 def input_groups(model, block) -> list[list[str]]:
     """Which of a block's linears read the very same tensor, found by running the block on
     `meta` (no memory, any width): only the embedding rows it looks up are ever touched."""
@@ -206,10 +215,7 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
     check_locations(cfg.model, cfg.out, Path(cfg.run_dir))
     text = config.get_text_config()
 
-    linears = []
-    for name, layer in linear_layers(blocks[0]).items():
-        m, n = layer.out_features, layer.in_features
-        linears.append(LinearPlan(name, (m, n), rank_for(m, n, cfg.ratio)))
+    linears = linear_plans(blocks[0], cfg.ratio)
     groups = input_groups(model, blocks[0]) if method.needs else []
 
     # parameters and bytes
