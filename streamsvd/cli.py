@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="where an interrupted or running compress run stands")
     st.add_argument("--workdir", required=True, help="the run directory (compress's OUT.work)")
 
-    sy = sub.add_parser("synth", help="write a random Llama-family checkpoint of a real shape",
+    sy = sub.add_parser("synth", help="write a random checkpoint of a real shape (dense or MoE)",
                         description="A checkpoint of a named shape and any depth with random "
                         "weights of decaying spectra, written tensor by tensor (memory stays "
                         "small whatever its size): for measuring memory and time at scale. "

@@ -11,7 +11,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .lowrank import skeleton_for
-from .model import catch_block_inputs, empty, fill, find_blocks, run_block, to_device
+from .model import (
+    block_arguments,
+    catch_block_inputs,
+    empty,
+    fill,
+    find_blocks,
+    run_block,
+)
 
 
 class _Feed(nn.Module):
@@ -32,24 +39,26 @@ def perplexity(path: str | Path, windows: torch.Tensor, batch_size: int = 8,
     Loads one block at a time; the hidden states of all windows stay in memory
     (N·T·hidden values), never the whole model. The skeleton is used up afterwards.
     """
-    model, reader = skeleton_for(path)
+    model, tensors = skeleton_for(path)
     prefix, blocks = find_blocks(model)
     batches = [windows[s : s + batch_size] for s in range(0, len(windows), batch_size)]
-    rest = [n for n in reader if not n.startswith(prefix + ".")]
-    fill(model, reader.tensors(rest), "cpu")
+    rest = [n for n in tensors if not n.startswith(prefix + ".")]
+    fill(model, tensors.tensors(rest), "cpu")
     model.tie_weights()
-    hidden, kwargs = [], None
+    hidden = []
     for ids in batches:
-        h, kwargs = catch_block_inputs(model, blocks[0], ids)
+        h, _ = catch_block_inputs(model, blocks[0], ids)
         hidden.append(h.to(device))
-    kwargs = to_device(kwargs, device)
+    # each block's own arguments (sliding and full attention blocks differ)
+    arguments = block_arguments(model, blocks, {len(b) for b in batches}, windows.shape[1],
+                                device)  # fmt: skip
     for i, block in enumerate(
         tqdm(blocks, desc="Evaluating", unit="block", disable=not progress or None)
     ):
         block_prefix = f"{prefix}.{i}"
-        tensors = reader.tensors(reader.under(block_prefix))
-        fill(block, {n[len(block_prefix) + 1 :]: t for n, t in tensors.items()}, device)
-        hidden = [run_block(block, h, kwargs) for h in hidden]
+        values = tensors.tensors(tensors.under(block_prefix))
+        fill(block, {n[len(block_prefix) + 1 :]: t for n, t in values.items()}, device)
+        hidden = [run_block(block, h, arguments[i]) for h in hidden]
         empty(block)
     parent, _, attr = prefix.rpartition(".")
     feed = _Feed()

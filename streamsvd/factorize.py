@@ -38,6 +38,12 @@ def rank_for(m: int, n: int, ratio: float) -> int:
     return max(1, math.floor(keep * m * n / (m + n)))
 
 
+def worth_factorising(m: int, n: int, ratio: float) -> bool:
+    """Whether an m×n layer's two factors at `ratio` hold fewer values than W. Rank is at
+    least 1, so a very narrow layer (a gate with one output) stays dense."""
+    return rank_for(m, n, ratio) * (m + n) < m * n
+
+
 def _split(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor, rank: int) -> Factors:
     root = s[:rank].sqrt()
     return U[:, :rank] * root, root[:, None] * Vh[:rank]

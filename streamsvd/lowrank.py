@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .checkpoint import (
     CheckpointReader,
@@ -18,8 +19,10 @@ from .checkpoint import (
     write_index,
 )
 from .errors import StreamSVDError
+from .experts import fuse_dense_experts
 from .journal import JOURNAL, MANIFEST
-from .model import build_skeleton, load_config
+from .model import build_skeleton, linear_shape, load_config
+from .names import ModelTensors
 
 SECTION = "streamsvd"  # the config.json section that describes a compressed checkpoint
 
@@ -101,9 +104,10 @@ def _refuse_unfinished(path: Path) -> None:
             )
 
 
-def skeleton_for(path: str | os.PathLike) -> tuple[nn.Module, CheckpointReader]:
+def skeleton_for(path: str | os.PathLike) -> tuple[nn.Module, ModelTensors]:
     """Meta-device skeleton of any checkpoint directory, plain or streamsvd-compressed (then
-    with LowRankLinear layers of the recorded ranks in place), and a reader of its tensors."""
+    with LowRankLinear layers of the recorded ranks in place), and its tensors, named as
+    the skeleton's parameters."""
     path = Path(path)
     section = read_section(path, required=False) or {}
     reader = CheckpointReader(path)
@@ -111,10 +115,11 @@ def skeleton_for(path: str | os.PathLike) -> tuple[nn.Module, CheckpointReader]:
     ranks = {} if section.get("dense") else section.get("ranks", {})
     for name, rank in ranks.items():
         linear = model.get_submodule(name)
-        low = LowRankLinear(linear.in_features, linear.out_features, rank,
-                            linear.bias is not None, "meta", linear.weight.dtype)  # fmt: skip
+        out_features, in_features = linear_shape(linear)
+        low = LowRankLinear(in_features, out_features, rank, linear.bias is not None, "meta",
+                            linear.weight.dtype)  # fmt: skip
         replace_module(model, name, low)
-    return model, reader
+    return model, ModelTensors(reader, model)
 
 
 def load_compressed(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
@@ -123,10 +128,16 @@ def load_compressed(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
     Works for compressed and dense-exported streamsvd outputs alike.
     """
     read_section(Path(path))
-    model, reader = skeleton_for(path)
-    result = model.load_state_dict(reader.tensors(list(reader)), strict=False, assign=True)
-    if result.unexpected_keys:
-        raise StreamSVDError(f"{path}: tensors that fit no layer: {result.unexpected_keys[:5]}")
+    return load_model(path, device)
+
+
+def load_model(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
+    """Any checkpoint directory, plain or streamsvd output, in streamsvd's skeleton (experts
+    as per-expert linears, LowRankLinear where the output has factors), in memory."""
+    model, tensors = skeleton_for(path)
+    if tensors.unused:
+        raise StreamSVDError(f"{path}: tensors that fit no layer: {tensors.unused[:5]}")
+    model.load_state_dict(tensors.tensors(list(tensors)), strict=False, assign=True)
     model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
@@ -136,10 +147,12 @@ def load_compressed(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
 
 def export_dense(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Write W = A·B for every low-rank pair: a standard checkpoint that plain
-    AutoModelForCausalLM.from_pretrained loads. Works shard by shard."""
+    AutoModelForCausalLM.from_pretrained loads. Works shard by shard: a Conv1D's weight is
+    stored transposed again, and experts are fused into transformers' 3-D parameters."""
     path, out = Path(path), Path(out)
     section = read_section(path)
     reader = CheckpointReader(path)
+    original = build_skeleton(load_config(path), reader.dtype())  # the layers' own types
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -163,8 +176,11 @@ def export_dense(path: str | os.PathLike, out: str | os.PathLike) -> Path:
             if name.endswith(".up.weight") and new_name != name:
                 B = tensors[name[: -len("up.weight")] + "down.weight"]
                 value = (value.double() @ B.double()).to(value.dtype)
+                if isinstance(original.get_submodule(new_name[: -len(".weight")]), Conv1D):
+                    value = value.t().contiguous()
             if new_name is not None:
                 dense[new_name] = value
+        dense = fuse_dense_experts(original, dense)
         save_shard(dense, tmp / shard)
         weight_map.update({n: shard for n in dense})
     write_index(tmp, weight_map)

@@ -14,8 +14,10 @@ from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.pytorch_utils import Conv1D
 
 from .errors import StreamSVDError
+from .experts import unfuse_experts
 
 log = logging.getLogger(__name__)
 
@@ -44,22 +46,24 @@ def build_skeleton(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedMo
     """The causal LM with every parameter on `meta` (buffers such as rotary frequencies are
     real), in the checkpoint's dtype so that filled tensors keep their exact bytes."""
     _refuse_non_causal(config)
-    layer_types = set(getattr(config.get_text_config(), "layer_types", None) or [])
-    if len(layer_types) > 1:
-        raise StreamSVDError(
-            f"blocks of mixed attention types {sorted(layer_types)} are not supported yet: "
-            "streamsvd runs every block with block 0's attention mask"
-        )
     try:
         with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(
-                config, attn_implementation="sdpa", dtype=dtype
-            )
+            try:
+                model = AutoModelForCausalLM.from_config(
+                    config, attn_implementation="sdpa", dtype=dtype
+                )
+            except ValueError as exc:  # a family without SDPA attention (gpt-oss's sinks)
+                if "attention implementation" not in str(exc):
+                    raise
+                model = AutoModelForCausalLM.from_config(
+                    config, attn_implementation="eager", dtype=dtype
+                )
     except ValueError as exc:
         raise StreamSVDError(
             f"model type {config.model_type!r} is not a causal language model transformers "
             f"can build: {str(exc).splitlines()[0]}"
         ) from exc
+    unfuse_experts(model)
     return model.eval()
 
 
@@ -80,7 +84,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The decoder blocks: the longest ModuleList of identical modules that contain Linears."""
     best: tuple[str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+        if type(module) is not nn.ModuleList or len(module) == 0:  # not UnfusedExperts
             continue
         if len({type(b) for b in module}) != 1 or not linear_layers(module[0]):
             continue
@@ -93,9 +97,49 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-def linear_layers(block: nn.Module) -> dict[str, nn.Linear]:
-    """Every nn.Linear inside a block, by its name relative to the block, in module order."""
-    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+def check_supported(blocks: nn.ModuleList) -> None:
+    """Refuse blocks holding weights streamsvd would otherwise pass over in silence: a
+    tensor of three or more dimensions left fused (experts in a layout transformers does
+    not describe with `use_experts_implementation`, a convolution)."""
+    for i, block in enumerate(blocks):
+        for name, p in block.named_parameters():
+            if p.dim() >= 3:
+                raise StreamSVDError(
+                    f"block {i} holds {name}, a {p.dim()}-D weight of shape {list(p.shape)} "
+                    f"in {type(block.get_submodule(name.rpartition('.')[0])).__name__}, "
+                    "which streamsvd cannot factorise: it splits only experts modules that "
+                    "transformers describes with use_experts_implementation"
+                )
+
+
+def linear_layers(block: nn.Module) -> dict[str, nn.Module]:
+    """Every linear map inside a block, by its name relative to the block, in module order:
+    nn.Linear, and GPT-2's Conv1D (a linear layer that stores its weight transposed)."""
+    return {name: m for name, m in block.named_modules() if isinstance(m, LINEAR_TYPES)}
+
+
+def factorised_linears(block: nn.Module, ratio: float) -> dict[str, nn.Module]:
+    """The block's linears that compression factorises at `ratio` (the rest stay dense)."""
+    from .factorize import worth_factorising
+
+    return {
+        name: layer
+        for name, layer in linear_layers(block).items()
+        if worth_factorising(*linear_shape(layer), ratio)
+    }
+
+
+def linear_weight(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as out × in, whichever way it is stored (a view, no copy)."""
+    return layer.weight.t() if isinstance(layer, Conv1D) else layer.weight
+
+
+def linear_shape(layer: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features)."""
+    return tuple(linear_weight(layer).shape)
 
 
 def fill(module: nn.Module, tensors: dict[str, torch.Tensor], device, dtype=None) -> None:
@@ -131,6 +175,18 @@ class _StopForward(Exception):
     """Raised by the input catcher to stop the forward once block 0's inputs are known."""
 
 
+def _run_decoder(model: PreTrainedModel, input_ids: torch.Tensor, hooks: list) -> None:
+    """Run the model's decoder until a hook raises _StopForward, then remove the hooks."""
+    try:
+        with torch.no_grad():
+            model.get_decoder()(input_ids=input_ids, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def catch_block_inputs(
     model: PreTrainedModel, first_block: nn.Module, input_ids: torch.Tensor
 ) -> tuple[torch.Tensor, dict]:
@@ -144,32 +200,80 @@ def catch_block_inputs(
         caught["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
         raise _StopForward
 
-    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model.get_decoder()(input_ids=input_ids, use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
+    _run_decoder(model, input_ids, [first_block.register_forward_pre_hook(hook, with_kwargs=True)])
     if "hidden" not in caught:
         raise StreamSVDError("the model's forward never reached its first decoder block")
     return caught["hidden"], caught["kwargs"]
 
 
-def to_device(obj, device):
-    """Move the tensors inside nested tuples/lists/dicts (a block's kwargs) to a device."""
+def every_block_kwargs(model: PreTrainedModel, blocks: nn.ModuleList,
+                       input_ids: torch.Tensor) -> list[dict]:  # fmt: skip
+    """The keyword arguments the model hands each block: blocks of different attention types
+    (Gemma-2's sliding and full layers, gpt-oss) get different masks or position
+    embeddings, taken from the model's own forward. The blocks run on `meta` meanwhile, so
+    no block weights are needed and nothing is computed."""
+    caught: list[dict] = []
+    real_buffers: dict = {}
+
+    def before(module, args, kwargs):
+        caught.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        if len(caught) == len(blocks):
+            raise _StopForward
+        for owner in module.modules():  # buffers (a router's bias) go to meta meanwhile
+            for name, buf in owner._buffers.items():
+                if buf is not None and not buf.is_meta:
+                    real_buffers[(owner, name)] = buf
+                    owner._buffers[name] = buf.to("meta")
+        return to_device(args, "meta"), to_device(kwargs, "meta")
+
+    def after(module, args, output):
+        for (owner, name), buf in real_buffers.items():
+            owner._buffers[name] = buf
+        real_buffers.clear()
+
+    handles = [b.register_forward_pre_hook(before, with_kwargs=True) for b in blocks]
+    handles += [b.register_forward_hook(after) for b in blocks]
+    try:
+        _run_decoder(model, input_ids, handles)
+    finally:
+        after(None, None, None)
+    if len(caught) != len(blocks):
+        raise StreamSVDError(f"the model's forward reached {len(caught)} of its "
+                             f"{len(blocks)} decoder blocks")  # fmt: skip
+    return caught
+
+
+def to_device(obj, device, _memo=None):
+    """Move the tensors inside nested tuples/lists/dicts (a block's kwargs) to a device; a
+    tensor met twice (one mask shared by many blocks) is moved once and stays shared."""
+    memo = {} if _memo is None else _memo
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.to(device)
+        return memo[id(obj)]
     if isinstance(obj, tuple | list):
-        return type(obj)(to_device(o, device) for o in obj)
+        return type(obj)(to_device(o, device, memo) for o in obj)
     if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device, memo) for k, v in obj.items()}
     return obj
 
 
-def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    out = block(hidden, **kwargs)
+def block_arguments(model: PreTrainedModel, blocks: nn.ModuleList, batch_sizes: set[int],
+                    seqlen: int, device) -> list[dict[int, dict]]:  # fmt: skip
+    """For each block, its keyword arguments by batch size: some depend on it (Bloom's
+    ALiBi biases are per sample)."""
+    by_size = {
+        b: to_device(
+            every_block_kwargs(model, blocks, torch.zeros(b, seqlen, dtype=torch.long)), device
+        )  # fmt: skip
+        for b in sorted(batch_sizes)
+    }
+    return [{b: by_size[b][i] for b in by_size} for i in range(len(blocks))]
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, arguments: dict[int, dict]) -> torch.Tensor:
+    """The block's output hidden states; `arguments` as block_arguments gives them."""
+    out = block(hidden, **arguments[hidden.shape[0]])
     return out[0] if isinstance(out, tuple) else out
 
 

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import threading
 import time
@@ -37,6 +38,7 @@ from .checkpoint import (
     write_index,
 )
 from .errors import NotEnoughResources, RunIOError, StreamSVDError
+from .experts import expert_index, fuse_dense_experts, same_routing
 from .factorize import METHODS, rank_for
 from .journal import JOURNAL, Journal, RunLock, read_manifest, record_error
 from .lowrank import SECTION, LowRankLinear, export_dense, replace_module
@@ -44,21 +46,25 @@ from .memory import peak_rss_bytes, phase_peak_bytes, reset_peak
 from .model import (
     COMPUTE_DTYPES,
     before_blocks,
+    block_arguments,
     build_skeleton,
     capture_inputs,
     catch_block_inputs,
+    check_supported,
     compute_dtype,
     empty,
+    factorised_linears,
     fill,
     find_blocks,
-    linear_layers,
+    linear_shape,
+    linear_weight,
     load_config,
     max_positions,
     run_block,
     shared_input_groups,
-    to_device,
     unfill,
 )
+from .names import ModelTensors
 from .plan import disk_bytes, disk_needs, existing, size_text
 from .preflight import check_locations, check_shapes
 from .stats import InputStats, release_points
@@ -66,6 +72,7 @@ from .stats import InputStats, release_points
 log = logging.getLogger(__name__)
 
 DEFAULT_METHOD = "svdllm-a"
+PLAIN = METHODS["svd"]  # for a linear without calibration statistics
 
 
 @dataclass(frozen=True)
@@ -179,15 +186,18 @@ class Compressor:
         self.dtype = self.reader.dtype()  # the output's
         self.compute = compute_dtype(cfg.compute_dtype, self.dtype)  # the blocks' and streams'
         self.model = build_skeleton(self.config, self.compute)
-        check_shapes(self.model, self.reader.shapes(), cfg.model)
+        self.tensors = ModelTensors(self.reader, self.model)  # named as the model's parameters
+        check_shapes(self.model, self.tensors.shapes(), cfg.model)
         check_locations(cfg.model, cfg.out, cfg.run_dir)
         self.prefix, self.blocks = find_blocks(self.model)
+        self.tensors.check_blocks(self.prefix)
+        check_supported(self.blocks)
         self.method = METHODS[cfg.method]
         self.streams = self.method.streams
         self.windows, calibration = self._calibration()
         self.threads = self._cpu_threads()
         hidden = self.config.get_text_config().hidden_size
-        self.disk = disk_bytes(cfg, self.reader, self.prefix, self.blocks, hidden,
+        self.disk = disk_bytes(cfg, self.tensors, self.prefix, self.blocks, hidden,
                                len(self.streams))  # fmt: skip
         self._check_disk()
         self.lock = RunLock(cfg.run_dir).acquire()
@@ -355,7 +365,7 @@ class Compressor:
         with torch.inference_mode():
             for i in range(first, n_blocks):
                 if not self.journal.done(f"block.{i}"):
-                    self._compress_block(i, block_kwargs)
+                    self._compress_block(i, block_kwargs[i])
                 bar.update(1)
         bar.close()
         self._write_rest()
@@ -367,7 +377,9 @@ class Compressor:
         from .speed import block_seconds, measure_speed
 
         linears = linear_plans(self.blocks[0], self.cfg.ratio)
-        groups = input_groups(self.model, self.blocks[0]) if self.method.needs else []
+        groups = (
+            input_groups(self.model, self.blocks[0], self.cfg.ratio) if self.method.needs else []
+        )
         width = max(lp.shape[1] for lp in linears)
         rates = measure_speed(self.cfg.device, self.compute, self.cfg.method, width)
         text = self.config.get_text_config()
@@ -447,20 +459,20 @@ class Compressor:
                 for stream in self.streams:
                     self.store.sync(stream, slot)
 
-    def _embedding_stage(self) -> dict:
+    def _embedding_stage(self) -> list[dict]:
         """Fill what runs before block 0 (every non-block tensor but the LM head: token and
         learned position embeddings, ...), record block 0's inputs for every stream, return
-        the keyword arguments every block is called with (position embeddings, mask)."""
-        before = before_blocks(self.model, self.prefix, list(self.reader))
-        tensors = self.reader.tensors(before)
+        the keyword arguments each block is called with (position embeddings, mask)."""
+        before = before_blocks(self.model, self.prefix, list(self.tensors))
+        tensors = self.tensors.tensors(before)
         check_finite(tensors, self.reader.path)
         fill(self.model, tensors, "cpu")
         del tensors
         first = self.blocks[0]
         with torch.inference_mode():
-            _, kwargs = catch_block_inputs(
-                self.model, first, torch.zeros(1, self.cfg.seqlen, dtype=torch.long)
-            )
+            sizes = {stop - start for start, stop in self._batches()}
+            arguments = block_arguments(self.model, self.blocks, sizes, self.cfg.seqlen,
+                                        self.device)  # fmt: skip
             if self.streams and not self.journal.done("inputs"):
                 with self.timer("forward"), self._writing(self.store.root):
                     digests = {s: hashlib.sha256() for s in self.streams}
@@ -476,7 +488,7 @@ class Compressor:
                     "inputs", {"activations": {s: d.hexdigest() for s, d in digests.items()}}
                 )
         unfill(self.model, before)
-        return to_device(kwargs, self.device)
+        return arguments
 
     def _batches(self):
         n, b = self.cfg.nsamples, self.cfg.batch_size
@@ -492,31 +504,35 @@ class Compressor:
         block = self.blocks[i]
         block_prefix = f"{self.prefix}.{i}"
         with self.timer("load"):
-            names = self.reader.under(block_prefix)
-            original = self.reader.tensors(names)
+            names = self.tensors.under(block_prefix)
+            original = self.tensors.tensors(names)
             check_finite(original, self.reader.path)  # reads every page in, too
             fill(block, {n[len(block_prefix) + 1 :]: t for n, t in original.items()}, self.device)
         if self.cfg.prefetch and i + 1 < len(self.blocks):
-            names = self.reader.under(f"{self.prefix}.{i + 1}")
-            threading.Thread(target=self.reader.prefetch, args=(names,), daemon=True).start()
-        linears = linear_layers(block)
+            names = self.tensors.under(f"{self.prefix}.{i + 1}")
+            threading.Thread(target=self.tensors.prefetch, args=(names,), daemon=True).start()
+        linears = factorised_linears(block, self.cfg.ratio)
         groups, digests = {}, {}
         if self.streams:
             with self._phase("statistics"):
                 groups, digests["orig"] = self._collect_stats(i, block, linears, block_kwargs)
+        tokens = {name: groups[name].tokens if name in groups else 0 for name in linears}
         release = release_points(list(linears), groups)  # group -> its last linear
         ranks = {}
         out_tensors = {}
         with self.timer("convert"), self._phase("factorise"):  # cholesky, svd, update apart
             for name, linear in linears.items():
-                m, n = linear.weight.shape
+                m, n = linear_shape(linear)
                 rank = rank_for(m, n, self.cfg.ratio)
                 group = groups.get(name)
                 if group is not None and self.device.type == "cuda":
                     for other in {id(g): g for g in groups.values()}.values():  # park the rest
                         other.to(self.device if other is group else "cpu")
                 stats = group.for_linear(name) if group is not None else None
-                A, B = self.method.factorize(linear.weight, stats, rank, self.timer)
+                # an expert the router sent no calibration token has no statistics: the
+                # best it can get is W's own truncated SVD (reported in the summary)
+                method = self.method if stats is not None or not self.method.needs else PLAIN
+                A, B = method.factorize(linear_weight(linear), stats, rank, self.timer)
                 faults.point("svd", i)
                 new = LowRankLinear.from_factors(A, B, linear.bias, self.dtype)  # as written
                 del A, B, stats
@@ -535,6 +551,7 @@ class Compressor:
         for name, tensor in original.items():  # norms and the like: bit for bit
             if name.rsplit(".", 1)[0][len(block_prefix) + 1 :] not in linears:
                 out_tensors[name] = tensor
+        out_tensors = fuse_dense_experts(self.model, out_tensors)  # experts left dense, if any
         if "comp" in self.streams:
             digests["comp"] = self._advance_comp(i, block, block_kwargs)
         shard = self.shards / _shard_file(i)
@@ -544,7 +561,12 @@ class Compressor:
                 sha = save_shard(out_tensors, shard, self.durable,
                                  before_rename=lambda: faults.point("shard-write", i))  # fmt: skip
         faults.point("before-journal", i)
-        self._record(f"block.{i}", {"sha256": sha, "ranks": ranks, "activations": digests})
+        experts = {}  # expert -> calibration tokens routed to it
+        for name, count in tokens.items():
+            if expert_index(name):
+                experts[f"{block_prefix}.{expert_index(name)}"] = count
+        self._record(f"block.{i}", {"sha256": sha, "ranks": ranks, "activations": digests,
+                                    "expert_tokens": experts})  # fmt: skip
         faults.point("journaled", i)
         empty(block)
         spent = {k: v - stages_before.get(k, 0.0) for k, v in self.timer.seconds.items()}
@@ -597,7 +619,9 @@ class Compressor:
         with self._writing(self.store.root):
             self.store.reset("orig", nxt)
         for start, stop in self._batches():
-            with self.timer("forward"), self._writing(self.store.root):
+            # both streams reach the experts the original stream's router chose, so that
+            # an expert's statistics pair each token's two inputs
+            with self.timer("forward"), self._writing(self.store.root), same_routing(block):
                 x = self._read_activations("orig", slot, start, stop)
                 with capture_inputs(block, names) as seen:
                     y = run_block(block, x, kwargs)
@@ -611,13 +635,14 @@ class Compressor:
                         run_block(block, xc, kwargs)
                     del xc
             with self.timer("stats"):
-                if not stats:
-                    for group in shared_input_groups(seen):
-                        weights = {name: linears[name].weight for name in group}
-                        shared = InputStats(seen[group[0]].shape[-1], needs, self.device, weights)
-                        stats.update({name: shared for name in group})
-                for shared in {id(s): s for s in stats.values()}.values():
-                    name = next(n for n, s in stats.items() if s is shared)
+                # an expert's linears appear in the first batch that routes a token to it
+                new = {name: x for name, x in seen.items() if name not in stats}
+                for group in shared_input_groups(new):
+                    weights = {name: linear_weight(linears[name]) for name in group}
+                    shared = InputStats(seen[group[0]].shape[-1], needs, self.device, weights)
+                    stats.update({name: shared for name in group})
+                for shared in {id(stats[n]): stats[n] for n in seen}.values():
+                    name = next(n for n in seen if stats[n] is shared)
                     shared.add(
                         seen[name] if "orig" in needs or "cross" in needs else None,
                         seen_c.get(name),
@@ -658,10 +683,10 @@ class Compressor:
         """Embedding, final norm, LM head: copied through unchanged in a shard of their own."""
         if self.journal.done("rest"):
             return
-        names = [n for n in self.reader if not n.startswith(self.prefix + ".")]
+        names = [n for n in self.tensors if not n.startswith(self.prefix + ".")]
         shard = self.shards / _shard_file(None)
         with self.timer("write"), self._writing(shard):
-            sha = save_shard(self.reader.tensors(names), shard, self.durable,
+            sha = save_shard(self.tensors.tensors(names), shard, self.durable,
                              before_rename=lambda: faults.point("rest"))  # fmt: skip
         self._record("rest", {"sha256": sha})
 
@@ -710,7 +735,7 @@ class Compressor:
         return self._summary(seconds, ranks)
 
     def _summary(self, seconds: float, ranks: dict) -> dict:
-        shapes_before = self.reader.shapes()
+        shapes_before = self.tensors.shapes()
         before = sum(math.prod(shape) for shape in shapes_before.values())
         after = sum(math.prod(shape) for shape in CheckpointReader(self.out).shapes().values())
         linear_before = linear_after = 0
@@ -718,6 +743,15 @@ class Compressor:
             m, n = shapes_before[f"{name}.weight"]
             linear_before += m * n
             linear_after += rank * (m + n)
+        in_blocks = {n: s for n, s in shapes_before.items() if n.startswith(self.prefix + ".")}
+        factorised = {f"{name}.weight" for name in ranks}
+        # what was left as it was, by kind: "layers.*.input_layernorm.weight", ...
+        left_dense = sorted(
+            {re.sub(r"\.\d+\.", ".*.", n) for n in in_blocks if n not in factorised}
+        )
+        expert_tokens = {}
+        for i in range(len(self.blocks)):
+            expert_tokens |= self.journal.entry(f"block.{i}").get("expert_tokens", {})
         summary = {
             "method": self.cfg.method,
             "ratio": self.cfg.ratio,
@@ -725,6 +759,9 @@ class Compressor:
             "params_after": after,
             "linear_params_before": linear_before,  # block linears' weights, biases excluded
             "linear_params_after": linear_after,
+            # the share of the blocks' parameters that became low-rank
+            "low_rank_share": round(linear_before / sum(map(math.prod, in_blocks.values())), 4),
+            "left_dense": left_dense,
             "size_on_disk_bytes": sum(p.stat().st_size for p in self.out.iterdir()),
             "seconds": round(seconds, 2),
             "stage_seconds": {k: round(v, 2) for k, v in sorted(self.timer.seconds.items())},
@@ -735,6 +772,9 @@ class Compressor:
             "phase_peaks": self.phase_peaks,
             "block_seconds": self.block_seconds,
         }
+        if expert_tokens:  # calibration tokens the router sent each expert (top-k counted)
+            summary["expert_tokens"] = expert_tokens
+            summary["experts_without_tokens"] = [e for e, n in expert_tokens.items() if n == 0]
         if self.device.type == "cuda":
             summary["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         return summary

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -44,16 +45,19 @@ from .model import (
     build_skeleton,
     capture_inputs,
     catch_block_inputs,
+    check_supported,
     compute_dtype,
+    factorised_linears,
     fill,
     find_blocks,
-    linear_layers,
+    linear_shape,
     load_config,
     run_block,
     shared_input_groups,
     to_device,
     unfill,
 )
+from .names import ModelTensors
 from .preflight import check_locations, check_shapes
 from .stats import CHUNK_VALUES, cross_as_product, release_points, sums_bytes
 
@@ -118,13 +122,12 @@ class Plan:
 def linear_plans(block, ratio: float) -> list[LinearPlan]:
     """A block's linears with their shapes and the ranks `ratio` gives them, in module order."""
     return [
-        LinearPlan(name, (layer.out_features, layer.in_features),
-                   rank_for(layer.out_features, layer.in_features, ratio))
-        for name, layer in linear_layers(block).items()
-    ]  # fmt: skip
+        LinearPlan(name, linear_shape(layer), rank_for(*linear_shape(layer), ratio))
+        for name, layer in factorised_linears(block, ratio).items()
+    ]
 
 
-def input_groups(model, block) -> list[list[str]]:
+def input_groups(model, block, ratio: float) -> list[list[str]]:
     """Which of a block's linears read the very same tensor, found by running the block on
     `meta` (no memory, any width): only the embedding rows it looks up are ever touched."""
     prefix, blocks = find_blocks(model)
@@ -136,9 +139,9 @@ def input_groups(model, block) -> list[list[str]]:
     fill(model, fakes, "cpu")
     try:
         hidden, kwargs = catch_block_inputs(model, blocks[0], torch.zeros(1, 4, dtype=torch.long))
-        names = list(linear_layers(block))
+        names = list(factorised_linears(block, ratio))
         with torch.inference_mode(), capture_inputs(block, names) as seen:
-            run_block(block, hidden.to("meta"), to_device(kwargs, "meta"))
+            run_block(block, hidden.to("meta"), {1: to_device(kwargs, "meta")})
     finally:
         unfill(model, list(fakes))
     return shared_input_groups(seen)
@@ -208,28 +211,36 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
     item = dtype.itemsize  # on disk
     compute = compute_dtype(cfg.compute_dtype, dtype)
     model = build_skeleton(config, compute)
+    tensors = ModelTensors(reader, model)  # named and shaped as the model's parameters
     prefix, blocks = find_blocks(model)
+    tensors.check_blocks(prefix)
+    check_supported(blocks)
     method = METHODS[cfg.method]
-    shapes = {name: tuple(shape) for name, shape in reader.shapes().items()}
+    shapes = tensors.shapes()
     check_shapes(model, shapes, cfg.model)
     check_locations(cfg.model, cfg.out, Path(cfg.run_dir))
     text = config.get_text_config()
 
-    linears = linear_plans(blocks[0], cfg.ratio)
-    groups = input_groups(model, blocks[0]) if method.needs else []
+    # blocks may differ (DeepSeek-V3's first blocks are dense, the rest mixtures of
+    # experts): memory and time are planned for the largest
+    sizes = [sum(math.prod(shapes[n]) for n in shapes if _in_block(n, prefix, i))
+             for i in range(len(blocks))]  # fmt: skip
+    largest = max(range(len(blocks)), key=sizes.__getitem__)
+    linears = linear_plans(blocks[largest], cfg.ratio)
+    groups = input_groups(model, blocks[largest], cfg.ratio) if method.needs else []
 
     # parameters and bytes
     before = sum(math.prod(s) for s in shapes.values())
-    linear_before = len(blocks) * sum(math.prod(lp.shape) for lp in linears)
-    linear_after = len(blocks) * sum(lp.rank * sum(lp.shape) for lp in linears)
+    every_linear = [lp for block in blocks for lp in linear_plans(block, cfg.ratio)]
+    linear_before = sum(math.prod(lp.shape) for lp in every_linear)
+    linear_after = sum(lp.rank * sum(lp.shape) for lp in every_linear)
     after = before - linear_before + linear_after
-    block_bytes = sum(math.prod(shapes[n]) for n in shapes if _in_block(n, prefix, 0))
-    block_bytes *= compute.itemsize
+    block_bytes = sizes[largest] * compute.itemsize
     rest_bytes = sum(math.prod(s) for n, s in shapes.items() if not n.startswith(prefix + "."))
     rest_bytes *= item
     streams = method.streams
     per_stream = 2 * cfg.nsamples * cfg.seqlen * text.hidden_size * compute.itemsize
-    disk = disk_bytes(cfg, reader, prefix, blocks, text.hidden_size, len(streams))
+    disk = disk_bytes(cfg, tensors, prefix, blocks, text.hidden_size, len(streams))
     output_bytes = before * item + side_file_bytes(cfg.model) if cfg.dense else disk["output"]
 
     # memory
@@ -408,15 +419,15 @@ def disk_bytes(cfg, reader, prefix: str, blocks, hidden: int, n_streams: int) ->
     "dense export" when asked for. The plan shows it; the run checks the disk with it."""
     item = reader.dtype().itemsize
     low_rank = {
-        f"{prefix}.{i}.{name}.weight"
+        f"{prefix}.{i}.{name}.weight": linear_shape(layer)
         for i, block in enumerate(blocks)
-        for name in linear_layers(block)
+        for name, layer in factorised_linears(block, cfg.ratio).items()
     }
     shards = dense = 0
     for name, shape in reader.shapes().items():
         dense += math.prod(shape) * item
         if name in low_rank:
-            m, n = shape
+            m, n = low_rank[name]
             shards += rank_for(m, n, cfg.ratio) * (m + n) * item
         else:
             shards += math.prod(shape) * item
@@ -499,11 +510,15 @@ def format_plan(plan: Plan) -> str:
     lines = [
         f"plan: {plan.method} at ratio {plan.ratio} on {plan.device}, {plan.blocks} "
         f"block{'s' * (plan.blocks != 1)} of {len(plan.linears)} linears, {plan.dtype}",
-        "  ranks (every block):",
+        "  ranks (the largest block):",
     ]
+    alike: dict[tuple, int] = {}  # experts' linears listed once: "mlp.experts.*.up_proj"
     for lp in plan.linears:
-        m, n = lp.shape
-        lines.append(f"    {lp.name:<24} {m:>6} × {n:<6} -> rank {lp.rank}")
+        key = (re.sub(r"\.experts\.\d+\.", ".experts.*.", lp.name), lp.shape, lp.rank)
+        alike[key] = alike.get(key, 0) + 1
+    for (name, (m, n), rank), count in alike.items():
+        times = f"  (× {count} experts)" if count > 1 else ""
+        lines.append(f"    {name:<24} {m:>6} × {n:<6} -> rank {rank}{times}")
     pct = lambda a, b: f"{a / b:.1%}"  # noqa: E731
     lines += [
         f"  parameters    {plan.params_before:,} -> {plan.params_after:,} "

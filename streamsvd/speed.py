@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from .experts import expert_index
 from .factorize import METHODS, RSVD_OVERSAMPLE, RSVD_POWER_ITERATIONS
 from .stats import cross_as_product, damped_cholesky_
 
@@ -66,6 +67,14 @@ def measure_speed(device: str, dtype: torch.dtype, method: str, width: int = BEN
     return rates
 
 
+def routed_share(text, names: list[str]) -> dict[str, float]:
+    """The share of the calibration tokens each linear sees: all of them, except for an
+    expert's, which sees top-k of every E experts' tokens on average."""
+    experts = {expert_index(n) for n in names} - {None}
+    top_k = getattr(text, "num_experts_per_tok", None) or 1
+    return {n: top_k / len(experts) if expert_index(n) else 1.0 for n in names}
+
+
 def block_seconds(cfg, text, linears, groups: list[list[str]], rates: dict) -> dict[str, float]:
     """Estimated seconds of one block by stage (the StageTimer's names) and "total".
     linears: plan.LinearPlan; groups: names of linears that share inputs."""
@@ -73,8 +82,9 @@ def block_seconds(cfg, text, linears, groups: list[list[str]], rates: dict) -> d
     needs = method.needs
     tokens = cfg.nsamples * cfg.seqlen
     shape = {lp.name: lp.shape for lp in linears}
-    dense = 2 * sum(m * n for m, n in shape.values())
-    low = 2 * sum(lp.rank * sum(lp.shape) for lp in linears)
+    share = routed_share(text, list(shape))
+    dense = 2 * sum(m * n * share[name] for name, (m, n) in shape.items())
+    low = 2 * sum(lp.rank * sum(lp.shape) * share[lp.name] for lp in linears)
     attention = 4 * cfg.seqlen * text.hidden_size
     flops = dict.fromkeys(("forward", "stats", "cholesky", "update", "svd"), 0.0)
     seconds = {}
@@ -91,7 +101,7 @@ def block_seconds(cfg, text, linears, groups: list[list[str]], rates: dict) -> d
             sums += 4 * sum(outs) * n if cross_as_product(outs, n) else 2 * n * n
             if not cross_as_product(outs, n):  # W·C from C, per linear
                 flops["update"] += sum(2 * m * n * n for m in outs)
-        flops["stats"] += tokens * sums
+        flops["stats"] += tokens * sums * share[group[0]]
         flops["cholesky"] += n**3 / 3
     eigh = 0.0
     for lp in linears:

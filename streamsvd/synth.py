@@ -1,4 +1,6 @@
-"""Synthetic Llama-family checkpoints at real shapes, for measuring memory and time at scale.
+"""Synthetic checkpoints at real shapes (Llama family, and Mixtral- and Qwen3-MoE-style
+mixtures of experts, written with one 2-D weight per expert under the names streamsvd
+reads them by), for measuring memory and time at scale.
 
 `synthesize` writes config, tokenizer and sharded safetensors of a named shape (7B, 13B,
 34B, 70B widths and head layouts, grouped-query attention where the real model has it) at
@@ -41,10 +43,10 @@ TOKENIZER_VOCAB = 1024  # the synthetic tokenizer's size; ids index the model's 
 
 @dataclass(frozen=True)
 class Shape:
-    """Widths and head layout of a Llama-family model."""
+    """Widths and head layout of a Llama-family model, or of a mixture of experts."""
 
     hidden: int
-    intermediate: int
+    intermediate: int  # of the dense MLP; of each expert in a mixture of experts
     heads: int
     kv_heads: int
     vocab: int
@@ -52,6 +54,10 @@ class Shape:
     max_positions: int = 4096
     rope_theta: float = 10000.0
     source: str = ""
+    family: str = "llama"  # or "mixtral", "qwen3_moe"
+    experts: int = 0
+    top_k: int = 0
+    head_dim: int | None = None  # hidden / heads unless given
 
 
 SHAPES: dict[str, Shape] = {
@@ -62,19 +68,25 @@ SHAPES: dict[str, Shape] = {
     "34b": Shape(8192, 22016, 64, 8, 32000, 48, 16384, 1e6, source="CodeLlama-34B"),
     "70b": Shape(8192, 28672, 64, 8, 32000, 80, source="Llama-2-70B"),
     "405b": Shape(16384, 53248, 128, 8, 128256, 126, 131072, 5e5, source="Llama-3.1-405B"),
-}
+    "8x7b": Shape(4096, 14336, 32, 8, 32000, 32, 32768, 1e6, source="Mixtral-8x7B (47B)",
+                  family="mixtral", experts=8, top_k=2),
+    "30b-a3b": Shape(2048, 768, 32, 4, 151936, 48, 40960, 1e6, source="Qwen3-30B-A3B",
+                     family="qwen3_moe", experts=128, top_k=8, head_dim=128),
+    "tiny-moe": Shape(128, 96, 4, 2, 1024, 2, 512, source="test shape", family="mixtral",
+                      experts=4, top_k=2),
+}  # fmt: skip
 
 _ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def llama_config(shape: Shape, layers: int, dtype: torch.dtype):
-    from transformers import LlamaConfig
+def shape_config(shape: Shape, layers: int, dtype: torch.dtype):
+    """The transformers config of a shape at `layers` blocks."""
+    from transformers import AutoConfig
 
-    return LlamaConfig(
+    common = dict(
         vocab_size=shape.vocab,
         hidden_size=shape.hidden,
-        intermediate_size=shape.intermediate,
         num_hidden_layers=layers,
         num_attention_heads=shape.heads,
         num_key_value_heads=shape.kv_heads,
@@ -86,6 +98,20 @@ def llama_config(shape: Shape, layers: int, dtype: torch.dtype):
         eos_token_id=0,
         dtype=str(dtype).removeprefix("torch."),
     )
+    if shape.head_dim:
+        common["head_dim"] = shape.head_dim
+    if shape.family == "llama":
+        return AutoConfig.for_model("llama", intermediate_size=shape.intermediate, **common)
+    if shape.family == "mixtral":
+        return AutoConfig.for_model("mixtral", intermediate_size=shape.intermediate,
+                                    num_local_experts=shape.experts,
+                                    num_experts_per_tok=shape.top_k, **common)  # fmt: skip
+    if shape.family == "qwen3_moe":
+        return AutoConfig.for_model("qwen3_moe", moe_intermediate_size=shape.intermediate,
+                                    num_experts=shape.experts, num_experts_per_tok=shape.top_k,
+                                    decoder_sparse_step=1, mlp_only_layers=[],
+                                    **common)  # fmt: skip
+    raise StreamSVDError(f"no config for shape family {shape.family!r}")
 
 
 @dataclass(frozen=True)
@@ -215,10 +241,11 @@ def pack_shards(specs: list[TensorSpec], dtype: torch.dtype, max_bytes: int):
 def checkpoint_bytes(shape: Shape, layers: int, dtype: torch.dtype = torch.bfloat16) -> int:
     """Weight bytes of a synthetic checkpoint, from the shape alone."""
     h, i, v = shape.hidden, shape.intermediate, shape.vocab
-    head_dim = h // shape.heads
+    head_dim = shape.head_dim or h // shape.heads
     attn = h * head_dim * (2 * shape.heads + 2 * shape.kv_heads)
-    block = attn + 3 * h * i + 2 * h
-    return (layers * block + 2 * v * h + h) * dtype.itemsize
+    mlp = 3 * h * i if not shape.experts else shape.experts * (3 * h * i + h)  # + router
+    norms = 2 * h + (2 * head_dim if shape.family == "qwen3_moe" else 0)  # q/k norms
+    return (layers * (attn + mlp + norms) + 2 * v * h + h) * dtype.itemsize
 
 
 def synthesize(
@@ -245,7 +272,7 @@ def synthesize(
     out = Path(out)
     if out.exists():
         raise StreamSVDError(f"output {out} already exists; remove it or choose another --out")
-    config = llama_config(shape, layers, dtype)
+    config = shape_config(shape, layers, dtype)
     specs = tensor_specs(config, seed)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -287,3 +314,70 @@ def bpe_tokenizer_json(vocab: int) -> str:
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<eos>"], show_progress=False)
     tok.train_from_iterator([stdlib_docstrings(200_000)], trainer)
     return tok.to_str()
+
+
+# Small sizes for any decoder family: each config sets those of these attributes it has.
+_TINY = dict(
+    vocab_size=TOKENIZER_VOCAB // 2, max_position_embeddings=256, n_positions=256,
+    hidden_size=64, n_embd=64, d_model=64, word_embed_proj_dim=64,
+    intermediate_size=128, ffn_dim=128, n_inner=128, ffn_hidden_size=128,
+    num_attention_heads=4, n_head=4, num_key_value_heads=2, head_dim=16,
+    # mixtures of experts
+    num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2,
+    moe_intermediate_size=32, shared_expert_intermediate_size=32, n_shared_experts=1,
+    first_k_dense_replace=1, n_group=1, topk_group=1, decoder_sparse_step=1,
+    # multi-head latent attention (DeepSeek)
+    kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
+    v_head_dim=16, qk_head_dim=16,
+    sliding_window=16, query_pre_attn_scalar=16, rotary_dim=8,
+    eos_token_id=0, bos_token_id=0, pad_token_id=1,
+)  # fmt: skip
+
+
+def tiny_family_config(model_type: str, layers: int = 4, **overrides):
+    """A small random-init config of any transformers decoder family, e.g. "mixtral":
+    the family's defaults with the widths above; mixed attention types keep their
+    pattern over `layers` blocks."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type)
+    text = config.get_text_config()
+    sizes = {**_TINY, "num_hidden_layers": layers, "n_layer": layers}
+    # overrides last: configs alias some names (num_local_experts is num_experts)
+    for key, value in [*sizes.items(), *overrides.items()]:
+        if hasattr(text, key):
+            try:
+                setattr(text, key, value)
+            except AttributeError:  # a derived property (Falcon's head_dim)
+                pass
+    if getattr(text, "qk_rope_head_dim", None):  # MLA: the rotary part is the "head_dim"
+        text.head_dim = text.qk_rope_head_dim
+    types = getattr(text, "layer_types", None)
+    if types:  # the pattern over the new depth: sliding, full, sliding, full, ...
+        kinds = list(dict.fromkeys(types))
+        text.layer_types = [kinds[i % len(kinds)] for i in range(layers)]
+    mlp_types = getattr(text, "mlp_layer_types", None)
+    if mlp_types:
+        text.mlp_layer_types = [mlp_types[min(i, len(mlp_types) - 1)] for i in range(layers)]
+    return config
+
+
+def write_family(model_type: str, path: Path, seed: int = 0, layers: int = 4,
+                 dtype: torch.dtype = torch.float32, **overrides) -> Path:  # fmt: skip
+    """A tiny random checkpoint of `model_type`, saved as transformers saves real ones
+    (save_pretrained: hub names, per-expert weights), with the synthetic tokenizer.
+    Weights are larger than the default init, so that blocks do real work."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_family_config(model_type, layers, **overrides)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and "embed" not in name and "wte" not in name:
+                p.normal_(0, 0.08)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.02)
+    model.save_pretrained(path, max_shard_size="200KB")
+    synthetic_tokenizer(TOKENIZER_VOCAB // 2).save_pretrained(path)
+    return Path(path)
