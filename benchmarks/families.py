@@ -11,7 +11,8 @@ outcome, the share of block parameters that became low-rank, what stayed dense, 
 many calibration tokens each expert was routed (mixtures of experts), and two logit
 checks against stock transformers (float32, so differences are rounding-sized):
 streamsvd's reading of the original checkpoint vs transformers' own, and the low-rank
-output vs its dense export.
+output (load_compressed) vs its dense export and vs the output loaded by stock
+transformers with its own modeling code (trust_remote_code=True).
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ def try_family(family: str, work: Path, calib: Path) -> dict:
             view = load_model(src)(ids).logits
             original = _stock(src)(ids).logits
             low = load_compressed(out).float()(ids).logits
+            remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True,
+                                                          dtype=torch.float32)  # fmt: skip
+            remote = remote.eval()(ids).logits
             dense = _stock(export_dense(out, work / f"{family}-dense"))(ids).logits
         row.update(
             outcome="compressed",
@@ -71,6 +75,7 @@ def try_family(family: str, work: Path, calib: Path) -> dict:
             left_dense=summary["left_dense"],
             max_logit_diff_original_view=float((view - original).abs().max()),
             max_logit_diff_dense_export=float((low - dense).abs().max()),
+            max_logit_diff_remote_code=float((low - remote).abs().max()),
             logit_scale=float(dense.abs().max()),
             seconds_compress=summary["seconds"],
         )
@@ -123,20 +128,22 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
     lines = ["| family | outcome | low-rank share of block params | left dense (per block) | "
              "logits: streamsvd's reading vs stock, original | low-rank vs stock dense export "
-             "| tokens per expert: min / mean / max (zero) | detail |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| low-rank vs stock, trust_remote_code | tokens per expert: min / mean / max "
+             "(zero) | detail |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         share = f"{r['low_rank_share']:.3f}" if "low_rank_share" in r else ""
-        view = diff = experts = ""
+        view = diff = remote = experts = ""
         if "max_logit_diff_dense_export" in r:
             view = f"{r['max_logit_diff_original_view']:.1e} (of {r['logit_scale']:.2g})"
             diff = f"{r['max_logit_diff_dense_export']:.1e}"
+            remote = f"{r['max_logit_diff_remote_code']:.1e}"
         if "expert_tokens" in r:
             e = r["expert_tokens"]
             experts = f"{e['min']} / {e['mean']:.0f} / {e['max']} ({e['zero']} of {e['experts']})"
         dense = ", ".join(n.split(".*.", 1)[-1] for n in r.get("left_dense", []))
         lines.append(f"| {r['family']} | {r['outcome']} | {share} | {dense} | {view} | {diff} "
-                     f"| {experts} | {r.get('detail', '')} |")  # fmt: skip
+                     f"| {remote} | {experts} | {r.get('detail', '')} |")  # fmt: skip
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(out.with_suffix(".md").read_text())
 

@@ -25,7 +25,6 @@ sys.path.insert(0, str(ROOT))
 from streamsvd.calib import calibration_windows, load_text, tokenize  # noqa: E402
 from streamsvd.checkpoint import CheckpointReader  # noqa: E402
 from streamsvd.factorize import METHODS, rank_for  # noqa: E402
-from streamsvd.lowrank import LowRankLinear, replace_module  # noqa: E402
 from streamsvd.memory import return_freed_memory  # noqa: E402
 from streamsvd.model import (  # noqa: E402
     capture_inputs,
@@ -35,6 +34,7 @@ from streamsvd.model import (  # noqa: E402
     run_block,
     shared_input_groups,
 )
+from streamsvd.modeling import LowRankLinear, replace_module  # noqa: E402
 from streamsvd.pipeline import StageTimer  # noqa: E402
 from streamsvd.stats import InputStats  # noqa: E402
 

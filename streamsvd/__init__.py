@@ -2,7 +2,8 @@
 
 __version__ = "0.1.0"
 
-from .lowrank import LowRankLinear, export_dense, load_compressed  # noqa: E402
+from .lowrank import export_dense, load_compressed  # noqa: E402
+from .modeling import LowRankLinear  # noqa: E402
 from .pipeline import CompressConfig, compress  # noqa: E402
 
 __all__ = ["CompressConfig", "LowRankLinear", "compress", "export_dense", "load_compressed"]

@@ -274,14 +274,13 @@ def format_summary(s: dict) -> str:
 
 
 def _eval_windows(model: str, data: str | None, seqlen: int, windows: int):
-    from transformers import AutoTokenizer
-
     from .calib import eval_windows, python_help_topics, read_text_file, tokenize
+    from .model import load_tokenizer
 
     if data is not None and not Path(data).is_file():
         raise StreamSVDError(f"evaluation text {data}: no such file")
     text = read_text_file(Path(data)) if data else python_help_topics()
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer = load_tokenizer(model)
     return eval_windows(tokenize(tokenizer, text, special_tokens=True), seqlen, windows)
 
 
@@ -309,12 +308,11 @@ def _load_any(path: str, device: str):
 
 
 def cmd_generate(args) -> str:
-    from transformers import AutoTokenizer
-
     from .evaluate import generate
+    from .model import load_tokenizer
 
     model = _model_path(args.model)
-    text = generate(_load_any(model, _default_device()), AutoTokenizer.from_pretrained(model),
+    text = generate(_load_any(model, _default_device()), load_tokenizer(model),
                     args.prompt, args.max_new_tokens)  # fmt: skip
     print(args.prompt + text)
     return text
@@ -368,9 +366,8 @@ def cmd_export_dense(args) -> None:
 def cmd_demo(args) -> None:
     import shutil
 
-    from transformers import AutoTokenizer
-
     from .evaluate import generate, perplexity
+    from .model import load_tokenizer
     from .pipeline import CompressConfig, compress
 
     model = _model_path(None)
@@ -384,7 +381,7 @@ def cmd_demo(args) -> None:
                                       batch_size=args.batch_size, device=device))  # fmt: skip
     print(format_summary(summary))
     win = _eval_windows(model, args.data, args.seqlen, args.windows)
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer = load_tokenizer(model)
     where = f"{win.shape[0]} windows × {win.shape[1]} tokens of {args.data or 'Python help topics'}"
     print(f"\nperplexity on {where}:")
     for label, path in (("original", model), (f"{args.method} {args.ratio}", str(out))):

@@ -1,4 +1,5 @@
-"""The low-rank linear layer, loading a compressed checkpoint, and exporting it dense."""
+"""A compressed checkpoint: its structure, loading it, making it self-describing (its own
+modeling code for stock transformers), and exporting it dense."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import modeling
 from .checkpoint import (
     CheckpointReader,
     atomic_write_bytes,
@@ -21,48 +22,9 @@ from .checkpoint import (
 from .errors import StreamSVDError
 from .experts import fuse_dense_experts
 from .journal import JOURNAL, MANIFEST
-from .model import build_skeleton, linear_shape, load_config
+from .model import build_skeleton, load_config
+from .modeling import SECTION, compressed_structure, remote_code_footer
 from .names import ModelTensors
-
-SECTION = "streamsvd"  # the config.json section that describes a compressed checkpoint
-
-
-class LowRankLinear(nn.Module):
-    """y = A·(B·x) + b, stored as `down` (B: rank × in) and `up` (A: out × rank, bias)."""
-
-    def __init__(
-        self, in_features: int, out_features: int, rank: int, bias: bool, device=None, dtype=None
-    ):
-        super().__init__()
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
-        self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
-
-    @classmethod
-    def from_factors(
-        cls, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
-    ) -> LowRankLinear:
-        layer = cls(B.shape[1], A.shape[0], A.shape[1], bias is not None, A.device, dtype)
-        with torch.no_grad():
-            layer.down.weight.copy_(B)
-            layer.up.weight.copy_(A)
-            if bias is not None:
-                layer.up.bias.copy_(bias)
-        return layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))
-
-    def dense_weight(self) -> torch.Tensor:
-        return self.up.weight @ self.down.weight
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}"
-
-
-def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
 
 def read_section(path: Path, required: bool = True) -> dict | None:
@@ -112,13 +74,7 @@ def skeleton_for(path: str | os.PathLike) -> tuple[nn.Module, ModelTensors]:
     section = read_section(path, required=False) or {}
     reader = CheckpointReader(path)
     model = build_skeleton(load_config(path), reader.dtype())
-    ranks = {} if section.get("dense") else section.get("ranks", {})
-    for name, rank in ranks.items():
-        linear = model.get_submodule(name)
-        out_features, in_features = linear_shape(linear)
-        low = LowRankLinear(in_features, out_features, rank, linear.bias is not None, "meta",
-                            linear.weight.dtype)  # fmt: skip
-        replace_module(model, name, low)
+    compressed_structure(model, {} if section.get("dense") else section.get("ranks", {}))
     return model, ModelTensors(reader, model)
 
 
@@ -145,6 +101,28 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
     return model.to(device).eval()
 
 
+MODELING_FILE = "modeling_streamsvd.py"
+
+
+def self_describing(config: dict, out: Path, config_class: str, model_class: str) -> dict:
+    """Make a low-rank output load with stock transformers: write its modeling code (this
+    package's modeling.py, self-contained, plus its two classes) beside it and point
+    config.json's auto_map at them. Its own model_type makes loading without
+    trust_remote_code fail with transformers' own message, instead of building the original
+    architecture with random weights where the factors are. Returns the new config."""
+    base = config["model_type"]
+    code = Path(modeling.__file__).read_text() + remote_code_footer(config_class, model_class,
+                                                                    base)  # fmt: skip
+    atomic_write_bytes(out / MODELING_FILE, code.encode())
+    config = {**config, "model_type": f"streamsvd_{base}"}
+    config["auto_map"] = {
+        "AutoConfig": f"{MODELING_FILE[:-3]}.StreamSVDConfig",
+        "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.StreamSVDForCausalLM",
+    }
+    config[SECTION] = {**config[SECTION], "base_model_type": base}
+    return config
+
+
 def export_dense(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Write W = A·B for every low-rank pair: a standard checkpoint that plain
     AutoModelForCausalLM.from_pretrained loads. Works shard by shard: a Conv1D's weight is
@@ -157,6 +135,8 @@ def export_dense(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     config = json.loads((path / "config.json").read_text())
+    config["model_type"] = section.get("base_model_type", config["model_type"])  # stock again
+    config.pop("auto_map", None)
     config[SECTION] = {**section, "dense": True, "complete": False}  # until the end
     atomic_write_bytes(tmp / "config.json", json.dumps(config, indent=2).encode())
     # factor tensor name -> dense tensor name, or None for B (folded into A's entry)
@@ -185,6 +165,7 @@ def export_dense(path: str | os.PathLike, out: str | os.PathLike) -> Path:
         weight_map.update({n: shard for n in dense})
     write_index(tmp, weight_map)
     copy_side_files(path, tmp)
+    (tmp / MODELING_FILE).unlink(missing_ok=True)  # a dense checkpoint needs no code of its own
     config[SECTION]["complete"] = True
     atomic_write_bytes(tmp / "config.json", json.dumps(config, indent=2).encode())
     if out.exists():

@@ -4,9 +4,11 @@ with real tensors, run it, empty it again. Knows nothing about files or activati
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
@@ -17,17 +19,43 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.pytorch_utils import Conv1D
 
 from .errors import StreamSVDError
-from .experts import unfuse_experts
+from .modeling import SECTION, unfuse_experts
 
 log = logging.getLogger(__name__)
 
 
 def load_config(path: str | os.PathLike) -> PretrainedConfig:
+    """The checkpoint's config; for a streamsvd output, the original architecture's (its
+    own model_type makes stock transformers ask for trust_remote_code)."""
     try:
-        return AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path) if not _base_type(path) else None
+        if config is None:
+            data = json.loads((Path(path) / "config.json").read_text())
+            data.pop("auto_map", None)
+            data.pop("model_type")
+            config = AutoConfig.for_model(_base_type(path), **data)
+        return config
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StreamSVDError(f"{path} has no usable config.json: {first}") from exc
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The checkpoint's tokenizer. Given the config explicitly, so that a streamsvd output's
+    own model_type does not make transformers ask about its modeling code."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, config=load_config(path))
+
+
+def _base_type(path: str | os.PathLike) -> str | None:
+    """The original model_type recorded in a streamsvd output's config.json, else None."""
+    try:
+        data = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    section = data.get(SECTION) if isinstance(data, dict) else None
+    return section.get("base_model_type") if isinstance(section, dict) else None
 
 
 COMPUTE_DTYPES = ("auto", "checkpoint", "float32")

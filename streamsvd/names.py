@@ -26,7 +26,8 @@ from transformers.core_model_loading import (
 
 from .checkpoint import CheckpointReader
 from .errors import StreamSVDError
-from .experts import UnfusedExperts, unfused_modules
+from .experts import unfused_modules
+from .modeling import UnfusedExperts
 
 
 class ModelTensors(Mapping):

@@ -41,7 +41,7 @@ from .errors import NotEnoughResources, RunIOError, StreamSVDError
 from .experts import expert_index, fuse_dense_experts, same_routing
 from .factorize import METHODS, rank_for
 from .journal import JOURNAL, Journal, RunLock, read_manifest, record_error
-from .lowrank import SECTION, LowRankLinear, export_dense, replace_module
+from .lowrank import export_dense, self_describing
 from .memory import peak_rss_bytes, phase_peak_bytes, reset_peak
 from .model import (
     COMPUTE_DTYPES,
@@ -64,6 +64,7 @@ from .model import (
     shared_input_groups,
     unfill,
 )
+from .modeling import SECTION, LowRankLinear, replace_module
 from .names import ModelTensors
 from .plan import disk_bytes, disk_needs, existing, size_text
 from .preflight import check_locations, check_shapes
@@ -723,6 +724,9 @@ class Compressor:
                 faults.point("finish")
             write_index(staging, weight_map)
             copy_side_files(Path(cfg.model), staging)
+            config = self_describing(config, staging, type(self.config).__name__,
+                                     type(self.model).__name__)  # fmt: skip
+            section = config[SECTION]
             section["complete"] = True
             atomic_write_bytes(staging / "config.json", json.dumps(config, indent=2).encode())
             if cfg.dense:

@@ -25,8 +25,8 @@ from transformers import AutoModelForCausalLM
 from streamsvd import CompressConfig, compress, load_compressed
 from streamsvd.calib import stdlib_docstrings
 from streamsvd.evaluate import perplexity
-from streamsvd.experts import UnfusedExperts
 from streamsvd.lowrank import export_dense, load_model
+from streamsvd.modeling import UnfusedExperts
 from streamsvd.synth import write_family
 
 FAMILIES = ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss", "gpt_neox", "gemma2", "gpt2"]
@@ -206,3 +206,19 @@ def test_an_expert_without_tokens_gets_the_plain_truncated_svd(calib, tmp_path):
             # two float64 SVDs of the same W agree to about k·u·σ₁ per entry
             tol = 64 * W.shape[1] * torch.finfo(torch.float64).eps * float(s[0])
             assert float((layer.dense_weight() - best).abs().max()) <= tol
+
+
+def test_the_plan_counts_each_experts_statistics(checkpoints):
+    """Each expert reads its own tokens, so each has its own sums: the plan, which finds
+    the groups by running a block on `meta`, must see one group per expert input."""
+    from streamsvd.model import build_skeleton, find_blocks, load_config
+    from streamsvd.plan import input_groups
+
+    model = build_skeleton(load_config(checkpoints("mixtral")), torch.float64)
+    _, blocks = find_blocks(model)
+    groups = input_groups(model, blocks[0], 0.3)
+    experts = [g for g in groups if ".experts." in g[0]]
+    assert sorted(experts) == sorted(
+        [[f"mlp.experts.{e}.gate_proj", f"mlp.experts.{e}.up_proj"] for e in range(4)]
+        + [[f"mlp.experts.{e}.down_proj"] for e in range(4)]
+    )

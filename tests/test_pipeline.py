@@ -234,7 +234,16 @@ def test_output_is_a_sharded_checkpoint_with_streamsvd_config(
 
     config = json.loads((out / "config.json").read_text())
     section = config.pop("streamsvd")
-    assert config == json.loads((src / "config.json").read_text())
+    original = json.loads((src / "config.json").read_text())
+    # the original config, but for what makes it self-describing (tests/test_remote_code.py)
+    assert config.pop("auto_map") == {
+        "AutoConfig": "modeling_streamsvd.StreamSVDConfig",
+        "AutoModelForCausalLM": "modeling_streamsvd.StreamSVDForCausalLM",
+    }
+    base = original.pop("model_type")
+    assert config.pop("model_type") == f"streamsvd_{base}" and section["base_model_type"] == base
+    assert config == original
+    assert (out / "modeling_streamsvd.py").exists()
     assert section["method"] == method and section["ratio"] == RATIO
     assert section["complete"] is True
     shapes = {n: t.shape for n, t in tensors_of(src).items()}

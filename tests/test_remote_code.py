@@ -1,0 +1,74 @@
+"""A low-rank output loads with stock transformers where streamsvd is not installed
+(`trust_remote_code=True`: the output carries its own modeling code), gives the logits
+`load_compressed` gives, and refuses to load without trust_remote_code rather than build
+the original architecture with random weights where the factors are.
+
+Every architecture the compressor supports is covered by the families of
+benchmarks/families.py; here one of each kind: a dense Llama (tied embeddings, GQA), a
+mixture of experts (Qwen3-MoE), GPT-2's Conv1D, and mixed attention (Gemma-2). Logits are
+float64, compared at 1e-9 of their scale (see tests/test_families.py for why).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from streamsvd import CompressConfig, compress, load_compressed
+from streamsvd.calib import stdlib_docstrings
+from streamsvd.synth import write_family
+
+FAMILIES = ["llama", "qwen3_moe", "gpt2", "gemma2"]
+
+STOCK = r"""
+import json, sys
+sys.modules["streamsvd"] = None  # as where streamsvd is not installed
+import torch
+from transformers import AutoModelForCausalLM
+path, ids = sys.argv[1], torch.tensor(json.loads(sys.argv[2]))
+try:
+    AutoModelForCausalLM.from_pretrained(path)
+    print("LOADED WITHOUT trust_remote_code")
+    sys.exit(1)
+except ValueError as exc:
+    print("refused:", " ".join(str(exc).split()), file=sys.stderr)
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float64)
+with torch.no_grad():
+    logits = model.eval()(ids).logits
+print("\nRESULT", json.dumps({"class": type(model).__name__, "logits": logits.tolist()}))
+"""
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(stdlib_docstrings(40_000))
+    return path
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stock_transformers_loads_the_low_rank_output(family, calib, tmp_path):
+    model = write_family(family, tmp_path / "model", dtype=torch.float64, layers=2)
+    out = tmp_path / "out"
+    compress(CompressConfig(model=str(model), out=str(out), calib=str(calib), ratio=0.3,
+                            nsamples=8, seqlen=32, batch_size=4))  # fmt: skip
+    ids = torch.randint(2, 500, (2, 24), generator=torch.Generator().manual_seed(3))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HOME"] = str(tmp_path / "hf")  # where transformers copies remote code
+    done = subprocess.run([sys.executable, "-c", STOCK, str(out), json.dumps(ids.tolist())],
+                          capture_output=True, text=True, cwd=tmp_path, env=env,
+                          stdin=subprocess.DEVNULL, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    # without trust_remote_code transformers asks, and refuses when nobody answers yes
+    assert "trust_remote_code=True" in done.stderr + done.stdout
+    result = json.loads(done.stdout.split("\nRESULT ")[-1])
+    assert result["class"] == "StreamSVDForCausalLM"
+    stock = torch.tensor(result["logits"], dtype=torch.float64)
+    with torch.no_grad():
+        ours = load_compressed(out)(ids).logits
+    assert float((stock - ours).abs().max()) <= 1e-9 * float(ours.abs().max())
