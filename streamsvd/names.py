@@ -46,7 +46,8 @@ class ModelTensors(Mapping):
         # the names a tensor may land on: the skeleton's parameters and, for each
         # UnfusedExperts, the fused parameters of transformers' own module (split here)
         self.experts = unfused_modules(model)
-        targets = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+        params = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+        targets = set(params)
         for path, experts in self.experts.items():
             targets |= {f"{path}.{role}" for role in experts.fused_shapes}
         meta = dict.fromkeys(targets, True)  # what rename_source_key consults for prefixes
@@ -56,10 +57,11 @@ class ModelTensors(Mapping):
         self._converter: dict[str, WeightConverter | None] = {}
         self.unused: list[str] = []  # checkpoint tensors no parameter comes from
         for raw in sorted(reader, key=dot_natural_key):
-            target, pattern = rename_source_key(raw, renamings, converters,
-                                                model.base_model_prefix, meta)  # fmt: skip
-            if target not in targets and raw in targets:
-                target, pattern = raw, None
+            if raw in params:  # already a parameter of the skeleton (an expert's own weight
+                target, pattern = raw, None  # stored per expert): no fusing and splitting
+            else:
+                target, pattern = rename_source_key(raw, renamings, converters,
+                                                    model.base_model_prefix, meta)  # fmt: skip
             if target not in targets:
                 self.unused.append(raw)
                 continue
