@@ -17,6 +17,7 @@ from .pipeline import DEFAULT_METHOD
 from .synth import DTYPES, SHAPES
 
 log = logging.getLogger("streamsvd")
+DEMO_RATIO = 0.1  # SmolLM2-135M still answers sensibly here with the default method
 
 EXAMPLES = """\
 examples:
@@ -192,18 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="output directory")
 
     d = sub.add_parser("demo", help="compress the bundled SmolLM2-135M and compare",
-                       description="Compress SmolLM2-135M at --ratio, print perplexity before "
-                       "and after (a short variant of P1 unless given more windows) and one "
-                       "generation from each.")  # fmt: skip
-    d.add_argument("--ratio", type=float, default=0.2)
+                       description="Compress SmolLM2-135M at --ratio with plain SVD and with "
+                       "--method, then print the perplexity of the original and of both (a "
+                       "short variant of P1 unless given more windows) and each one's reply "
+                       "to --prompt.")  # fmt: skip
+    d.add_argument("--ratio", type=float, default=DEMO_RATIO)
     d.add_argument("--method", choices=list(METHODS), default=DEFAULT_METHOD)
     d.add_argument("--calib", help="calibration text (default: Python docstrings, offline)")
     d.add_argument("--data", help="evaluation text (default: Python's help topics, offline)")
-    d.add_argument("--nsamples", type=int, default=32)
+    d.add_argument("--nsamples", type=int, default=16)
     d.add_argument("--out", default="streamsvd-demo", help="output directory (replaced)")
-    d.add_argument("--prompt", default="The capital of France is")
+    d.add_argument("--prompt", default="What is the capital of France?")
     _add_eval_options(d)
-    d.set_defaults(windows=32)
+    d.set_defaults(windows=16, seqlen=256)
     return parser
 
 
@@ -254,6 +256,17 @@ def format_summary(s: dict) -> str:
         + (f", peak CUDA {s['peak_cuda_mb']:,.0f} MiB" if "peak_cuda_mb" in s else ""),
         "  time by stage " + ", ".join(f"{k} {v:.1f}s" for k, v in s["stage_seconds"].items()),
     ]
+    if "low_rank_share" in s:
+        kept = ", ".join(n.split(".*.", 1)[-1] for n in s["left_dense"]) or "nothing"
+        lines.insert(3, f"  low-rank     {s['low_rank_share']:.1%} of the blocks' parameters; "
+                        f"left as they were: {kept}")  # fmt: skip
+    if "expert_tokens" in s:
+        counts = list(s["expert_tokens"].values())
+        idle = s["experts_without_tokens"]
+        lines.insert(4, f"  experts      {len(counts)}, calibration tokens routed to each: "
+                        f"min {min(counts)}, max {max(counts)}; {len(idle)} got none (plain "
+                        "SVD)" + (f": {', '.join(idle[:3])}{' ...' * (len(idle) > 3)}" if idle
+                                  else ""))  # fmt: skip
     if s.get("compute_dtype", s.get("dtype")) != s.get("dtype"):
         lines.insert(1, f"  blocks ran in {s['compute_dtype']}; the output is {s['dtype']}")
     if "other_seconds" in s:
@@ -364,6 +377,8 @@ def cmd_export_dense(args) -> None:
 
 
 def cmd_demo(args) -> None:
+    """Plain SVD and the default method at the same ratio, side by side with the original:
+    what the calibration buys, in a few minutes on a laptop CPU."""
     import shutil
 
     from .evaluate import generate, perplexity
@@ -372,25 +387,43 @@ def cmd_demo(args) -> None:
 
     model = _model_path(None)
     device = args.device or _default_device()
-    out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(f"{out}.work", ignore_errors=True)
-    summary = compress(CompressConfig(model=model, out=str(out), ratio=args.ratio,
-                                      method=args.method, calib=args.calib,
-                                      nsamples=args.nsamples, seqlen=args.seqlen,
-                                      batch_size=args.batch_size, device=device))  # fmt: skip
-    print(format_summary(summary))
-    win = _eval_windows(model, args.data, args.seqlen, args.windows)
     tokenizer = load_tokenizer(model)
+    methods = list(dict.fromkeys(["svd", args.method]))
+    outputs = {"original": model}
+    for method in methods:
+        out = Path(args.out) / method
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(f"{out}.work", ignore_errors=True)
+        print(f"compressing with {method} at ratio {args.ratio} ...", flush=True)
+        summary = compress(CompressConfig(model=model, out=str(out), ratio=args.ratio,
+                                          method=method, calib=args.calib,
+                                          nsamples=args.nsamples, seqlen=args.seqlen,
+                                          batch_size=args.batch_size, device=device))  # fmt: skip
+        print(
+            f"  {summary['seconds']:.0f}s, linear parameters "
+            f"{summary['linear_params_after'] / summary['linear_params_before']:.0%} "
+            f"of the original's, peak RSS {summary['peak_rss_mb']:.0f} MB"
+        )
+        outputs[f"{method} {args.ratio}"] = str(out)
+    win = _eval_windows(model, args.data, args.seqlen, args.windows)
     where = f"{win.shape[0]} windows × {win.shape[1]} tokens of {args.data or 'Python help topics'}"
-    print(f"\nperplexity on {where}:")
-    for label, path in (("original", model), (f"{args.method} {args.ratio}", str(out))):
+    print(
+        f"\nperplexity on {where} (lower is better; how well each model predicts text it "
+        "was not calibrated on):"
+    )
+    for label, path in outputs.items():
         ppl = perplexity(path, win, args.batch_size, device, progress=False)
-        print(f"  {label:<18} {ppl:10.3f}")
-    print(f"\ngreedy generation from {args.prompt!r}:")
-    for label, path in (("original", model), (f"{args.method} {args.ratio}", str(out))):
-        text = generate(_load_any(path, device), tokenizer, args.prompt)
-        print(f"  {label:<18} {args.prompt}{text!r}")
+        print(f"  {label:<16} {ppl:10.2f}")
+    print(f"\nreply to {args.prompt!r} (greedy, through the chat template):")
+    for label, path in outputs.items():
+        text = generate(_load_any(path, device), tokenizer, args.prompt, chat=True)
+        print(f"  {label:<16} {text.strip()!r}")
+    print(
+        f"\nsvd: W's own best rank-r approximation, blind to data. {args.method}: the "
+        "factorisation that keeps each layer's outputs on the calibration text (SVD-LLM), "
+        f"from {args.nsamples} windows of {args.seqlen} tokens. Both keep the same "
+        f"parameters; outputs in {args.out}/."
+    )
 
 
 COMMANDS = {

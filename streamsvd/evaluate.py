@@ -78,8 +78,16 @@ def perplexity(path: str | Path, windows: torch.Tensor, batch_size: int = 8,
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:
-    """Greedy continuation of `prompt` (deterministic, so before/after are comparable)."""
-    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 40, chat: bool = False) -> str:
+    """Greedy continuation of `prompt` (deterministic, so before/after are comparable); with
+    `chat`, the reply to `prompt` as a user message, through the model's chat template (an
+    instruct model's natural use)."""
+    if chat and tokenizer.chat_template:
+        message = [{"role": "user", "content": prompt}]
+        ids = tokenizer.apply_chat_template(message, add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)  # fmt: skip
+        ids = ids["input_ids"].to(model.device)
+    else:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
     out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

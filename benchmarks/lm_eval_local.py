@@ -1,0 +1,189 @@
+"""lm-evaluation-harness on SmolLM2, offline: the original, the low-rank outputs at ratios
+0.2 and 0.4 (default method, P1 calibration) and their dense exports.
+
+    .venv/bin/pip install lm-eval   # not a streamsvd dependency
+    .venv/bin/python benchmarks/lm_eval_local.py [--limit-docs 16] [--limit-items 300]
+
+Tasks are local YAML (benchmarks/lm_eval_tasks/) over local data, so nothing is fetched
+from a hub: `streamsvd_wikitext2` (rolling log-likelihood over WikiText-2 test articles,
+as lm-eval's `wikitext`) and `streamsvd_next_sentence` (multiple choice: which of four
+sentences follows a two-sentence context from a test article; three distractors of
+similar length from other articles; chance 25%). This script writes their data from
+../shared/data/wikitext-2/test.txt, compresses if the outputs are not there yet, and runs
+`lm_eval --model hf` (the low-rank outputs with trust_remote_code=True, through their own
+modeling code) with `max_length=512`, so that each article is scored in 512-token windows
+as P1 scores its windows. lm-eval reports word perplexity; the token perplexity beside it
+is exp(−Σ log-likelihood / Σ tokens) from the same run (tokens counted with the model's
+tokenizer, one EOT-prefixed scoring per article as lm-eval does). Writes
+benchmarks/results/lm_eval.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
+WORK = ROOT / "benchmarks" / "runs" / "lm_eval"
+TASKS = ROOT / "benchmarks" / "lm_eval_tasks"
+RESULTS = ROOT / "benchmarks" / "results"
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def articles(text: str) -> list[str]:
+    """WikiText-2 split at its top-level headings (" = Title = " lines)."""
+    docs, current = [], []
+    for line in text.splitlines(keepends=True):
+        if re.fullmatch(r" = [^=].* = \n", line) and current:
+            docs.append("".join(current))
+            current = []
+        current.append(line)
+    docs.append("".join(current))
+    return [d for d in docs if d.strip()]
+
+
+def sentences(doc: str) -> list[str]:
+    body = " ".join(line.strip() for line in doc.splitlines() if line.strip() and
+                    not line.strip().startswith("="))  # fmt: skip
+    return [s.strip() for s in re.split(r"(?<= \.) ", body) if len(s.split()) >= 6]
+
+
+def write_data(n_items: int) -> None:
+    out = WORK / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    docs = articles((DATA / "test.txt").read_text(encoding="utf-8"))
+    with open(out / "wikitext2_test_docs.jsonl", "w") as f:
+        for doc in docs:
+            f.write(json.dumps({"page": doc}) + "\n")
+    rng = random.Random(0)
+    per_doc = [sentences(d) for d in docs]
+    pool = [(i, s) for i, ss in enumerate(per_doc) for s in ss]
+    items = []
+    while len(items) < n_items:
+        d = rng.randrange(len(docs))
+        if len(per_doc[d]) < 4:
+            continue
+        k = rng.randrange(len(per_doc[d]) - 2)
+        context, answer = " ".join(per_doc[d][k : k + 2]), per_doc[d][k + 2]
+        similar = [s for i, s in pool if i != d and abs(len(s) - len(answer)) < 0.3 * len(answer)]
+        choices = [answer, *rng.sample(similar, 3)]
+        rng.shuffle(choices)
+        items.append({"context": context, "choices": choices, "label": choices.index(answer)})
+    with open(out / "next_sentence.jsonl", "w") as f:
+        for item in items:
+            f.write(json.dumps(item) + "\n")
+
+
+def models(only: str | None = None) -> list[tuple[str, float, Path]]:
+    from streamsvd.default_model import default_model_path
+
+    found = [("original", 0.0, default_model_path())]
+    if only == "original":
+        return found
+    for ratio in (0.2, 0.4):
+        if only and only != str(ratio):
+            continue
+        low = WORK / f"svdllm-a-{ratio}"
+        if not low.exists():
+            subprocess.run([sys.executable, "-m", "streamsvd.cli", "compress", "--model",
+                            str(found[0][2]), "--out", str(low), "--ratio", str(ratio),
+                            "--calib", str(DATA / "valid.txt"), "--nsamples", "64",
+                            "--seqlen", "512", "--seed", "0"], check=True)  # fmt: skip
+        dense = WORK / f"svdllm-a-{ratio}-dense"
+        if not dense.exists():
+            subprocess.run([sys.executable, "-m", "streamsvd.cli", "export-dense", "--model",
+                            str(low), "--out", str(dense)], check=True)  # fmt: skip
+        found += [("low-rank", ratio, low), ("dense export", ratio, dense)]
+    return found[1:] if only else found
+
+
+def run_lm_eval(path: Path, args) -> dict:
+    out = WORK / "out" / path.name
+    remote = ",trust_remote_code=True" if (path / "modeling_streamsvd.py").exists() else ""
+    tasks = []
+    for task, limit in (("streamsvd_wikitext2", args.limit_docs),
+                        ("streamsvd_next_sentence", args.limit_items)):  # fmt: skip
+        cmd = ["lm_eval", "--model", "hf", "--model_args",
+               f"pretrained={path},dtype=float32,max_length=512{remote}", "--tasks", task,
+               "--include_path", str(TASKS), "--batch_size", "8", "--limit", str(limit),
+               "--output_path", str(out / task), "--log_samples"]  # fmt: skip
+        subprocess.run([str(Path(sys.executable).parent / cmd[0]), *cmd[1:]], check=True,
+                       env={**os.environ, **OFFLINE}, cwd=ROOT)  # fmt: skip
+        tasks.append(task)
+    results = {}
+    for task in tasks:
+        for file in sorted((out / task).rglob("results_*.json")):
+            results.update(json.loads(file.read_text())["results"])
+        samples = sorted((out / task).rglob(f"samples_{task}_*.jsonl"))
+        if task == "streamsvd_wikitext2" and samples:
+            results[task]["token_perplexity"] = token_perplexity(path, samples[-1])
+    return results
+
+
+def token_perplexity(path: Path, samples: Path) -> float:
+    from streamsvd.model import load_tokenizer
+
+    tok = load_tokenizer(path)
+    nll = tokens = 0.0
+    for line in samples.read_text().splitlines():
+        s = json.loads(line)
+        nll -= float(s["word_perplexity"][0])  # [log-likelihood of the article, its words]
+        tokens += len(tok(s["target"], add_special_tokens=False).input_ids)
+    return math.exp(nll / tokens)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--limit-docs",
+        type=int,
+        default=12,
+        help="WikiText-2 test articles (12: 71k tokens, P1's 65,536 and a little)",
+    )
+    p.add_argument(
+        "--only",
+        choices=["original", "0.2", "0.4"],
+        help="run one model and keep its results for a later full run",
+    )
+    p.add_argument("--limit-items", type=int, default=300, help="next-sentence items")
+    args = p.parse_args()
+    write_data(args.limit_items)
+    rows = []
+    for kind, ratio, path in models(args.only):
+        kept = WORK / "out" / path.name / f"results-{args.limit_docs}-{args.limit_items}.json"
+        if not kept.exists():  # results of an earlier run with the same limits are kept
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            kept.write_text(json.dumps(run_lm_eval(path, args)))
+        rows.append({"model": kind, "ratio": ratio, "path": str(path),
+                     "results": json.loads(kept.read_text())})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    if args.only:
+        return
+    command = " ".join([".venv/bin/python", "benchmarks/lm_eval_local.py", *sys.argv[1:]])
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "lm_eval.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2))
+    lines = [f"lm-eval (`lm_eval --model hf`, local tasks), SmolLM2-135M. Command: `{command}`",
+             f"(first {args.limit_docs} WikiText-2 test articles; {args.limit_items} "
+             "next-sentence items)", "",
+             "| model | ratio | wikitext2 word ppl | token ppl | bits/byte | next-sentence "
+             "acc | acc_norm |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        w, m = r["results"]["streamsvd_wikitext2"], r["results"]["streamsvd_next_sentence"]
+        lines.append(f"| {r['model']} | {r['ratio']} | {w['word_perplexity,none']:.2f} | "
+                     f"{w.get('token_perplexity', float('nan')):.2f} | "
+                     f"{w['bits_per_byte,none']:.3f} | {m['acc,none']:.3f} ± "
+                     f"{m['acc_stderr,none']:.3f} | {m['acc_norm,none']:.3f} |")  # fmt: skip
+    (RESULTS / "lm_eval.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
