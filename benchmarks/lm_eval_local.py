@@ -1,7 +1,7 @@
 """lm-evaluation-harness on SmolLM2, offline: the original, the low-rank outputs at ratios
 0.2 and 0.4 (default method, P1 calibration) and their dense exports.
 
-    .venv/bin/pip install lm-eval   # not a streamsvd dependency
+    .venv/bin/pip install -e ".[eval]"   # lm-eval: not a dependency of streamsvd itself
     .venv/bin/python benchmarks/lm_eval_local.py [--limit-docs 16] [--limit-items 300]
 
 Tasks are local YAML (benchmarks/lm_eval_tasks/) over local data, so nothing is fetched
