@@ -108,23 +108,25 @@ def models(only: str | None = None) -> list[tuple[str, float, Path]]:
 def run_lm_eval(path: Path, args) -> dict:
     out = WORK / "out" / path.name
     remote = ",trust_remote_code=True" if (path / "modeling_streamsvd.py").exists() else ""
-    tasks = []
+    results = {}
     for task, limit in (("streamsvd_wikitext2", args.limit_docs),
                         ("streamsvd_next_sentence", args.limit_items)):  # fmt: skip
+        kept = out / f"{task}-limit{limit}.json"  # a task's results are kept between runs
+        if kept.exists():
+            results[task] = json.loads(kept.read_text())
+            continue
         cmd = ["lm_eval", "--model", "hf", "--model_args",
                f"pretrained={path},dtype=float32,max_length=512{remote}", "--tasks", task,
                "--include_path", str(TASKS), "--batch_size", "8", "--limit", str(limit),
                "--output_path", str(out / task), "--log_samples"]  # fmt: skip
         subprocess.run([str(Path(sys.executable).parent / cmd[0]), *cmd[1:]], check=True,
                        env={**os.environ, **OFFLINE}, cwd=ROOT)  # fmt: skip
-        tasks.append(task)
-    results = {}
-    for task in tasks:
-        for file in sorted((out / task).rglob("results_*.json")):
-            results.update(json.loads(file.read_text())["results"])
-        samples = sorted((out / task).rglob(f"samples_{task}_*.jsonl"))
-        if task == "streamsvd_wikitext2" and samples:
-            results[task]["token_perplexity"] = token_perplexity(path, samples[-1])
+        newest = sorted((out / task).rglob("results_*.json"))[-1]
+        results[task] = json.loads(newest.read_text())["results"][task]
+        if task == "streamsvd_wikitext2":
+            samples = sorted((out / task).rglob(f"samples_{task}_*.jsonl"))[-1]
+            results[task]["token_perplexity"] = token_perplexity(path, samples)
+        kept.write_text(json.dumps(results[task]))
     return results
 
 
@@ -153,17 +155,13 @@ def main() -> None:
         choices=["original", "0.2", "0.4"],
         help="run one model and keep its results for a later full run",
     )
-    p.add_argument("--limit-items", type=int, default=300, help="next-sentence items")
+    p.add_argument("--limit-items", type=int, default=100, help="next-sentence items")
     args = p.parse_args()
     write_data(args.limit_items)
     rows = []
     for kind, ratio, path in models(args.only):
-        kept = WORK / "out" / path.name / f"results-{args.limit_docs}-{args.limit_items}.json"
-        if not kept.exists():  # results of an earlier run with the same limits are kept
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            kept.write_text(json.dumps(run_lm_eval(path, args)))
         rows.append({"model": kind, "ratio": ratio, "path": str(path),
-                     "results": json.loads(kept.read_text())})  # fmt: skip
+                     "results": run_lm_eval(path, args)})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     if args.only:
         return
