@@ -17,7 +17,7 @@ from .pipeline import DEFAULT_METHOD
 from .synth import DTYPES, SHAPES
 
 log = logging.getLogger("streamsvd")
-DEMO_RATIO = 0.1  # SmolLM2-135M still answers sensibly here with the default method
+DEMO_RATIO = 0.1  # mild, for a 135M model; the README shows what the demo prints at it
 
 EXAMPLES = """\
 examples:
