@@ -19,7 +19,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.pytorch_utils import Conv1D
 
 from .errors import StreamSVDError
-from .modeling import SECTION, unfuse_experts
+from .modeling import SECTION, linear_shape, unfuse_experts
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +28,13 @@ def load_config(path: str | os.PathLike) -> PretrainedConfig:
     """The checkpoint's config; for a streamsvd output, the original architecture's (its
     own model_type makes stock transformers ask for trust_remote_code)."""
     try:
-        config = AutoConfig.from_pretrained(path) if not _base_type(path) else None
-        if config is None:
-            data = json.loads((Path(path) / "config.json").read_text())
-            data.pop("auto_map", None)
-            data.pop("model_type")
-            config = AutoConfig.for_model(_base_type(path), **data)
-        return config
+        base = _base_type(path)
+        if base is None:
+            return AutoConfig.from_pretrained(path)
+        data = json.loads((Path(path) / "config.json").read_text())
+        data.pop("auto_map", None)
+        data.pop("model_type")
+        return AutoConfig.for_model(base, **data)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StreamSVDError(f"{path} has no usable config.json: {first}") from exc
@@ -160,16 +160,6 @@ def factorised_linears(block: nn.Module, ratio: float) -> dict[str, nn.Module]:
     }
 
 
-def linear_weight(layer: nn.Module) -> torch.Tensor:
-    """The layer's weight as out × in, whichever way it is stored (a view, no copy)."""
-    return layer.weight.t() if isinstance(layer, Conv1D) else layer.weight
-
-
-def linear_shape(layer: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features)."""
-    return tuple(linear_weight(layer).shape)
-
-
 def fill(module: nn.Module, tensors: dict[str, torch.Tensor], device, dtype=None) -> None:
     """Put real tensors into a (meta) module; names are relative to the module."""
     for name, value in tensors.items():
@@ -234,6 +224,25 @@ def catch_block_inputs(
     return caught["hidden"], caught["kwargs"]
 
 
+@contextlib.contextmanager
+def buffers_on_meta(module: nn.Module) -> Iterator[None]:
+    """Send a module's real buffers (a router's bias) to `meta` meanwhile, so that it runs
+    on `meta` inputs; they come back afterwards."""
+    real = [
+        (owner, name, buf)
+        for owner in module.modules()
+        for name, buf in owner._buffers.items()
+        if buf is not None and not buf.is_meta
+    ]
+    for owner, name, buf in real:
+        owner._buffers[name] = buf.to("meta")
+    try:
+        yield
+    finally:
+        for owner, name, buf in real:
+            owner._buffers[name] = buf
+
+
 def every_block_kwargs(model: PreTrainedModel, blocks: nn.ModuleList,
                        input_ids: torch.Tensor) -> list[dict]:  # fmt: skip
     """The keyword arguments the model hands each block: blocks of different attention types
@@ -241,30 +250,24 @@ def every_block_kwargs(model: PreTrainedModel, blocks: nn.ModuleList,
     embeddings, taken from the model's own forward. The blocks run on `meta` meanwhile, so
     no block weights are needed and nothing is computed."""
     caught: list[dict] = []
-    real_buffers: dict = {}
+    on_meta = contextlib.ExitStack()
 
     def before(module, args, kwargs):
         caught.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
         if len(caught) == len(blocks):
             raise _StopForward
-        for owner in module.modules():  # buffers (a router's bias) go to meta meanwhile
-            for name, buf in owner._buffers.items():
-                if buf is not None and not buf.is_meta:
-                    real_buffers[(owner, name)] = buf
-                    owner._buffers[name] = buf.to("meta")
+        on_meta.enter_context(buffers_on_meta(module))
         return to_device(args, "meta"), to_device(kwargs, "meta")
 
     def after(module, args, output):
-        for (owner, name), buf in real_buffers.items():
-            owner._buffers[name] = buf
-        real_buffers.clear()
+        on_meta.close()
 
     handles = [b.register_forward_pre_hook(before, with_kwargs=True) for b in blocks]
     handles += [b.register_forward_hook(after) for b in blocks]
     try:
         _run_decoder(model, input_ids, handles)
     finally:
-        after(None, None, None)
+        on_meta.close()
     if len(caught) != len(blocks):
         raise StreamSVDError(f"the model's forward reached {len(caught)} of its "
                              f"{len(blocks)} decoder blocks")  # fmt: skip

@@ -53,6 +53,17 @@ class LowRankLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}"
 
 
+def linear_weight(layer: nn.Module) -> torch.Tensor:
+    """A linear layer's weight as out × in, whichever way it is stored (a view, no copy):
+    GPT-2's Conv1D stores it transposed."""
+    return layer.weight.t() if isinstance(layer, Conv1D) else layer.weight
+
+
+def linear_shape(layer: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features)."""
+    return tuple(linear_weight(layer).shape)
+
+
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
@@ -200,12 +211,9 @@ def compressed_structure(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
     replaces (meta in a skeleton)."""
     for name, rank in ranks.items():
         layer = model.get_submodule(name)
-        w = layer.weight
-        out_features, in_features = (
-            (w.shape[1], w.shape[0]) if isinstance(layer, Conv1D) else w.shape
-        )
-        low = LowRankLinear(in_features, out_features, rank, layer.bias is not None, w.device,
-                            w.dtype)  # fmt: skip
+        out_features, in_features = linear_shape(layer)
+        low = LowRankLinear(in_features, out_features, rank, layer.bias is not None,
+                            layer.weight.device, layer.weight.dtype)  # fmt: skip
         replace_module(model, name, low)
     return model
 

@@ -27,7 +27,6 @@ from transformers.core_model_loading import (
 from .checkpoint import CheckpointReader
 from .errors import StreamSVDError
 from .experts import unfused_modules
-from .modeling import UnfusedExperts
 
 
 class ModelTensors(Mapping):
@@ -127,7 +126,7 @@ class ModelTensors(Mapping):
             for name, value in values.items():
                 path, _, role = name.rpartition(".")
                 experts = self.experts.get(path)
-                if isinstance(experts, UnfusedExperts) and role in experts.fused_shapes:
+                if experts is not None and role in experts.fused_shapes:
                     out |= {f"{path}.{k}": v for k, v in experts.split({role: value}).items()}
                 else:
                     out[name] = value

@@ -56,15 +56,13 @@ from .model import (
     factorised_linears,
     fill,
     find_blocks,
-    linear_shape,
-    linear_weight,
     load_config,
     max_positions,
     run_block,
     shared_input_groups,
     unfill,
 )
-from .modeling import SECTION, LowRankLinear, replace_module
+from .modeling import SECTION, LowRankLinear, linear_shape, linear_weight, replace_module
 from .names import ModelTensors
 from .plan import disk_bytes, disk_needs, existing, size_text
 from .preflight import check_locations, check_shapes
@@ -374,13 +372,12 @@ class Compressor:
 
     def _planned_seconds(self) -> float:
         """The plan's time per block (speed.py) for this device, as --dry-run prints it."""
-        from .plan import input_groups, linear_plans
+        from .plan import input_groups, largest_block, linear_plans
         from .speed import block_seconds, measure_speed
 
-        linears = linear_plans(self.blocks[0], self.cfg.ratio)
-        groups = (
-            input_groups(self.model, self.blocks[0], self.cfg.ratio) if self.method.needs else []
-        )
+        block = self.blocks[largest_block(self.tensors.shapes(), self.prefix, len(self.blocks))[0]]
+        linears = linear_plans(block, self.cfg.ratio)
+        groups = input_groups(self.model, block, self.cfg.ratio) if self.method.needs else []
         width = max(lp.shape[1] for lp in linears)
         rates = measure_speed(self.cfg.device, self.compute, self.cfg.method, width)
         text = self.config.get_text_config()
@@ -517,7 +514,11 @@ class Compressor:
         if self.streams:
             with self._phase("statistics"):
                 groups, digests["orig"] = self._collect_stats(i, block, linears, block_kwargs)
-        tokens = {name: groups[name].tokens if name in groups else 0 for name in linears}
+        expert_tokens = {  # expert -> calibration tokens routed to it
+            f"{block_prefix}.{expert_index(name)}": groups[name].tokens if name in groups else 0
+            for name in linears
+            if expert_index(name)
+        }
         release = release_points(list(linears), groups)  # group -> its last linear
         ranks = {}
         out_tensors = {}
@@ -562,12 +563,8 @@ class Compressor:
                 sha = save_shard(out_tensors, shard, self.durable,
                                  before_rename=lambda: faults.point("shard-write", i))  # fmt: skip
         faults.point("before-journal", i)
-        experts = {}  # expert -> calibration tokens routed to it
-        for name, count in tokens.items():
-            if expert_index(name):
-                experts[f"{block_prefix}.{expert_index(name)}"] = count
         self._record(f"block.{i}", {"sha256": sha, "ranks": ranks, "activations": digests,
-                                    "expert_tokens": experts})  # fmt: skip
+                                    "expert_tokens": expert_tokens})  # fmt: skip
         faults.point("journaled", i)
         empty(block)
         spent = {k: v - stages_before.get(k, 0.0) for k, v in self.timer.seconds.items()}
@@ -642,9 +639,11 @@ class Compressor:
                     weights = {name: linear_weight(linears[name]) for name in group}
                     shared = InputStats(seen[group[0]].shape[-1], needs, self.device, weights)
                     stats.update({name: shared for name in group})
-                for shared in {id(stats[n]): stats[n] for n in seen}.values():
-                    name = next(n for n in seen if stats[n] is shared)
-                    shared.add(
+                first = {}  # each group's first linear seen in this batch
+                for name in seen:
+                    first.setdefault(id(stats[name]), name)
+                for name in first.values():
+                    stats[name].add(
                         seen[name] if "orig" in needs or "cross" in needs else None,
                         seen_c.get(name),
                     )

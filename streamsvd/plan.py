@@ -42,6 +42,7 @@ from .factorize import METHODS, rank_for
 from .journal import disk_used
 from .model import (
     before_blocks,
+    buffers_on_meta,
     build_skeleton,
     capture_inputs,
     catch_block_inputs,
@@ -50,13 +51,13 @@ from .model import (
     factorised_linears,
     fill,
     find_blocks,
-    linear_shape,
     load_config,
     run_block,
     shared_input_groups,
     to_device,
     unfill,
 )
+from .modeling import linear_shape
 from .names import ModelTensors
 from .preflight import check_locations, check_shapes
 from .stats import CHUNK_VALUES, cross_as_product, release_points, sums_bytes
@@ -140,7 +141,7 @@ def input_groups(model, block, ratio: float) -> list[list[str]]:
     try:
         hidden, kwargs = catch_block_inputs(model, blocks[0], torch.zeros(1, 4, dtype=torch.long))
         names = list(factorised_linears(block, ratio))
-        with torch.inference_mode(), capture_inputs(block, names) as seen:
+        with torch.inference_mode(), buffers_on_meta(block), capture_inputs(block, names) as seen:
             run_block(block, hidden.to("meta"), {1: to_device(kwargs, "meta")})
     finally:
         unfill(model, list(fakes))
@@ -221,11 +222,7 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
     check_locations(cfg.model, cfg.out, Path(cfg.run_dir))
     text = config.get_text_config()
 
-    # blocks may differ (DeepSeek-V3's first blocks are dense, the rest mixtures of
-    # experts): memory and time are planned for the largest
-    sizes = [sum(math.prod(shapes[n]) for n in shapes if _in_block(n, prefix, i))
-             for i in range(len(blocks))]  # fmt: skip
-    largest = max(range(len(blocks)), key=sizes.__getitem__)
+    largest, largest_params = largest_block(shapes, prefix, len(blocks))
     linears = linear_plans(blocks[largest], cfg.ratio)
     groups = input_groups(model, blocks[largest], cfg.ratio) if method.needs else []
 
@@ -235,7 +232,7 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
     linear_before = sum(math.prod(lp.shape) for lp in every_linear)
     linear_after = sum(lp.rank * sum(lp.shape) for lp in every_linear)
     after = before - linear_before + linear_after
-    block_bytes = sizes[largest] * compute.itemsize
+    block_bytes = largest_params * compute.itemsize
     rest_bytes = sum(math.prod(s) for n, s in shapes.items() if not n.startswith(prefix + "."))
     rest_bytes *= item
     streams = method.streams
@@ -356,8 +353,16 @@ def block_memory(cfg, text, linears: list[LinearPlan], groups: list[list[str]],
     return host, device
 
 
-def _in_block(name: str, prefix: str, i: int) -> bool:
-    return name.startswith(f"{prefix}.{i}.")
+def largest_block(shapes: dict[str, tuple], prefix: str, n_blocks: int) -> tuple[int, int]:
+    """(index, parameters) of the block with the most parameters. Blocks may differ
+    (DeepSeek-V3's first blocks are dense, the rest mixtures of experts): memory and time
+    are planned for the largest."""
+    sizes = [0] * n_blocks
+    for name, shape in shapes.items():
+        if name.startswith(prefix + "."):
+            sizes[int(name[len(prefix) + 1 :].split(".", 1)[0])] += math.prod(shape)
+    largest = max(range(n_blocks), key=sizes.__getitem__)
+    return largest, sizes[largest]
 
 
 def host_memory_available() -> tuple[int, str]:

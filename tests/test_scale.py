@@ -45,6 +45,27 @@ def tensors_of(path: Path) -> dict[str, torch.Tensor]:
 # -- synth -----------------------------------------------------------------------------
 
 
+def test_synth_moe_shape_has_the_size_and_experts_it_says(tmp_path):
+    """A mixture-of-experts shape: one 2-D weight per expert, under names streamsvd reads
+    as they are, and the size checkpoint_bytes predicts."""
+    from streamsvd.model import build_skeleton, find_blocks, load_config
+    from streamsvd.names import ModelTensors
+
+    shape = SHAPES["tiny-moe"]
+    path = synthesize(tmp_path / "moe", "tiny-moe", 2, values=False)
+    files = sum(p.stat().st_size for p in path.glob("*.safetensors"))
+    assert files == pytest.approx(checkpoint_bytes(shape, 2), rel=0.01)
+    reader = CheckpointReader(path)
+    model = build_skeleton(load_config(path), reader.dtype())
+    prefix, _ = find_blocks(model)
+    tensors = ModelTensors(reader, model)
+    tensors.check_blocks(prefix)  # every block parameter comes from the checkpoint
+    assert not tensors.unused
+    experts = {n.split(".experts.")[1].split(".")[0] for n in tensors.under(f"{prefix}.0")
+               if ".experts." in n}  # fmt: skip
+    assert len(experts) == shape.experts
+
+
 def test_synth_writes_a_sharded_checkpoint_that_transformers_loads(tiny_synth):
     shape = SHAPES["tiny"]
     index = json.loads((tiny_synth / "model.safetensors.index.json").read_text())
