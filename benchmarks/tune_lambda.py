@@ -32,25 +32,35 @@ from streamsvd.pipeline import CompressConfig, compress  # noqa: E402
 CALIB_FRACTION = 0.8
 
 
+def heldout_split(data_dir: Path) -> tuple[str, str]:
+    """(calibration text, held-out text): valid.txt's lines, the first 80% and the rest."""
+    lines = (data_dir / "valid.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    cut = int(len(lines) * CALIB_FRACTION)
+    return "".join(lines[:cut]), "".join(lines[cut:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared/data/wikitext-2")
     parser.add_argument("--lambdas", nargs="+", type=float, default=[0.0, 0.1, 0.25, 0.4, 0.6])
+    parser.add_argument("--allocation", default="uniform", help="compress --allocation")
+    parser.add_argument("--sequential", action="store_true", help="compress --sequential")
+    parser.add_argument("--only-svdllm-a", action="store_true", help="skip svdllm-w and -u")
     args = run_arguments(parser, "tune_lambda", ratios=[0.4], nsamples=32, windows=48)
 
     from transformers import AutoTokenizer
 
     model = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model)
-    lines = (args.data_dir / "valid.txt").read_text(encoding="utf-8").splitlines(keepends=True)
-    cut = int(len(lines) * CALIB_FRACTION)
-    calib_text, heldout_text = "".join(lines[:cut]), "".join(lines[cut:])
+    calib_text, heldout_text = heldout_split(args.data_dir)
     windows = eval_windows(
         tokenize(tokenizer, heldout_text, special_tokens=True), 512, args.windows
     )
     result = {
         "what": (
-            f"svdllm-a λ sweep: calibrate on the first {CALIB_FRACTION:.0%} of valid.txt "
+            f"svdllm-a λ sweep (allocation {args.allocation}"
+            f"{', sequential statistics' if args.sequential else ''}): calibrate on the "
+            f"first {CALIB_FRACTION:.0%} of valid.txt "
             f"({args.nsamples}×512, seed 0), perplexity on {len(windows)}×512 windows of the "
             "last 20%; test.txt unused"
         ),
@@ -65,8 +75,8 @@ def main() -> None:
             {"method": "original", "perplexity": perplexity(model, windows, progress=False)}
         )
         print(json.dumps(result["rows"][-1]), flush=True)
-        runs = [(r, "svdllm-w", None) for r in args.ratios]
-        runs += [(r, "svdllm-u", None) for r in args.ratios]
+        runs = [] if args.only_svdllm_a else [(r, "svdllm-w", None) for r in args.ratios]
+        runs += [] if args.only_svdllm_a else [(r, "svdllm-u", None) for r in args.ratios]
         runs += [(r, "svdllm-a", lam) for r in args.ratios for lam in args.lambdas]
         for ratio, method, lam in runs:
             if lam is not None:
@@ -82,12 +92,16 @@ def main() -> None:
                     nsamples=args.nsamples,
                     seqlen=512,
                     seed=0,
+                    allocation=args.allocation,
+                    sequential=args.sequential,
                 )
             )
             row = {
                 "method": method,
                 "ratio": ratio,
                 "lambda": lam,
+                "allocation": args.allocation,
+                "sequential": args.sequential,
                 "perplexity": perplexity(out, windows, progress=False),
                 "compress_seconds": summary["seconds"],
             }

@@ -113,6 +113,24 @@ def _hub_dataset_text(source: str) -> str:
     return "\n\n".join(data[column])
 
 
+def as_chat(text: str, tokenizer) -> str:
+    """The text recast as the conversations an instruct model was tuned on: each paragraph
+    becomes an assistant's answer to a request for it, through the tokenizer's own chat
+    template. Calibrating on plain prose tunes the factors to prose, and the compressed
+    model's replies in the chat format suffer for it."""
+    turns = []
+    for paragraph in (p.strip() for p in text.split("\n\n")):
+        if not paragraph:
+            continue
+        first_line = paragraph.splitlines()[0]
+        conversation = [
+            {"role": "user", "content": f"Explain this: {first_line}"},
+            {"role": "assistant", "content": paragraph},
+        ]
+        turns.append(tokenizer.apply_chat_template(conversation, tokenize=False))
+    return "".join(turns)
+
+
 def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -10,14 +10,15 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .allocate import ALLOCATIONS
 from .errors import EXIT_INTERRUPTED, EXIT_RESOURCES, StreamSVDError
 from .factorize import METHODS
 from .memory import return_freed_memory
-from .pipeline import DEFAULT_METHOD
+from .pipeline import DEFAULT_ALLOCATION, DEFAULT_METHOD
 from .synth import DTYPES, SHAPES
 
 log = logging.getLogger("streamsvd")
-DEMO_RATIO = 0.1  # mild, for a 135M model; the README shows what the demo prints at it
+DEMO_RATIO = 0.05  # mild: a 135M model has little to spare; the README shows what it prints
 
 EXAMPLES = """\
 examples:
@@ -98,6 +99,22 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(METHODS),
         default=DEFAULT_METHOD,
         help=f"{methods} (default {DEFAULT_METHOD})",
+    )
+    c.add_argument(
+        "--allocation",
+        choices=list(ALLOCATIONS),
+        default=DEFAULT_ALLOCATION,
+        help="how the ratio's parameter budget is spread over the linears. uniform: the "
+        "same ratio for each; grouped: SVD-LLM V2's per-type allocation; residual: by each "
+        "error's weight on the residual stream. Other than uniform, a first pass over the "
+        f"checkpoint reads every matrix's spectrum (default {DEFAULT_ALLOCATION})",
+    )
+    c.add_argument(
+        "--sequential",
+        action="store_true",
+        help="within each block, compress q/k/v, then o, then gate/up, then down, each "
+        "taking its compressed-stream statistics after the ones before it are compressed "
+        "(one pass over the calibration batches per stage)",
     )
     c.add_argument(
         "--calib",
@@ -199,9 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "to --prompt.")  # fmt: skip
     d.add_argument("--ratio", type=float, default=DEMO_RATIO)
     d.add_argument("--method", choices=list(METHODS), default=DEFAULT_METHOD)
-    d.add_argument("--calib", help="calibration text (default: Python docstrings, offline)")
+    d.add_argument(
+        "--calib",
+        help="calibration text (default: Python docstrings, offline, "
+        "each as a chat answer when the model has a chat template)",
+    )
     d.add_argument("--data", help="evaluation text (default: Python's help topics, offline)")
-    d.add_argument("--nsamples", type=int, default=16)
+    d.add_argument("--nsamples", type=int, default=64)
     d.add_argument("--out", default="streamsvd-demo", help="output directory (replaced)")
     d.add_argument("--prompt", default="What is the capital of France?")
     _add_eval_options(d)
@@ -227,6 +248,8 @@ def cmd_compress(args) -> dict:
         dense=args.dense,
         restart=args.restart,
         compute_dtype=args.compute_dtype,
+        allocation=args.allocation,
+        sequential=args.sequential,
     )
     if args.dry_run:
         from .plan import format_plan, make_plan
@@ -381,6 +404,7 @@ def cmd_demo(args) -> None:
     what the calibration buys, in a few minutes on a laptop CPU."""
     import shutil
 
+    from .calib import as_chat, load_text
     from .evaluate import generate, perplexity
     from .model import load_tokenizer
     from .pipeline import CompressConfig, compress
@@ -390,13 +414,19 @@ def cmd_demo(args) -> None:
     tokenizer = load_tokenizer(model)
     methods = list(dict.fromkeys(["svd", args.method]))
     outputs = {"original": model}
+    calib, calib_label = args.calib, args.calib
+    if calib is None and tokenizer.chat_template:  # an instruct model: calibrate on chats
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        calib = Path(args.out) / "calib-chat.txt"
+        calib.write_text(as_chat(load_text(None)[0], tokenizer), encoding="utf-8")
+        calib_label = "Python docstrings, each as a chat answer"
     for method in methods:
         out = Path(args.out) / method
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(f"{out}.work", ignore_errors=True)
         print(f"compressing with {method} at ratio {args.ratio} ...", flush=True)
         summary = compress(CompressConfig(model=model, out=str(out), ratio=args.ratio,
-                                          method=method, calib=args.calib,
+                                          method=method, calib=calib,
                                           nsamples=args.nsamples, seqlen=args.seqlen,
                                           batch_size=args.batch_size, device=device))  # fmt: skip
         print(
@@ -421,8 +451,9 @@ def cmd_demo(args) -> None:
     print(
         f"\nsvd: W's own best rank-r approximation, blind to data. {args.method}: the "
         "factorisation that keeps each layer's outputs on the calibration text (SVD-LLM), "
-        f"from {args.nsamples} windows of {args.seqlen} tokens. Both keep the same "
-        f"parameters; outputs in {args.out}/."
+        f"from {args.nsamples} windows of {args.seqlen} tokens of "
+        f"{calib_label or 'Python docstrings'}. Both keep the same parameters; outputs in "
+        f"{args.out}/."
     )
 
 

@@ -185,6 +185,61 @@ def svdllm_a(W: torch.Tensor, stats, rank: int, clock: Clock = untimed) -> Facto
     return truncate_whitened(Y, L, rank, clock)
 
 
+def eigen_truncation(P: torch.Tensor, G: torch.Tensor, rank: int,
+                     clock: Clock = untimed) -> Factors:  # fmt: skip
+    """Best rank-r A·B in ‖T − A·B·X‖_F given only P = T·Xᵀ (m, n) and G = X·Xᵀ (n, n),
+    exact when G is singular (SVD-LLM V2's loss-optimised truncation).
+
+    With G = QΛQᵀ restricted to its numerical range (Λ > n·ε·λ_max), the minimiser is
+    A·B = U_r U_rᵀ P G⁺, U_r the top left singular vectors of Y = P·Q·Λ^-½: no inverse of
+    anything singular and no damping, so a dead input channel or fewer tokens than
+    dimensions costs nothing. The price is an eigendecomposition of G (about 5 n² values
+    of workspace against Cholesky's in-place factor), so this is an option, not the
+    default. Balanced as A = U_r Σ_r^½, B = Σ_r^-½ U_rᵀ P G⁺.
+    """
+    m, n = P.shape
+    with clock("cholesky"):  # the whitening, by eigendecomposition
+        lam, Q = torch.linalg.eigh(G.to(torch.float64))  # ascending
+        keep = lam > n * torch.finfo(torch.float64).eps * lam[-1].clamp(min=0)
+        Q, root = Q[:, keep], lam[keep].sqrt()
+    with clock("svd"):
+        Y = (P.to(torch.float64) @ Q) / root  # (m, k)
+        k = Y.shape[1]
+        if m <= k:
+            _, U = torch.linalg.eigh(Y @ Y.mT)
+            U = U[:, max(m - rank, 0) :].flip(1)
+        else:
+            _, V = torch.linalg.eigh(Y.mT @ Y)
+            V = V[:, max(k - rank, 0) :].flip(1)
+            U = Y @ V
+            U /= torch.linalg.vector_norm(U, dim=0).clamp(min=torch.finfo(torch.float64).tiny)
+        B = (U.mT @ Y) / root @ Q.mT  # (r', n) = U_rᵀ P G⁺
+        sigma = torch.linalg.vector_norm(U.mT @ Y, dim=1)
+        scale = torch.where(sigma > 0, sigma.sqrt(), 1)
+        A, B = U * scale, B / scale[:, None]
+        if A.shape[1] < rank:  # G's range is narrower than the rank: the rest is zero
+            A = torch.cat([A, A.new_zeros(m, rank - A.shape[1])], dim=1)
+            B = torch.cat([B, B.new_zeros(rank - B.shape[0], n)], dim=0)
+        return A, B
+
+
+def svdllm_w_eigen(W: torch.Tensor, stats, rank: int, clock: Clock = untimed) -> Factors:
+    """svdllm-w by eigen_truncation: minimises ‖(W − AB)X‖ exactly, singular G included."""
+    G = stats.G
+    return eigen_truncation(_times_float64(W, G), G, rank, clock)
+
+
+def svdllm_a_eigen(W: torch.Tensor, stats, rank: int, clock: Clock = untimed) -> Factors:
+    """svdllm-a by eigen_truncation: min ‖W·(λX + (1 − λ)X') − A·B·X'‖ exactly, with
+    P = λ·W·C + (1 − λ)·W·G' and the compressed stream's G'."""
+    lam = UPDATE_FRACTION
+    with clock("update"):
+        P = stats.weighted_cross(W)  # (m, n) W·C, ours to overwrite
+        P *= lam
+        P += (1 - lam) * _times_float64(W, stats.Gc)
+    return eigen_truncation(P, stats.Gc, rank, clock)
+
+
 # -- memory: float64 values a factorisation allocates beyond its group's sums ---------------
 # Measured with torch.linalg on CPU (see `plan.py`); the run's peak RSS is checked against
 # the plan in tests/test_scale.py and benchmarks/scale.py.
@@ -226,6 +281,8 @@ def workspace(method: str, m: int, n: int, rank: int, owns_cross: bool = False) 
         return whiten + mn + 2 * rank * n + 2 * rank * rank + rank * m
     if method == "svdllm-a":
         return max(cholesky_temp(n), (0 if owns_cross else mn) + truncation_temp(m, n, rank))
+    if method in ("svdllm-w-eigen", "svdllm-a-eigen"):  # P, W·G', eigh of G, Y, its Gram
+        return (0 if owns_cross else mn) + mn + EIGH_K2 * n * n + mn + truncation_temp(m, n, rank)
     raise StreamSVDError(f"no memory model for method {method!r}")
 
 
@@ -262,6 +319,18 @@ METHODS: dict[str, Method] = {
             svdllm_a,
             frozenset({"comp", "cross"}),
             "whitening on the compressed stream + a fraction of the paper's update",
+        ),
+        Method(
+            "svdllm-w-eigen",
+            svdllm_w_eigen,
+            frozenset({"orig"}),
+            "svdllm-w, truncated through the Gram's eigendecomposition (exact when singular)",
+        ),
+        Method(
+            "svdllm-a-eigen",
+            svdllm_a_eigen,
+            frozenset({"comp", "cross"}),
+            "svdllm-a, truncated through the Gram's eigendecomposition (exact when singular)",
         ),
     ]
 }

@@ -10,7 +10,12 @@ default: no handler, no cleanup, as when the OOM killer or a scheduler ends a jo
 STREAMSVD_FAULT_MARKER, then wait until it is deleted: holds a run still for a test of what
 happens beside it). Unset, a check is one dictionary lookup.
 
-Points, in the order a block meets them:
+Points of the spectra pass (rank allocation's first pass), in the order a block meets them:
+  spectra-between   before block i is loaded for its spectra
+  activations       as below: block i's outputs on the original stream half written
+  spectra-write     block i's spectra file under its temporary name, not renamed yet
+
+Points of the compression pass, in the order a block meets them:
   inputs            block 0's input activations half written (before any block)
   between           before block i is loaded: block i-1 is done and journaled
   activations       block i's outputs on the original stream (i+1's inputs) half written
@@ -35,6 +40,8 @@ from .errors import StreamSVDError
 
 ENV = "STREAMSVD_FAULT"
 POINTS = (
+    "spectra-between",
+    "spectra-write",
     "inputs",
     "between",
     "activations",

@@ -20,10 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from . import __version__, faults
 from .activations import ActivationStore, tensor_digest
+from .allocate import ALLOCATIONS, Matrix, allocate
 from .calib import calibration_windows, load_text, text_sha256, tokenize
 from .checkpoint import (
     CheckpointReader,
@@ -38,7 +40,7 @@ from .checkpoint import (
     write_index,
 )
 from .errors import NotEnoughResources, RunIOError, StreamSVDError
-from .experts import expert_index, fuse_dense_experts, same_routing
+from .experts import expert_index, fuse_dense_experts
 from .factorize import METHODS, rank_for
 from .journal import JOURNAL, Journal, RunLock, read_manifest, record_error
 from .lowrank import export_dense, self_describing
@@ -48,7 +50,6 @@ from .model import (
     before_blocks,
     block_arguments,
     build_skeleton,
-    capture_inputs,
     catch_block_inputs,
     check_supported,
     compute_dtype,
@@ -58,19 +59,18 @@ from .model import (
     find_blocks,
     load_config,
     max_positions,
-    run_block,
-    shared_input_groups,
     unfill,
 )
-from .modeling import SECTION, LowRankLinear, linear_shape, linear_weight, replace_module
+from .modeling import SECTION, linear_shape
 from .names import ModelTensors
 from .plan import disk_bytes, disk_needs, existing, size_text
 from .preflight import check_locations, check_shapes
-from .stats import InputStats, release_points
+from .step import BlockStep
 
 log = logging.getLogger(__name__)
 
 DEFAULT_METHOD = "svdllm-a"
+DEFAULT_ALLOCATION = "uniform"
 PLAIN = METHODS["svd"]  # for a linear without calibration statistics
 
 
@@ -95,6 +95,8 @@ class CompressConfig:
     # Read the next block's tensors into the page cache while this one computes.
     prefetch: bool = True
     compute_dtype: str = "auto"  # model.COMPUTE_DTYPES; the output keeps the checkpoint's
+    allocation: str = DEFAULT_ALLOCATION  # allocate.ALLOCATIONS: how the ratio's budget is spread
+    sequential: bool = False  # statistics stage by stage within a block (step.py)
 
     def __post_init__(self):
         if not 0 < self.ratio < 1:
@@ -107,6 +109,16 @@ class CompressConfig:
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise StreamSVDError(
                 f"compute dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}"
+            )
+        if self.allocation not in ALLOCATIONS:
+            raise StreamSVDError(
+                f"unknown allocation {self.allocation!r}; choose from {list(ALLOCATIONS)}"
+            )
+        if self.allocation != "uniform" and not METHODS[self.method].needs:
+            raise StreamSVDError(
+                f"allocation {self.allocation!r} reads each matrix's spectrum on calibration "
+                f"text, which method {self.method!r} does not take: use --allocation uniform "
+                "or a calibrated method"
             )
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise StreamSVDError(f"device must be cpu or cuda, got {self.device!r}")
@@ -209,6 +221,8 @@ class Compressor:
             raise
         self.shards = cfg.run_dir / "shards"
         self.shards.mkdir(exist_ok=True)
+        self.ranks: dict[str, int] | None = None  # the allocation's; None: the uniform rule
+        self.spectra_seconds = 0.0  # spent in this process on the allocation's first pass
         self.store = None
         if self.streams:
             self.store = ActivationStore(cfg.run_dir / "activations", cfg.nsamples, cfg.seqlen,
@@ -249,7 +263,11 @@ class Compressor:
             "model_fingerprint": self.reader.fingerprint(),
             "method": cfg.method,
             "ratio": cfg.ratio,
-            "rank_policy": "floor((1 - ratio) * m * n / (m + n)) for every block linear",
+            "rank_policy": "floor((1 - ratio) * m * n / (m + n)) for every block linear"
+            if cfg.allocation == "uniform"
+            else f"{cfg.allocation} allocation of the uniform rule's parameters",
+            "allocation": cfg.allocation,
+            "sequential": cfg.sequential,
             "calibration": calibration,
             "dtype": str(self.dtype),
             "compute_dtype": str(self.compute),
@@ -352,8 +370,9 @@ class Compressor:
         first = self._resume_point()
         if first == n_blocks:
             log.info("resuming: all %d blocks are done", n_blocks)
-        elif self.journal.stages:
+        elif any(s == "inputs" or s.startswith("block.") for s in self.journal.stages):
             log.info("resuming at block %d/%d", first + 1, n_blocks)
+        self.ranks = self._allocation() if first < n_blocks else None
         block_kwargs = self._embedding_stage()
         bar = tqdm(total=n_blocks, initial=first, desc="Compressing", unit="block", disable=None)
         if first < n_blocks:
@@ -450,17 +469,20 @@ class Compressor:
         with self._writing(self.journal.workdir / JOURNAL):
             self.journal.record(stage, info)
 
-    def _sync(self, slot: int) -> None:
-        """Make both streams' activations in `slot` durable before a stage is recorded."""
-        if self.durable and self.streams:
+    def _sync(self, slot: int, streams: tuple | None = None) -> None:
+        """Make the streams' activations in `slot` durable before a stage is recorded."""
+        streams = self.streams if streams is None else streams
+        if self.durable and streams:
             with self._writing(self.store.root), self.timer("activations"):
-                for stream in self.streams:
+                for stream in streams:
                     self.store.sync(stream, slot)
 
-    def _embedding_stage(self) -> list[dict]:
+    def _embedding_stage(self, stage: str = "inputs", streams: tuple | None = None) -> list[dict]:
         """Fill what runs before block 0 (every non-block tensor but the LM head: token and
-        learned position embeddings, ...), record block 0's inputs for every stream, return
-        the keyword arguments each block is called with (position embeddings, mask)."""
+        learned position embeddings, ...), record block 0's inputs for every stream (or
+        `streams`) as `stage`, return the keyword arguments each block is called with
+        (position embeddings, mask)."""
+        streams = self.streams if streams is None else streams
         before = before_blocks(self.model, self.prefix, list(self.tensors))
         tensors = self.tensors.tensors(before)
         check_finite(tensors, self.reader.path)
@@ -471,20 +493,18 @@ class Compressor:
             sizes = {stop - start for start, stop in self._batches()}
             arguments = block_arguments(self.model, self.blocks, sizes, self.cfg.seqlen,
                                         self.device)  # fmt: skip
-            if self.streams and not self.journal.done("inputs"):
+            if streams and not self.journal.done(stage):
                 with self.timer("forward"), self._writing(self.store.root):
-                    digests = {s: hashlib.sha256() for s in self.streams}
-                    for stream in self.streams:
+                    digests = {s: hashlib.sha256() for s in streams}
+                    for stream in streams:
                         self.store.reset(stream, 0)
                     for start, stop in self._batches():
                         hidden, _ = catch_block_inputs(self.model, first, self.windows[start:stop])
-                        for stream in self.streams:
+                        for stream in streams:
                             self._write_activations(stream, 0, start, hidden, digests[stream])
                         faults.point("inputs", 0)
-                self._sync(0)
-                self._record(
-                    "inputs", {"activations": {s: d.hexdigest() for s, d in digests.items()}}
-                )
+                self._sync(0, streams)
+                self._record(stage, {"activations": {s: d.hexdigest() for s, d in digests.items()}})
         unfill(self.model, before)
         return arguments
 
@@ -501,61 +521,52 @@ class Compressor:
         stages_before = dict(self.timer.seconds)
         block = self.blocks[i]
         block_prefix = f"{self.prefix}.{i}"
-        with self.timer("load"):
-            names = self.tensors.under(block_prefix)
-            original = self.tensors.tensors(names)
-            check_finite(original, self.reader.path)  # reads every page in, too
-            fill(block, {n[len(block_prefix) + 1 :]: t for n, t in original.items()}, self.device)
-        if self.cfg.prefetch and i + 1 < len(self.blocks):
-            names = self.tensors.under(f"{self.prefix}.{i + 1}")
-            threading.Thread(target=self.tensors.prefetch, args=(names,), daemon=True).start()
+        stages = None
+        if self.cfg.sequential:  # found on `meta`, before the block is filled
+            from .plan import input_groups
+            from .step import sequential_stages
+
+            groups = input_groups(self.model, block, self.cfg.ratio)
+            stages = sequential_stages(list(factorised_linears(block, self.cfg.ratio)), groups)
+        original = self._load_block(i)
         linears = factorised_linears(block, self.cfg.ratio)
-        groups, digests = {}, {}
+        step = BlockStep(block, linears, block_kwargs, self._batches(), self.device,
+                         self.timer, i)  # fmt: skip
+        ranks = {  # the allocation's, or the uniform rule's
+            name: self.ranks[f"{block_prefix}.{name}"]
+            if self.ranks
+            else rank_for(*linear_shape(linear), self.cfg.ratio)
+            for name, linear in linears.items()
+        }
+        digests = {stream: hashlib.sha256() for stream in self.streams}
         if self.streams:
-            with self._phase("statistics"):
-                groups, digests["orig"] = self._collect_stats(i, block, linears, block_kwargs)
+            with self._writing(self.store.root):
+                self.store.reset("orig", (i + 1) % 2)
+        factors, tokens = step.compress(self.method, ranks, self._reader(i),
+                                        self._writer(i, digests), self.dtype, self.compute,
+                                        self.cfg.sequential, stages, self._phase)  # fmt: skip
         expert_tokens = {  # expert -> calibration tokens routed to it
-            f"{block_prefix}.{expert_index(name)}": groups[name].tokens if name in groups else 0
-            for name in linears
+            f"{block_prefix}.{expert_index(name)}": count
+            for name, count in tokens.items()
             if expert_index(name)
         }
-        release = release_points(list(linears), groups)  # group -> its last linear
-        ranks = {}
         out_tensors = {}
-        with self.timer("convert"), self._phase("factorise"):  # cholesky, svd, update apart
-            for name, linear in linears.items():
-                m, n = linear_shape(linear)
-                rank = rank_for(m, n, self.cfg.ratio)
-                group = groups.get(name)
-                if group is not None and self.device.type == "cuda":
-                    for other in {id(g): g for g in groups.values()}.values():  # park the rest
-                        other.to(self.device if other is group else "cpu")
-                stats = group.for_linear(name) if group is not None else None
-                # an expert the router sent no calibration token has no statistics: the
-                # best it can get is W's own truncated SVD (reported in the summary)
-                method = self.method if stats is not None or not self.method.needs else PLAIN
-                A, B = method.factorize(linear_weight(linear), stats, rank, self.timer)
-                faults.point("svd", i)
-                new = LowRankLinear.from_factors(A, B, linear.bias, self.dtype)  # as written
-                del A, B, stats
-                if release.get(name) is not None:  # the group's last linear: free its sums
-                    for member in release[name]:
-                        groups.pop(member, None)
-                    group = None
-                full = f"{block_prefix}.{name}"
-                ranks[full] = rank
-                out_tensors[f"{full}.down.weight"] = new.down.weight.detach().cpu()
-                out_tensors[f"{full}.up.weight"] = new.up.weight.detach().cpu()
-                if linear.bias is not None:
-                    out_tensors[f"{full}.up.bias"] = original[f"{full}.bias"]
-                # the block runs the values written, in the compute dtype (.to is in place)
-                replace_module(block, name, new.to(self.compute))
+        for name, (down, up) in factors.items():
+            full = f"{block_prefix}.{name}"
+            out_tensors[f"{full}.down.weight"] = down
+            out_tensors[f"{full}.up.weight"] = up
+            if linears[name].bias is not None:
+                out_tensors[f"{full}.up.bias"] = original[f"{full}.bias"]
+        ranks = {f"{block_prefix}.{name}": rank for name, rank in ranks.items()}
         for name, tensor in original.items():  # norms and the like: bit for bit
             if name.rsplit(".", 1)[0][len(block_prefix) + 1 :] not in linears:
                 out_tensors[name] = tensor
         out_tensors = fuse_dense_experts(self.model, out_tensors)  # experts left dense, if any
         if "comp" in self.streams:
-            digests["comp"] = self._advance_comp(i, block, block_kwargs)
+            with self._writing(self.store.root):
+                self.store.reset("comp", (i + 1) % 2)
+            step.advance(self._reader(i), self._writer(i, digests))
+        digests = {stream: digest.hexdigest() for stream, digest in digests.items()}
         shard = self.shards / _shard_file(i)
         with self.timer("write"):
             self._sync((i + 1) % 2)
@@ -606,61 +617,124 @@ class Compressor:
                 "with more memory; finished blocks are kept, so the same command resumes"
             ) from exc
 
-    def _collect_stats(self, i: int, block, linears: dict, kwargs: dict) -> tuple[dict, str]:
-        """Float64 statistics of every linear's inputs, shared within groups that read the
-        same tensor; the dense block's outputs on the original stream are block i+1's input."""
-        slot, nxt = i % 2, (i + 1) % 2
-        needs = self.method.needs
-        names = list(linears)
-        stats: dict[str, InputStats] = {}
-        orig_digest = hashlib.sha256()
-        with self._writing(self.store.root):
-            self.store.reset("orig", nxt)
-        for start, stop in self._batches():
-            # both streams reach the experts the original stream's router chose, so that
-            # an expert's statistics pair each token's two inputs
-            with self.timer("forward"), self._writing(self.store.root), same_routing(block):
-                x = self._read_activations("orig", slot, start, stop)
-                with capture_inputs(block, names) as seen:
-                    y = run_block(block, x, kwargs)
-                self._write_activations("orig", nxt, start, y, orig_digest)
-                del x, y
-                faults.point("activations", i)
-                seen_c = {}
-                if needs & {"comp", "cross"}:
-                    xc = self._read_activations("comp", slot, start, stop)
-                    with capture_inputs(block, names) as seen_c:
-                        run_block(block, xc, kwargs)
-                    del xc
-            with self.timer("stats"):
-                # an expert's linears appear in the first batch that routes a token to it
-                new = {name: x for name, x in seen.items() if name not in stats}
-                for group in shared_input_groups(new):
-                    weights = {name: linear_weight(linears[name]) for name in group}
-                    shared = InputStats(seen[group[0]].shape[-1], needs, self.device, weights)
-                    stats.update({name: shared for name in group})
-                first = {}  # each group's first linear seen in this batch
-                for name in seen:
-                    first.setdefault(id(stats[name]), name)
-                for name in first.values():
-                    stats[name].add(
-                        seen[name] if "orig" in needs or "cross" in needs else None,
-                        seen_c.get(name),
-                    )
-            del seen, seen_c
-        return stats, orig_digest.hexdigest()
+    def _load_block(self, i: int) -> dict[str, torch.Tensor]:
+        """Fill block i from the checkpoint (returned, full names) and start reading the
+        next block's tensors into the page cache."""
+        block_prefix = f"{self.prefix}.{i}"
+        with self.timer("load"):
+            names = self.tensors.under(block_prefix)
+            original = self.tensors.tensors(names)
+            check_finite(original, self.reader.path)  # reads every page in, too
+            fill(self.blocks[i], {n[len(block_prefix) + 1 :]: t for n, t in original.items()},
+                 self.device)  # fmt: skip
+        if self.cfg.prefetch and i + 1 < len(self.blocks):
+            names = self.tensors.under(f"{self.prefix}.{i + 1}")
+            threading.Thread(target=self.tensors.prefetch, args=(names,), daemon=True).start()
+        return original
 
-    def _advance_comp(self, i: int, block, kwargs: dict) -> str:
-        """Run the compressed block on the compressed stream: block i+1's compressed input."""
-        slot, nxt = i % 2, (i + 1) % 2
-        digest = hashlib.sha256()
-        with self.timer("forward"), self._writing(self.store.root):
-            self.store.reset("comp", nxt)
-            for start, stop in self._batches():
-                y = run_block(block, self._read_activations("comp", slot, start, stop), kwargs)
-                self._write_activations("comp", nxt, start, y, digest)
-                faults.point("comp-activations", i)
-        return digest.hexdigest()
+    # -- the spectra pass: what rank allocation reads --------------------------------------
+    def _allocation(self) -> dict[str, int] | None:
+        """Rank of every block linear (full names) by the configured allocation, from the
+        spectra pass; None for uniform, which needs no pass."""
+        if self.cfg.allocation == "uniform":
+            return None
+        start = time.perf_counter()
+        self._spectra_pass()
+        self.spectra_seconds = time.perf_counter() - start
+        matrices = []
+        for i, block in enumerate(self.blocks):
+            entry = self.journal.entry(f"spectra.{i}")
+            sigma2 = load_file(self._spectra_file(i))
+            for name, linear in factorised_linears(block, self.cfg.ratio).items():
+                matrices.append(Matrix(f"{self.prefix}.{i}.{name}", linear_shape(linear),
+                                       sigma2[name], entry["energy"]))  # fmt: skip
+        return allocate(matrices, self.cfg.ratio, self.cfg.allocation)
+
+    def _spectra_file(self, i: int) -> Path:
+        return self.cfg.run_dir / "spectra" / f"block-{i:05d}.safetensors"
+
+    def _spectra_pass(self) -> None:
+        """Stream the original checkpoint once, keeping only each linear's whitened spectrum
+        (kilobytes a block) and its block's residual-stream energy. Journaled like the
+        compression pass: killed, it resumes at the first block not recorded, or from
+        block 0 when the original stream's stored inputs of that block are gone."""
+        n_blocks = len(self.blocks)
+        done = 0
+        while (done < n_blocks and self.journal.done(f"spectra.{done}")
+               and self._spectra_file(done).exists()
+               and file_sha256(self._spectra_file(done))
+               == self.journal.entry(f"spectra.{done}")["sha256"]):  # fmt: skip
+            done += 1
+        if done == n_blocks:
+            return
+        self.journal.forget_from([f"spectra.{i}" for i in range(done, n_blocks)])
+        entry = "spectra.inputs" if done == 0 else f"spectra.{done - 1}"
+        if not self.journal.done(entry) or not self.store.matches(
+            "orig", done % 2, self.journal.entry(entry)["activations"]["orig"]
+        ):
+            self.journal.forget_from(["spectra.inputs"] + [f"spectra.{i}" for i in range(done)])
+            done = 0
+        log.info("spectra pass for the %s allocation: block %d/%d", self.cfg.allocation,
+                 done + 1, n_blocks)  # fmt: skip
+        arguments = self._embedding_stage("spectra.inputs", ("orig",))
+        self._spectra_file(0).parent.mkdir(exist_ok=True)
+        bar = tqdm(total=n_blocks, initial=done, desc="Spectra", unit="block", disable=None)
+        with torch.inference_mode():
+            for i in range(done, n_blocks):
+                self._spectra_block(i, arguments[i])
+                bar.update(1)
+        bar.close()
+
+    def _spectra_block(self, i: int, block_kwargs: dict) -> None:
+        """Block i's spectra, committed as a block of the compression pass is: file
+        written, the next inputs durable, then the journal entry."""
+        faults.point("spectra-between", i)
+        block = self.blocks[i]
+        self._load_block(i)
+        step = BlockStep(block, factorised_linears(block, self.cfg.ratio), block_kwargs,
+                         self._batches(), self.device, self.timer, i)  # fmt: skip
+        digests = {"orig": hashlib.sha256()}
+        energy = torch.zeros((), dtype=torch.float64, device=self.device)
+        read = self._reader(i)
+
+        def read_measuring(stream: str, start: int, stop: int) -> torch.Tensor:
+            x = read(stream, start, stop)
+            energy.add_(torch.linalg.vector_norm(x, dtype=torch.float64) ** 2)
+            return x
+
+        with self._writing(self.store.root):
+            self.store.reset("orig", (i + 1) % 2)
+        with self._phase("spectra"):
+            sigma2, _ = step.spectra(read_measuring, self._writer(i, digests))
+        path = self._spectra_file(i)
+        with self.timer("write"):
+            self._sync((i + 1) % 2, ("orig",))
+            with self._writing(path):
+                sha = save_shard(
+                    sigma2, path, self.durable, lambda: faults.point("spectra-write", i)
+                )
+        info = {"energy": float(energy), "activations": {"orig": digests["orig"].hexdigest()}}
+        self._record(f"spectra.{i}", {"sha256": sha, **info})
+        empty(block)
+
+    def _reader(self, i: int):
+        """Block i's input batches: stream slot i % 2."""
+
+        def read(stream: str, start: int, stop: int) -> torch.Tensor:
+            with self._writing(self.store.root):
+                return self._read_activations(stream, i % 2, start, stop)
+
+        return read
+
+    def _writer(self, i: int, digests: dict):
+        """Block i's output batches into slot (i + 1) % 2, fed to each stream's checksum."""
+
+        def write(stream: str, start: int, values: torch.Tensor) -> None:
+            with self._writing(self.store.root):
+                self._write_activations(stream, (i + 1) % 2, start, values, digests[stream])
+                faults.point("activations" if stream == "orig" else "comp-activations", i)
+
+        return write
 
     def _read_activations(self, stream: str, slot: int, start: int, stop: int) -> torch.Tensor:
         """A micro-batch of a stream on the device. The one host-to-device copy of the run's
@@ -706,6 +780,8 @@ class Compressor:
             "version": __version__,
             "method": cfg.method,
             "ratio": cfg.ratio,
+            "allocation": cfg.allocation,
+            "sequential": cfg.sequential,
             "calibration": self.journal.manifest["calibration"],
             "ranks": ranks,
             "complete": False,  # whoever loads this directory now is told it is incomplete
@@ -758,6 +834,9 @@ class Compressor:
         summary = {
             "method": self.cfg.method,
             "ratio": self.cfg.ratio,
+            "allocation": self.cfg.allocation,
+            "sequential": self.cfg.sequential,
+            "spectra_seconds": round(self.spectra_seconds, 2),  # the allocation's first pass
             "params_before": before,
             "params_after": after,
             "linear_params_before": linear_before,  # block linears' weights, biases excluded

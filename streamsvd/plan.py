@@ -24,6 +24,7 @@ The coefficients of the method temporaries were measured with `torch.linalg` on 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -98,6 +99,9 @@ class Plan:
     host_phases: dict[str, int]  # peak host memory of each phase, fixed part included
     device_phases: dict[str, int]  # CUDA runs only: peak device memory of each phase
     seconds_per_block: dict[str, float] | None = None  # by stage; None: device not here
+    allocation: str = "uniform"
+    sequential: bool = False
+    spectra_seconds_per_block: float | None = None  # the allocation's first pass, if any
     timing_note: str = ""  # where the time estimate comes from, or why there is none
     checks: list[dict] = field(default_factory=list)  # {what, need, have, ok}
 
@@ -250,7 +254,7 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
     host["rest"] = fixed["after"] + rest_bytes + WRITE_BUFFER
     host = {"setup": host.pop("setup"), **host}
 
-    seconds, note = None, ""
+    seconds, note, spectra = None, "", None
     if timing:
         from .speed import block_seconds, measure_speed
 
@@ -262,6 +266,10 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
             )
             seconds = block_seconds(cfg, text, linears, groups, rates)
             note = f"from a micro-benchmark of {rates['device_name']}"
+            if cfg.allocation != "uniform":  # its first pass is svdllm-w's statistics
+                first = dataclasses.replace(cfg, method="svdllm-w", allocation="uniform",
+                                            sequential=False)  # fmt: skip
+                spectra = block_seconds(first, text, linears, groups, rates)["total"]
     plan = Plan(
         model=str(cfg.model),
         method=cfg.method,
@@ -284,6 +292,9 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
         host_phases={k: int(v) for k, v in host.items()},
         device_phases={k: int(v) for k, v in device.items()},
         seconds_per_block=seconds,
+        allocation=cfg.allocation,
+        sequential=cfg.sequential,
+        spectra_seconds_per_block=spectra,
         timing_note=note,
     )
     plan.checks = _checks(plan, cfg, device_memory)
@@ -514,8 +525,12 @@ def duration_text(seconds: float) -> str:
 def format_plan(plan: Plan) -> str:
     lines = [
         f"plan: {plan.method} at ratio {plan.ratio} on {plan.device}, {plan.blocks} "
-        f"block{'s' * (plan.blocks != 1)} of {len(plan.linears)} linears, {plan.dtype}",
-        "  ranks (the largest block):",
+        f"block{'s' * (plan.blocks != 1)} of {len(plan.linears)} linears, {plan.dtype}"
+        + (", statistics stage by stage within each block" if plan.sequential else ""),
+        "  ranks (the largest block):"
+        if plan.allocation == "uniform"
+        else f"  ranks: the {plan.allocation} allocation chooses them from a first pass over "
+        "the checkpoint; the same total as these uniform ones (the largest block):",
     ]
     alike: dict[tuple, int] = {}  # experts' linears listed once: "mlp.experts.*.up_proj"
     for lp in plan.linears:
@@ -558,6 +573,13 @@ def format_plan(plan: Plan) -> str:
         )
     elif plan.timing_note:
         lines.append(f"  time          {plan.timing_note}")
+    if plan.spectra_seconds_per_block:
+        spectra = plan.spectra_seconds_per_block
+        lines.append(
+            f"  first pass    about {duration_text(spectra)} per block, "
+            f"{duration_text(spectra * plan.blocks)} in all (each matrix's spectrum, for the "
+            f"{plan.allocation} allocation; its memory is below the run's)"
+        )
     for c in plan.checks:
         mark = "ok" if c["ok"] else "NOT ENOUGH"
         lines.append(

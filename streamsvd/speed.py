@@ -90,6 +90,10 @@ def block_seconds(cfg, text, linears, groups: list[list[str]], rates: dict) -> d
     seconds = {}
     if needs:  # the dense block on each stream it carries, the compressed one on X'
         passes = len(method.streams)
+        if getattr(cfg, "sequential", False):  # once per stage (step.sequential_stages)
+            from .step import sequential_stages
+
+            passes *= len(sequential_stages([lp.name for lp in linears], groups))
         flops["forward"] = tokens * (passes * (dense + attention))
         if needs & {"comp", "cross"}:
             flops["forward"] += tokens * (low + attention)

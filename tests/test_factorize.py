@@ -216,3 +216,60 @@ def test_truncation_from_the_smaller_gram_is_as_accurate_as_the_svd(m, n):
     torch.testing.assert_close(
         torch.linalg.vector_norm(A, dim=0), (B @ L).norm(dim=1), rtol=1e-8, atol=0
     )
+
+
+# -- truncation through the Gram's eigendecomposition -----------------------------------
+
+
+def rank_deficient_problem(seed: int, scale: float = 1e-2):
+    """Inputs of small scale (as after a norm with small weights) whose Gram is singular
+    twice over: a dead channel that W weighs heavily, and half the remaining channels
+    exact copies of the other half."""
+    g = torch.Generator().manual_seed(seed)
+    half = (N_IN - 1) // 2
+    base = scale * torch.randn(half, N_TOK, dtype=torch.float64, generator=g)
+    X = torch.cat([base, base, torch.zeros(N_IN - 2 * half, N_TOK, dtype=torch.float64)])
+    W = torch.randn(M, N_IN, dtype=torch.float64, generator=g)
+    W[:, -1] *= 100  # the dead channel
+    return W, X
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_eigen_truncation_reaches_the_minimum_on_a_singular_gram(seed):
+    """The minimum over rank-r W' of ‖(W − W')X‖² is the discarded spectrum of W·X itself
+    (W·X has X's row space, so its best rank-r approximation is some W'·X). Truncation
+    through the eigendecomposition reaches it; damped Cholesky, which gives the dead
+    channel unit variance and the copies a damped diagonal, spends rank on directions
+    that cost nothing and ends well above it."""
+    W, X = rank_deficient_problem(seed)
+    optimum = tail(W @ X, RANK)
+    stats = InputStats(N_IN, frozenset({"orig"}), "cpu")
+    stats.add(X.T, None)
+    eigen = product(METHODS["svdllm-w-eigen"].factorize(W, stats, RANK))
+    cholesky = product(svdllm_w(W, stats, RANK))
+    # the sums carry rounding of u·N·max|x|² per entry; the loss a relative few u above
+    assert loss(W, eigen, X) == pytest.approx(optimum, rel=1e-9)
+    # not rounding (a relative 1e-9 would be): here 36-51% above the minimum
+    assert loss(W, cholesky, X) > 1.2 * optimum
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_eigen_variants_equal_the_cholesky_ones_on_a_full_rank_gram(seed):
+    W, X, Xc = problem(seed)
+    for eigen, cholesky in [("svdllm-w-eigen", svdllm_w), ("svdllm-a-eigen", svdllm_a)]:
+        a = product(METHODS[eigen].factorize(W, stats_for(X, Xc), RANK))
+        b = product(cholesky(W, stats_for(X, Xc), RANK))
+        # the same minimiser by two routes; G's condition number (1e3) × u bounds the gap
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9 * float(b.abs().max()))
+
+
+def test_eigen_truncation_pads_a_rank_above_the_grams(seed=0):
+    """With fewer input directions than the rank, the extra rank is zero, not NaN."""
+    W, X = rank_deficient_problem(seed)
+    X = X[:, :5]  # 5 tokens: G has rank ≤ 5 < RANK
+    stats = InputStats(N_IN, frozenset({"orig"}), "cpu")
+    stats.add(X.T, None)
+    A, B = METHODS["svdllm-w-eigen"].factorize(W, stats, RANK)
+    assert A.shape == (M, RANK) and B.shape == (RANK, N_IN)
+    assert torch.isfinite(A).all() and torch.isfinite(B).all()
+    assert loss(W, A @ B, X) <= 1e-20 * float((W @ X).square().sum())

@@ -17,6 +17,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -222,3 +223,35 @@ def test_the_plan_counts_each_experts_statistics(checkpoints):
         [[f"mlp.experts.{e}.gate_proj", f"mlp.experts.{e}.up_proj"] for e in range(4)]
         + [[f"mlp.experts.{e}.down_proj"] for e in range(4)]
     )
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_moe_compresses_with_allocation_and_sequential(family, checkpoints, calib, compressed,
+                                                       tmp_path):  # fmt: skip
+    """Experts through the spectra pass (one spectrum per expert linear) and through
+    sequential stages (all experts of a kind in one stage): the routed token counts are
+    the same as the default run's, the budget is the uniform run's, the ranks are the
+    allocation's own, and the output loads."""
+    out = tmp_path / "out"
+    cfg = CompressConfig(model=str(checkpoints(family)), out=str(out), calib=str(calib),
+                         allocation="residual", sequential=True, **SETTINGS)  # fmt: skip
+    summary = compress(cfg)
+    _, default = compressed(family)
+    assert summary["expert_tokens"] == default["expert_tokens"]
+    widest = max(m + n for m, n in (shape_of(out, name) for name in ranks_of(out)))
+    spent = summary["linear_params_after"]
+    assert default["linear_params_after"] - widest < spent <= default["linear_params_after"]
+    assert ranks_of(out) != ranks_of(compressed(family)[0])
+    assert torch.isfinite(load_model(out)(ids()).logits).all()
+
+
+def ranks_of(out: Path) -> dict[str, int]:
+    return json.loads((out / "config.json").read_text())["streamsvd"]["ranks"]
+
+
+def shape_of(out: Path, name: str) -> tuple[int, int]:
+    """(m, n) of a factorised linear from its two factors' shapes in the output."""
+    from streamsvd.checkpoint import CheckpointReader
+
+    shapes = CheckpointReader(out).shapes()
+    return shapes[f"{name}.up.weight"][0], shapes[f"{name}.down.weight"][1]

