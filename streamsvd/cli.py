@@ -18,6 +18,8 @@ from .pipeline import DEFAULT_ALLOCATION, DEFAULT_METHOD
 from .synth import DTYPES, SHAPES
 
 log = logging.getLogger("streamsvd")
+DEMO_PROMPTS = ["What is the capital of France?", "Name three colours.",
+                "Give me a tip for sleeping better."]  # fmt: skip
 DEMO_RATIO = 0.05  # mild: a 135M model has little to spare; the README shows what it prints
 
 EXAMPLES = """\
@@ -214,7 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "--method, then print the perplexity of the original and of both (a "
                        "short variant of P1 unless given more windows) and each one's reply "
                        "to --prompt.")  # fmt: skip
-    d.add_argument("--ratio", type=float, default=DEMO_RATIO)
+    d.add_argument(
+        "--ratio",
+        type=float,
+        default=DEMO_RATIO,
+        help=f"fraction of each linear's parameters removed (default {DEMO_RATIO})",
+    )
     d.add_argument("--method", choices=list(METHODS), default=DEFAULT_METHOD)
     d.add_argument(
         "--calib",
@@ -222,9 +229,20 @@ def build_parser() -> argparse.ArgumentParser:
         "each as a chat answer when the model has a chat template)",
     )
     d.add_argument("--data", help="evaluation text (default: Python's help topics, offline)")
-    d.add_argument("--nsamples", type=int, default=64)
+    d.add_argument(
+        "--nsamples",
+        type=int,
+        default=64,
+        help="calibration windows of --seqlen tokens (default 64)",
+    )
     d.add_argument("--out", default="streamsvd-demo", help="output directory (replaced)")
-    d.add_argument("--prompt", default="What is the capital of France?")
+    d.add_argument(
+        "--prompt",
+        nargs="+",
+        default=DEMO_PROMPTS,
+        metavar="PROMPT",
+        help="what each model is asked (default: three short questions)",
+    )
     _add_eval_options(d)
     d.set_defaults(windows=16, seqlen=256)
     return parser
@@ -444,10 +462,12 @@ def cmd_demo(args) -> None:
     for label, path in outputs.items():
         ppl = perplexity(path, win, args.batch_size, device, progress=False)
         print(f"  {label:<16} {ppl:10.2f}")
-    print(f"\nreply to {args.prompt!r} (greedy, through the chat template):")
-    for label, path in outputs.items():
-        text = generate(_load_any(path, device), tokenizer, args.prompt, chat=True)
-        print(f"  {label:<16} {text.strip()!r}")
+    models = {label: _load_any(path, device) for label, path in outputs.items()}
+    for prompt in args.prompt:
+        print(f"\nreply to {prompt!r} (greedy, through the chat template, 40 tokens at most):")
+        for label, loaded in models.items():
+            text = generate(loaded, tokenizer, prompt, chat=True)
+            print(f"  {label:<16} {text.strip()!r}")
     print(
         f"\nsvd: W's own best rank-r approximation, blind to data. {args.method}: the "
         "factorisation that keeps each layer's outputs on the calibration text (SVD-LLM), "
