@@ -13,18 +13,22 @@ Two protocols:
     .venv/bin/python benchmarks/allocation.py --protocol p1 --ratios 0.2 0.4 0.6
 
 Each compression runs in its own process, so its peak RSS is its own. Writes
-benchmarks/results/allocation_<protocol>.{json,md} after every row.
+benchmarks/results/allocation_<protocol>.{json,md} after every row. With --jobs N, N cells
+(compression + perplexity) run at once, each on 1 thread: on a 2-core machine that is as
+fast in total, and every row's time is measured under the same load.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +51,12 @@ def main() -> None:
     parser.add_argument("--sequential", nargs="+", choices=["no", "yes"], default=["no", "yes"])
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks/results")
     parser.add_argument("--name", help="results file name (default allocation_<protocol>)")
+    parser.add_argument("--jobs", type=int, default=1, help="cells run at once, 1 thread each")
+    parser.add_argument("--score", type=Path, help=argparse.SUPPRESS)  # one cell's perplexity
     args = parser.parse_args()
+    if args.score:
+        print(score(args.score, args.protocol, args.data_dir))
+        return
 
     from transformers import AutoTokenizer
 
@@ -77,38 +86,68 @@ def main() -> None:
                                                                      progress=False)}],
     }  # fmt: skip
     print(json.dumps(result["rows"][-1]), flush=True)
+    cells = [(ratio, sequential == "yes", allocation) for ratio in args.ratios
+             for sequential in args.sequential for allocation in args.allocations]  # fmt: skip
     start = time.perf_counter()
+
+    def run_cell(cell: tuple[float, bool, str]) -> dict:
+        ratio, sequential, allocation = cell
+        work = Path(tempfile.mkdtemp(dir=tmp))
+        out, summary_path = work / "out", work / "summary.json"
+        command = [sys.executable, "-m", "streamsvd.cli", "-q", "compress",
+                   "--model", str(model), "--out", str(out), "--ratio", str(ratio),
+                   "--allocation", allocation, "--calib", str(calib),
+                   "--nsamples", str(nsamples), "--seqlen", "512", "--seed", "0",
+                   "--device", "cpu", "--summary-json", str(summary_path),
+                   "--sequential" if sequential else "--no-sequential"]  # fmt: skip
+        env = dict(os.environ, OMP_NUM_THREADS="1") if args.jobs > 1 else None
+        subprocess.run(command, check=True, cwd=ROOT, env=env)
+        summary = json.loads(summary_path.read_text())
+        scored_by = [sys.executable, __file__, "--score", str(out), "--protocol", args.protocol,
+                     "--data-dir", str(args.data_dir)]  # fmt: skip
+        ppl = subprocess.run(scored_by, check=True, env=env, capture_output=True, text=True)
+        shutil.rmtree(work)
+        return {
+            "allocation": allocation,
+            "sequential": sequential,
+            "ratio": ratio,
+            "perplexity": float(ppl.stdout.strip().splitlines()[-1]),
+            "compress_seconds": summary["seconds"],
+            "spectra_seconds": summary["spectra_seconds"],
+            "peak_rss_mb": summary["peak_rss_mb"],
+            "linear_params_after": summary["linear_params_after"],
+            "threads": 1 if args.jobs > 1 else torch_threads(),
+            "command": "streamsvd " + " ".join(command[4:]).replace(str(work), "$TMP"),
+        }
+
     try:
-        for ratio in args.ratios:
-            for sequential in args.sequential:
-                for allocation in args.allocations:
-                    out, summary_path = tmp / "out", tmp / "summary.json"
-                    command = [sys.executable, "-m", "streamsvd.cli", "-q", "compress",
-                               "--model", str(model), "--out", str(out), "--ratio", str(ratio),
-                               "--allocation", allocation, "--calib", str(calib),
-                               "--nsamples", str(nsamples), "--seqlen", "512", "--seed", "0",
-                               "--device", "cpu", "--summary-json", str(summary_path)]  # fmt: skip
-                    if sequential == "yes":
-                        command.append("--sequential")
-                    subprocess.run(command, check=True, cwd=ROOT)
-                    summary = json.loads(summary_path.read_text())
-                    result["rows"].append({
-                        "allocation": allocation,
-                        "sequential": sequential == "yes",
-                        "ratio": ratio,
-                        "perplexity": perplexity(out, windows, progress=False),
-                        "compress_seconds": summary["seconds"],
-                        "spectra_seconds": summary["spectra_seconds"],
-                        "peak_rss_mb": summary["peak_rss_mb"],
-                        "linear_params_after": summary["linear_params_after"],
-                        "command": "streamsvd " + " ".join(command[4:]).replace(str(tmp), "$TMP"),
-                    })  # fmt: skip
-                    print(json.dumps(result["rows"][-1]), flush=True)
-                    shutil.rmtree(out)
-                    result["total_seconds"] = round(time.perf_counter() - start, 1)
-                    save(args.results, name, result)
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for row in pool.map(run_cell, cells):
+                result["rows"].append(row)
+                print(json.dumps(row), flush=True)
+                result["total_seconds"] = round(time.perf_counter() - start, 1)
+                save(args.results, name, result)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def score(out: Path, protocol: str, data_dir: Path) -> float:
+    """The protocol's perplexity of one compressed output (run in its own process)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    if protocol == "heldout":
+        scored, count = heldout_split(data_dir)[1], 48
+    else:
+        scored, count = (data_dir / "test.txt").read_text(encoding="utf-8"), 128
+    windows = eval_windows(tokenize(tokenizer, scored, special_tokens=True), 512, count)
+    return perplexity(out, windows, progress=False)
 
 
 def save(results: Path, name: str, result: dict) -> None:
@@ -117,7 +156,8 @@ def save(results: Path, name: str, result: dict) -> None:
     lines = [
         f"# Allocation × sequential statistics, {result['what']}",
         "",
-        f"{result['model']}. Command: `{result['command']}` (CPU, 2 cores)",
+        f"{result['model']}. Command: `{result['command']}` (CPU, 2 cores; "
+        f"threads per compression: {result['rows'][-1].get('threads', 2)})",
         "",
         "| allocation | sequential | ratio | perplexity | compress time (s) | of which "
         "spectra pass (s) | peak RSS (MiB) | linear params kept |",

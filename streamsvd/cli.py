@@ -113,10 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--sequential",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="within each block, compress q/k/v, then o, then gate/up, then down, each "
         "taking its compressed-stream statistics after the ones before it are compressed "
-        "(one pass over the calibration batches per stage)",
+        "(one pass over the calibration batches per stage; the default, chosen on held-out "
+        "text). --no-sequential takes every linear's statistics from one run of the "
+        "still-dense block: fewer forward passes, more memory for sums",
     )
     c.add_argument(
         "--calib",

@@ -96,7 +96,7 @@ class CompressConfig:
     prefetch: bool = True
     compute_dtype: str = "auto"  # model.COMPUTE_DTYPES; the output keeps the checkpoint's
     allocation: str = DEFAULT_ALLOCATION  # allocate.ALLOCATIONS: how the ratio's budget is spread
-    sequential: bool = False  # statistics stage by stage within a block (step.py)
+    sequential: bool = True  # statistics stage by stage within a block (step.py)
 
     def __post_init__(self):
         if not 0 < self.ratio < 1:

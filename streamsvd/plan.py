@@ -62,6 +62,7 @@ from .modeling import linear_shape
 from .names import ModelTensors
 from .preflight import check_locations, check_shapes
 from .stats import CHUNK_VALUES, cross_as_product, release_points, sums_bytes
+from .step import sequential_stages
 
 F64 = 8
 CGROUP = Path("/sys/fs/cgroup")
@@ -248,8 +249,9 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
     if fixed is None:
         fixed = measure_baseline(cfg)
     on_gpu = cfg.device.startswith("cuda")
+    stages = sequential_stages([lp.name for lp in linears], groups) if cfg.sequential else None
     host, device = block_memory(cfg, text, linears, groups, block_bytes, compute.itemsize,
-                                fixed["after"])  # fmt: skip
+                                fixed["after"], stages)  # fmt: skip
     host["setup"] = fixed["peak"]
     host["rest"] = fixed["after"] + rest_bytes + WRITE_BUFFER
     host = {"setup": host.pop("setup"), **host}
@@ -302,12 +304,15 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
 
 
 def block_memory(cfg, text, linears: list[LinearPlan], groups: list[list[str]],
-                 block_bytes: int, item: int, base: int) -> tuple[dict, dict]:  # fmt: skip
+                 block_bytes: int, item: int, base: int,
+                 stages: list[list[str]] | None = None) -> tuple[dict, dict]:  # fmt: skip
     """Peak host and (on a GPU) device bytes of one block's phases: "statistics" (forward
     and sums) and "factorise" (the worst linear, in the order the run takes them: module
     order, each group's sums freed after its last linear, the others parked in host
-    memory on a GPU). The run allocates by the same `sum_shapes`, `release_points` and
-    `workspace`."""
+    memory on a GPU). With `stages` (--sequential), each stage's sums are taken and
+    freed before the next stage's, while the earlier stages' factors sit in the block
+    beside its dense weights. The run allocates by the same `sum_shapes`,
+    `release_points` and `workspace`."""
     method = METHODS[cfg.method]
     shape = {lp.name: lp.shape for lp in linears}
     group_of = {name: t for t in map(tuple, groups) for name in t}
@@ -315,8 +320,8 @@ def block_memory(cfg, text, linears: list[LinearPlan], groups: list[list[str]],
         g: sums_bytes(shape[g[0]][1], {name: shape[name][0] for name in g}, method.needs)
         for g in set(group_of.values())
     }
-    release = release_points([lp.name for lp in linears], group_of)
-    all_sums = sum(sums.values())
+    order = [name for stage in stages for name in stage] if stages else list(shape)
+    release = release_points(order, group_of)
 
     tokens = min(cfg.batch_size, cfg.nsamples) * cfg.seqlen
     wide = max(lp.shape[1] for lp in linears)
@@ -331,34 +336,37 @@ def block_memory(cfg, text, linears: list[LinearPlan], groups: list[list[str]],
         batch = min(cfg.batch_size, cfg.nsamples)
         forward += 2 * batch * text.num_attention_heads * cfg.seqlen**2 * item
 
-    worst_device = worst_host = 0
-    alive, compressed = dict(sums), 0
-    for lp in linears:
-        m, n = lp.shape
-        group = group_of.get(lp.name)
-        owns = (
-            group is not None
-            and "cross" in method.needs
-            and cross_as_product([shape[name][0] for name in group], n)
-        )
-        work = method.workspace(m, n, lp.rank, owns) * F64
-        current = alive.get(group, 0)
-        if on_gpu:
-            worst_device = max(worst_device, block_bytes + current + work + compressed)
-            worst_host = max(worst_host, sum(alive.values()) - current)
-        else:
-            worst_host = max(worst_host, sum(alive.values()) + work + compressed)
-        compressed += lp.rank * (m + n) * item
-        for member in release.get(lp.name, []):
-            alive.pop(group_of[member], None)
+    by_name = {lp.name: lp for lp in linears}
+    worst_device = worst_host = worst_sums = compressed = 0
+    for stage in stages or [list(by_name)]:
+        alive = {group_of[name]: sums[group_of[name]] for name in stage if name in group_of}
+        worst_sums = max(worst_sums, sum(alive.values()) + compressed)
+        for lp in map(by_name.get, stage):
+            m, n = lp.shape
+            group = group_of.get(lp.name)
+            owns = (
+                group is not None
+                and "cross" in method.needs
+                and cross_as_product([shape[name][0] for name in group], n)
+            )
+            work = method.workspace(m, n, lp.rank, owns) * F64
+            current = alive.get(group, 0)
+            if on_gpu:
+                worst_device = max(worst_device, block_bytes + current + work + compressed)
+                worst_host = max(worst_host, sum(alive.values()) - current)
+            else:
+                worst_host = max(worst_host, sum(alive.values()) + work + compressed)
+            compressed += lp.rank * (m + n) * item
+            for member in release.get(lp.name, []):
+                alive.pop(group_of[member], None)
     host, device = {}, {}
     if on_gpu:
-        device["statistics"] = block_bytes + all_sums + forward
+        device["statistics"] = block_bytes + worst_sums + forward
         device["factorise"] = worst_device
         host["block"] = base + block_bytes + compressed + WRITE_BUFFER
         host["factorise"] = base + block_bytes + worst_host + compressed
     else:
-        host["statistics"] = base + block_bytes + all_sums + forward
+        host["statistics"] = base + block_bytes + worst_sums + forward
         host["factorise"] = base + block_bytes + worst_host
         host["write"] = base + block_bytes + compressed + WRITE_BUFFER
     return host, device

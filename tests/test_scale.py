@@ -120,15 +120,17 @@ def test_synth_refuses_an_existing_output_and_unknown_shapes(tmp_path, tiny_synt
 # -- the plan against a real run ---------------------------------------------------------
 
 
-def test_plan_is_within_25_percent_of_a_real_run(tmp_path, small_calib_text):
+@pytest.mark.parametrize("statistics", ["--sequential", "--no-sequential"])
+def test_plan_is_within_25_percent_of_a_real_run(tmp_path, small_calib_text, statistics):
     """`compress --dry-run`, then the run itself, each in its own process so that each
     measures its own memory. The run directory's disk is measured at its fullest by a run
-    killed as it writes its last shard (the resume tests' fault injection)."""
+    killed as it writes its last shard (the resume tests' fault injection). Sequential
+    statistics hold one stage's sums at a time, and the plan says so."""
     ckpt = synthesize(tmp_path / "model", PLAN_SHAPE, 2, dtype=torch.float32)
     out, plan_json, summary_json = tmp_path / "out", tmp_path / "plan.json", tmp_path / "s.json"
     args = ["--model", str(ckpt), "--out", str(out), "--method", "svdllm-a", "--ratio", "0.3",
             "--nsamples", "8", "--seqlen", "64", "--batch-size", "4", "--device", "cpu",
-            "--calib", str(small_calib_text)]  # fmt: skip
+            "--calib", str(small_calib_text), statistics]  # fmt: skip
     cli = [sys.executable, "-m", "streamsvd.cli", "-q", "compress", *args]
     dry = subprocess.run([*cli, "--dry-run", "--summary-json", str(plan_json)],
                          capture_output=True, text=True)  # fmt: skip
