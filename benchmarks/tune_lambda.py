@@ -44,7 +44,9 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared/data/wikitext-2")
     parser.add_argument("--lambdas", nargs="+", type=float, default=[0.0, 0.1, 0.25, 0.4, 0.6])
     parser.add_argument("--allocation", default="uniform", help="compress --allocation")
-    parser.add_argument("--sequential", action="store_true", help="compress --sequential")
+    parser.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
+                        help="compress --sequential, the default; results/tune_lambda.md was "
+                        "measured --no-sequential, before it was")  # fmt: skip
     parser.add_argument("--only-svdllm-a", action="store_true", help="skip svdllm-w and -u")
     args = run_arguments(parser, "tune_lambda", ratios=[0.4], nsamples=32, windows=48)
 

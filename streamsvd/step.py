@@ -6,8 +6,9 @@ spectra pass that rank allocation needs, the compression pass) is a short loop o
 calling the same step.
 
 Two ways to take a block's statistics:
-- together (default): every linear's inputs come from one run of the still-dense block;
-- sequential: the block's linears are compressed in the order the block computes them
+- together (--no-sequential): every linear's inputs come from one run of the still-dense
+  block;
+- sequential (the default): the block's linears are compressed in the order the block computes them
   (q/k/v, then o, then gate/up, then down), and each stage's compressed-stream inputs come
   after the stages before it are compressed, as GPTQ's true-sequential mode does. It costs
   one pass over the calibration batches per stage instead of one in all.
