@@ -33,16 +33,8 @@ from streamsvd.calib import stdlib_docstrings
 from streamsvd.errors import StreamSVDError
 from streamsvd.lowrank import export_dense, load_compressed, load_model
 from streamsvd.pipeline import CompressConfig, compress
-from streamsvd.synth import write_family
+from streamsvd.synth import FAMILIES, write_family
 
-FAMILIES = [
-    "llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gemma", "gemma2", "gemma3_text",
-    "olmo2", "granite", "stablelm", "starcoder2", "cohere", "opt", "falcon", "mixtral",
-    "qwen3_moe", "deepseek_v3", "gpt_neox", "gpt_oss", "gpt2",
-    # beyond the 22
-    "qwen2_moe", "olmoe", "granitemoe", "cohere2", "olmo", "gptj", "bloom", "mpt",
-    "deepseek_v2", "exaone4", "glm4", "smollm3", "ernie4_5", "hunyuan_v1_dense",
-]  # fmt: skip
 RESULTS = Path(__file__).parent / "results"
 WIKITEXT_VALID = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2/valid.txt"
 

@@ -334,6 +334,17 @@ _TINY = dict(
 )  # fmt: skip
 
 
+# Every decoder family streamsvd has been tried on and compresses (benchmarks/families.py;
+# tests/test_remote_code.py loads each one's output through its own modeling code).
+FAMILIES = [
+    "llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gemma", "gemma2", "gemma3_text",
+    "olmo2", "granite", "stablelm", "starcoder2", "cohere", "opt", "falcon", "mixtral",
+    "qwen3_moe", "deepseek_v3", "gpt_neox", "gpt_oss", "gpt2", "qwen2_moe", "olmoe",
+    "granitemoe", "cohere2", "olmo", "gptj", "bloom", "mpt", "deepseek_v2", "exaone4", "glm4",
+    "smollm3", "ernie4_5", "hunyuan_v1_dense",
+]  # fmt: skip
+
+
 def tiny_family_config(model_type: str, layers: int = 4, **overrides):
     """A small random-init config of any transformers decoder family, e.g. "mixtral":
     the family's defaults with the widths above; mixed attention types keep their
