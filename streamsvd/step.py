@@ -8,10 +8,11 @@ calling the same step.
 Two ways to take a block's statistics:
 - together (--no-sequential): every linear's inputs come from one run of the still-dense
   block;
-- sequential (the default): the block's linears are compressed in the order the block computes them
-  (q/k/v, then o, then gate/up, then down), and each stage's compressed-stream inputs come
-  after the stages before it are compressed, as GPTQ's true-sequential mode does. It costs
-  one pass over the calibration batches per stage instead of one in all.
+- sequential (the default): the block's linears are compressed in the order the block
+  computes them (q/k/v, then o, then gate/up, then down), and each stage's
+  compressed-stream inputs come after the stages before it are compressed, as GPTQ's
+  true-sequential mode does. It costs one pass over the calibration batches per stage
+  instead of one in all.
 """
 
 from __future__ import annotations
