@@ -111,6 +111,7 @@ def main() -> None:
             "peak_rss_mb": summary["peak_rss_mb"],
             "linear_params_after": summary["linear_params_after"],
             "threads": 1 if args.jobs > 1 else torch_threads(),
+            "cells_at_once": args.jobs,  # more than the cores share them: times are rough
             "command": "streamsvd " + " ".join(command[4:]).replace(str(work), "$TMP"),
         }
 
@@ -151,11 +152,13 @@ def score(model: Path, protocol: str, data_dir: Path) -> float:
 def save(results: Path, name: str, result: dict) -> None:
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{name}.json").write_text(json.dumps(result, indent=2))
+    last = result["rows"][-1]
     lines = [
         f"# Allocation × sequential statistics, {result['what']}",
         "",
-        f"{result['model']}. Command: `{result['command']}` (CPU, 2 cores; "
-        f"threads per compression: {result['rows'][-1].get('threads', 2)})",
+        f"{result['model']}. Command: `{result['command']}` (CPU, {os.cpu_count()} cores; "
+        f"{last.get('cells_at_once', 1)} compressions at a time, "
+        f"{last.get('threads', os.cpu_count())} thread(s) each)",
         "",
         "| allocation | sequential | ratio | perplexity | compress time (s) | of which "
         "spectra pass (s) | peak RSS (MiB) | linear params kept |",
