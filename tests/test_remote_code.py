@@ -21,9 +21,9 @@ import torch
 
 from streamsvd import CompressConfig, compress, load_compressed
 from streamsvd.calib import stdlib_docstrings
-from streamsvd.synth import write_family
+from streamsvd.synth import FAMILIES, write_family
 
-FAMILIES = ["llama", "qwen3_moe", "gpt2", "gemma2"]
+ONE_OF_EACH_KIND = ["llama", "qwen3_moe", "gpt2", "gemma2"]
 
 STOCK = r"""
 import json, sys
@@ -44,6 +44,18 @@ print("\nRESULT", json.dumps({"class": type(model).__name__, "logits": logits.to
 """
 
 
+def run_stock(script: str, args: list[str], tmp_path, timeout: int) -> tuple[dict, str]:
+    """Run `script` in a fresh interpreter that cannot import streamsvd (no PYTHONPATH, its
+    own HF_HOME for the copied remote code): what it printed after RESULT, and all it said."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HOME"] = str(tmp_path / "hf")  # where transformers copies remote code
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True,
+                          text=True, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+                          timeout=timeout)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return json.loads(done.stdout.split("\nRESULT ")[-1]), done.stdout + done.stderr
+
+
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory):
     path = tmp_path_factory.mktemp("calib") / "calib.txt"
@@ -51,22 +63,16 @@ def calib(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ONE_OF_EACH_KIND)
 def test_stock_transformers_loads_the_low_rank_output(family, calib, tmp_path):
     model = write_family(family, tmp_path / "model", dtype=torch.float64, layers=2)
     out = tmp_path / "out"
     compress(CompressConfig(model=str(model), out=str(out), calib=str(calib), ratio=0.3,
                             nsamples=8, seqlen=32, batch_size=4))  # fmt: skip
     ids = torch.randint(2, 500, (2, 24), generator=torch.Generator().manual_seed(3))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HOME"] = str(tmp_path / "hf")  # where transformers copies remote code
-    done = subprocess.run([sys.executable, "-c", STOCK, str(out), json.dumps(ids.tolist())],
-                          capture_output=True, text=True, cwd=tmp_path, env=env,
-                          stdin=subprocess.DEVNULL, timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    result, said = run_stock(STOCK, [str(out), json.dumps(ids.tolist())], tmp_path, 300)
     # without trust_remote_code transformers asks, and refuses when nobody answers yes
-    assert "trust_remote_code=True" in done.stderr + done.stdout
-    result = json.loads(done.stdout.split("\nRESULT ")[-1])
+    assert "trust_remote_code=True" in said
     assert result["class"] == "StreamSVDForCausalLM"
     stock = torch.tensor(result["logits"], dtype=torch.float64)
     with torch.no_grad():
@@ -105,8 +111,6 @@ def test_every_family_loads_through_its_own_code(calib, tmp_path):
     down, a buffer one loader computes in float32 being the likely one. The bound, 1e-5 of
     the scale (about 100 float32 roundings), is far below any error of substance (O(1): a
     wrong or randomly initialised layer)."""
-    from streamsvd.synth import FAMILIES
-
     ids = torch.randint(2, 500, (1, 12), generator=torch.Generator().manual_seed(3))
     outs, ours = {}, {}
     for family in FAMILIES:
@@ -116,13 +120,7 @@ def test_every_family_loads_through_its_own_code(calib, tmp_path):
                                 ratio=0.3, nsamples=4, seqlen=16, batch_size=4))  # fmt: skip
         with torch.no_grad():
             ours[family] = load_compressed(outs[family])(ids).logits
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HOME"] = str(tmp_path / "hf")  # where transformers copies remote code
-    done = subprocess.run([sys.executable, "-c", STOCK_ALL, json.dumps(outs),
-                           json.dumps(ids.tolist())], capture_output=True, text=True,
-                          cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, timeout=900)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    result = json.loads(done.stdout.split("\nRESULT ")[-1])
+    result, _ = run_stock(STOCK_ALL, [json.dumps(outs), json.dumps(ids.tolist())], tmp_path, 900)
     assert set(result) == set(FAMILIES)
     for family, got in result.items():
         assert got["refused"], family
