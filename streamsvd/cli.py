@@ -15,6 +15,7 @@ from .errors import EXIT_INTERRUPTED, EXIT_RESOURCES, StreamSVDError
 from .factorize import METHODS
 from .memory import return_freed_memory
 from .pipeline import DEFAULT_ALLOCATION, DEFAULT_METHOD
+from .refine import DEFAULT_EPOCHS, DEFAULT_LR
 from .synth import DTYPES, SHAPES
 
 log = logging.getLogger("streamsvd")
@@ -120,6 +121,28 @@ def build_parser() -> argparse.ArgumentParser:
         "(one pass over the calibration batches per stage; the default, chosen on held-out "
         "text). --no-sequential takes every linear's statistics from one run of the "
         "still-dense block: fewer forward passes, more memory for sums",
+    )
+    c.add_argument(
+        "--refine-epochs",
+        type=int,
+        default=DEFAULT_EPOCHS,
+        metavar="N",
+        help="after each block's closed form, train its low-rank factors for N epochs over "
+        "the calibration batches so that the compressed block, fed the compressed model's "
+        "inputs, reproduces the original block's outputs; 0 turns refinement off "
+        f"(default {DEFAULT_EPOCHS}, chosen on held-out text)",
+    )
+    c.add_argument(
+        "--refine-lr",
+        type=float,
+        default=DEFAULT_LR,
+        help=f"refinement's peak AdamW learning rate (default {DEFAULT_LR:g})",
+    )
+    c.add_argument(
+        "--refine-norms",
+        action="store_true",
+        help="refinement also trains the block's norms and the factorised linears' biases "
+        "(default: factors only)",
     )
     c.add_argument(
         "--calib",
@@ -271,6 +294,9 @@ def cmd_compress(args) -> dict:
         compute_dtype=args.compute_dtype,
         allocation=args.allocation,
         sequential=args.sequential,
+        refine_epochs=args.refine_epochs,
+        refine_lr=args.refine_lr,
+        refine_norms=args.refine_norms,
     )
     if args.dry_run:
         from .plan import format_plan, make_plan

@@ -142,9 +142,21 @@ def svdllm_w(W: torch.Tensor, stats, rank: int, clock: Clock = untimed) -> Facto
 
 def svdllm_u(W: torch.Tensor, stats, rank: int, clock: Clock = untimed) -> Factors:
     """SVD-LLM's update as its official code does it: keep the whitened B, then refit A by
-    least squares so that A·B·x' matches W·x' on the compressed-stream inputs:
-    A = W·G'·Bᵀ·(B·G'·Bᵀ)⁻¹."""
+    least squares so that A·B·x' matches W·x' on the compressed-stream inputs."""
     _, B = svdllm_w(W, stats, rank, clock)
+    return refit_up(W, B, stats, clock)
+
+
+def svd_u(W: torch.Tensor, stats, rank: int, clock: Clock = untimed) -> Factors:
+    """The SVD-LLM code's third pipeline: the closed-form update without whitening. B of
+    W's own truncated SVD, then A refit on the compressed-stream inputs as svdllm-u does."""
+    _, B = plain_svd(W, None, rank, clock)
+    return refit_up(W, B, stats, clock)
+
+
+def refit_up(W: torch.Tensor, B: torch.Tensor, stats, clock: Clock = untimed) -> Factors:
+    """A = W·G'·Bᵀ·(B·G'·Bᵀ)⁻¹: the least-squares A for a fixed B, so that A·B·x' matches
+    W·x' on the compressed stream (G' = Σ x'x'ᵀ), from float64 Grams."""
     with clock("update"):
         W = W.to(torch.float64)
         H = B @ stats.Gc @ B.T  # (r, r)
@@ -271,6 +283,8 @@ def workspace(method: str, m: int, n: int, rank: int, owns_cross: bool = False) 
     mn = m * n
     if method == "svd":
         return mn + svd_temp(m, n)
+    if method == "svd-u":  # the SVD, then as svdllm-u's refit
+        return mn + svd_temp(m, n) + 2 * rank * n + 2 * rank * rank + rank * m
     if method == "rsvd":
         q = min(rank + RSVD_OVERSAMPLE, m, n)
         return mn + RSVD_MQ * (m + n) * q + svd_temp(q, n)
@@ -295,9 +309,11 @@ class Method:
 
     @property
     def streams(self) -> tuple[str, ...]:
-        """Which activation streams the method needs carried from block to block."""
+        """Which activation streams the method needs carried from block to block. Any
+        statistics need the original stream: a block's linears are found, and its
+        original outputs carried on, by running it."""
         out = []
-        if self.needs & {"orig", "cross"}:
+        if self.needs:
             out.append("orig")
         if self.needs & {"comp", "cross"}:
             out.append("comp")
@@ -314,6 +330,7 @@ METHODS: dict[str, Method] = {
         Method("rsvd", randomized_svd, frozenset(), "randomised truncated SVD of W (fast svd)"),
         Method("svdllm-w", svdllm_w, frozenset({"orig"}), "SVD-LLM whitening"),
         Method("svdllm-u", svdllm_u, frozenset({"orig", "comp"}), "SVD-LLM whitening + update"),
+        Method("svd-u", svd_u, frozenset({"comp"}), "plain SVD + SVD-LLM's update (no whitening)"),
         Method(
             "svdllm-a",
             svdllm_a,

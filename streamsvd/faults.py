@@ -20,6 +20,7 @@ Points of the compression pass, in the order a block meets them:
   between           before block i is loaded: block i-1 is done and journaled
   activations       block i's outputs on the original stream (i+1's inputs) half written
   svd               block i's linears half factorised
+  refine            block i's refinement after its first epoch (with --refine-epochs)
   comp-activations  block i's outputs on the compressed stream half written
   shard-write       block i's shard written under its temporary name, not renamed yet
   before-journal    block i's shard and activations complete, the journal not updated
@@ -46,6 +47,7 @@ POINTS = (
     "between",
     "activations",
     "svd",
+    "refine",
     "comp-activations",
     "shard-write",
     "before-journal",

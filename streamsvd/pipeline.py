@@ -4,6 +4,7 @@ linears, advance both activation streams, write its shard, record it, free it.""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -65,6 +66,7 @@ from .modeling import SECTION, linear_shape
 from .names import ModelTensors
 from .plan import disk_bytes, disk_needs, existing, size_text
 from .preflight import check_locations, check_shapes
+from .refine import DEFAULT_EPOCHS, DEFAULT_LR, RefineSettings
 from .step import BlockStep
 
 log = logging.getLogger(__name__)
@@ -97,6 +99,9 @@ class CompressConfig:
     compute_dtype: str = "auto"  # model.COMPUTE_DTYPES; the output keeps the checkpoint's
     allocation: str = DEFAULT_ALLOCATION  # allocate.ALLOCATIONS: how the ratio's budget is spread
     sequential: bool = True  # statistics stage by stage within a block (step.py)
+    refine_epochs: int = DEFAULT_EPOCHS  # block refinement (refine.py); 0: closed form only
+    refine_lr: float = DEFAULT_LR
+    refine_norms: bool = False  # refinement also trains norms and the factors' biases
 
     def __post_init__(self):
         if not 0 < self.ratio < 1:
@@ -122,6 +127,18 @@ class CompressConfig:
             )
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise StreamSVDError(f"device must be cpu or cuda, got {self.device!r}")
+        _ = self.refine  # checks the refinement settings
+
+    @property
+    def refine(self) -> RefineSettings:
+        return RefineSettings(self.refine_epochs, self.refine_lr, self.refine_norms, self.seed)
+
+    @property
+    def streams(self) -> tuple[str, ...]:
+        """The activation streams the run carries: the method's, and both when blocks are
+        refined (the original stream's outputs are the target, the compressed stream's
+        inputs what the refined block is fed)."""
+        return ("orig", "comp") if self.refine_epochs else METHODS[self.method].streams
 
     @property
     def run_dir(self) -> Path:
@@ -131,7 +148,7 @@ class CompressConfig:
 # The work any compressor must do: read the checkpoint, run the blocks, accumulate the
 # statistics, factorise, write the output. The other stages (activation I/O, dtype
 # conversions) and untimed time (setup, journal, idle) are overhead.
-WORK_STAGES = ("load", "forward", "stats", "cholesky", "svd", "update", "write")
+WORK_STAGES = ("load", "forward", "stats", "cholesky", "svd", "update", "refine", "write")
 
 
 class StageTimer:
@@ -204,7 +221,7 @@ class Compressor:
         self.tensors.check_blocks(self.prefix)
         check_supported(self.blocks)
         self.method = METHODS[cfg.method]
-        self.streams = self.method.streams
+        self.streams = cfg.streams
         self.windows, calibration = self._calibration()
         self.threads = self._cpu_threads()
         hidden = self.config.get_text_config().hidden_size
@@ -230,7 +247,7 @@ class Compressor:
 
     # -- setup -------------------------------------------------------------------------
     def _calibration(self) -> tuple[torch.Tensor | None, dict]:
-        if not self.method.needs:
+        if not self.streams:
             return None, {}
         cfg = self.cfg
         limit = max_positions(self.config.get_text_config())
@@ -268,6 +285,7 @@ class Compressor:
             else f"{cfg.allocation} allocation of the uniform rule's parameters",
             "allocation": cfg.allocation,
             "sequential": cfg.sequential,
+            "refine": dataclasses.asdict(cfg.refine),
             "calibration": calibration,
             "dtype": str(self.dtype),
             "compute_dtype": str(self.compute),
@@ -543,8 +561,14 @@ class Compressor:
             with self._writing(self.store.root):
                 self.store.reset("orig", (i + 1) % 2)
         factors, tokens = step.compress(self.method, ranks, self._reader(i),
-                                        self._writer(i, digests), self.dtype, self.compute,
-                                        self.cfg.sequential, stages, self._phase)  # fmt: skip
+                                        self._writer(i, digests) if self.streams else None,
+                                        self.dtype, self.compute, self.cfg.sequential, stages,
+                                        self._phase)  # fmt: skip
+        refined = {}
+        if self.cfg.refine_epochs:
+            with self._phase("refine"):
+                refined = step.refine(self.cfg.refine, self._reader(i), self._reader(i + 1),
+                                      self.dtype)  # fmt: skip
         expert_tokens = {  # expert -> calibration tokens routed to it
             f"{block_prefix}.{expert_index(name)}": count
             for name, count in tokens.items()
@@ -561,6 +585,9 @@ class Compressor:
         for name, tensor in original.items():  # norms and the like: bit for bit
             if name.rsplit(".", 1)[0][len(block_prefix) + 1 :] not in linears:
                 out_tensors[name] = tensor
+        for name in refined.get("trained", []):  # factors (and norms, biases) as trained
+            value = block.get_parameter(name).detach().to(self.dtype).cpu()
+            out_tensors[f"{block_prefix}.{name}"] = value
         out_tensors = fuse_dense_experts(self.model, out_tensors)  # experts left dense, if any
         if "comp" in self.streams:
             with self._writing(self.store.root):
@@ -574,8 +601,10 @@ class Compressor:
                 sha = save_shard(out_tensors, shard, self.durable,
                                  before_rename=lambda: faults.point("shard-write", i))  # fmt: skip
         faults.point("before-journal", i)
+        losses = {k: v for k, v in refined.items() if k.startswith("loss")}
         self._record(f"block.{i}", {"sha256": sha, "ranks": ranks, "activations": digests,
-                                    "expert_tokens": expert_tokens})  # fmt: skip
+                                    "expert_tokens": expert_tokens,
+                                    **({"refine": losses} if losses else {})})  # fmt: skip
         faults.point("journaled", i)
         empty(block)
         spent = {k: v - stages_before.get(k, 0.0) for k, v in self.timer.seconds.items()}
@@ -583,12 +612,16 @@ class Compressor:
         total = round(time.perf_counter() - t0, 2)
         self.block_seconds.append({"block": i, "total": total, **spent})
         log.info(
-            "block %d/%d: ranks %s, %.1fs, peak RSS %.0f MB",
+            "block %d/%d: ranks %s, %.1fs, peak RSS %.0f MB%s",
             i + 1,
             len(self.blocks),
             sorted(set(ranks.values())),
             time.perf_counter() - t0,
             peak_rss_mb(),
+            f", refinement loss {losses['loss_first_epoch']:.4g} (first epoch) → "
+            f"{losses['loss_last_epoch']:.4g} (last)"
+            if losses
+            else "",
         )
 
     @contextlib.contextmanager
@@ -782,6 +815,7 @@ class Compressor:
             "ratio": cfg.ratio,
             "allocation": cfg.allocation,
             "sequential": cfg.sequential,
+            "refine": dataclasses.asdict(cfg.refine),
             "calibration": self.journal.manifest["calibration"],
             "ranks": ranks,
             "complete": False,  # whoever loads this directory now is told it is incomplete
@@ -836,6 +870,7 @@ class Compressor:
             "ratio": self.cfg.ratio,
             "allocation": self.cfg.allocation,
             "sequential": self.cfg.sequential,
+            "refine": dataclasses.asdict(self.cfg.refine),
             "spectra_seconds": round(self.spectra_seconds, 2),  # the allocation's first pass
             "params_before": before,
             "params_after": after,

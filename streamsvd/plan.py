@@ -14,6 +14,9 @@ Peak memory is the largest of the run's phases, each a sum of what is alive in i
                float64 token chunks the sums are accumulated from
     factorise  one linear at a time: the method's temporaries (`factorize.workspace`)
     compressed the block's factors so far, in the checkpoint dtype
+    refine     with block refinement: the factors in float32 with their gradients and
+               AdamW's two moments (`refine.trainable_bytes`), and one micro-batch's
+               float32 activations kept for the backward pass
     rest       embedding, final norm and head, read whole to be copied through
 
 The coefficients of the method temporaries were measured with `torch.linalg` on CPU;
@@ -61,6 +64,7 @@ from .model import (
 from .modeling import linear_shape
 from .names import ModelTensors
 from .preflight import check_locations, check_shapes
+from .refine import trainable_bytes
 from .stats import CHUNK_VALUES, cross_as_product, release_points, sums_bytes
 from .step import sequential_stages
 
@@ -184,7 +188,7 @@ def measure_baseline(cfg) -> dict[str, int]:
     args = {
         "model": str(cfg.model),
         "calib": cfg.calib,
-        "calibrate": bool(METHODS[cfg.method].needs),
+        "calibrate": bool(cfg.streams),
         "nsamples": cfg.nsamples,
         "seqlen": cfg.seqlen,
         "seed": cfg.seed,
@@ -240,7 +244,7 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
     block_bytes = largest_params * compute.itemsize
     rest_bytes = sum(math.prod(s) for n, s in shapes.items() if not n.startswith(prefix + "."))
     rest_bytes *= item
-    streams = method.streams
+    streams = cfg.streams
     per_stream = 2 * cfg.nsamples * cfg.seqlen * text.hidden_size * compute.itemsize
     disk = disk_bytes(cfg, tensors, prefix, blocks, text.hidden_size, len(streams))
     output_bytes = before * item + side_file_bytes(cfg.model) if cfg.dense else disk["output"]
@@ -369,7 +373,32 @@ def block_memory(cfg, text, linears: list[LinearPlan], groups: list[list[str]],
         host["statistics"] = base + block_bytes + worst_sums + forward
         host["factorise"] = base + block_bytes + worst_host
         host["write"] = base + block_bytes + compressed + WRITE_BUFFER
+    if getattr(cfg, "refine_epochs", 0):
+        training = refine_memory(cfg, text, linears)
+        if on_gpu:
+            device["refine"] = training
+        else:
+            host["refine"] = base + block_bytes + compressed + training
     return host, device
+
+
+def refine_memory(cfg, text, linears: list[LinearPlan]) -> int:
+    """Bytes block refinement adds (refine.py): float32 factors, gradients and AdamW's
+    moments, and what one micro-batch's forward keeps for the backward pass, per token:
+    about 24 hidden-wide and 6 intermediate-wide float32 vectors (norms, q/k/v after
+    rotary and repeated for GQA, attention, the MLP's gate, up, activation and product)
+    plus the low-rank factors' rank-wide ones; attention scores where they are
+    materialised (masked SDPA on a GPU)."""
+    params = sum(lp.rank * sum(lp.shape) for lp in linears)
+    tokens = min(cfg.batch_size, cfg.nsamples) * cfg.seqlen
+    wide = max(lp.shape[1] for lp in linears)
+    inter = getattr(text, "intermediate_size", None) or wide
+    ranks = sum(lp.rank for lp in linears)
+    saved = tokens * (24 * text.hidden_size + 6 * inter + ranks) * 4
+    if cfg.device.startswith("cuda"):
+        batch = min(cfg.batch_size, cfg.nsamples)
+        saved += 3 * batch * text.num_attention_heads * cfg.seqlen**2 * 4
+    return trainable_bytes(params) + saved
 
 
 def largest_block(shapes: dict[str, tuple], prefix: str, n_blocks: int) -> tuple[int, int]:

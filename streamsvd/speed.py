@@ -46,11 +46,14 @@ def measure_speed(device: str, dtype: torch.dtype, method: str, width: int = BEN
     low = torch.linalg.cholesky(gram)
     rhs = torch.randn(n // 2, n, dtype=torch.float64, device=dev, generator=gen)
     x = a.to(dtype)
+    x32 = a.to(torch.float32)
     with torch.inference_mode():
         rates = {
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "this CPU",
             "gemm64": 2 * n**3 / _best_seconds(lambda: a @ a, dev),
             "forward": 2 * n**3 / _best_seconds(lambda: torch.nn.functional.linear(x, x), dev),
+            # refinement trains in float32 (refine.py)
+            "train": 2 * n**3 / _best_seconds(lambda: torch.nn.functional.linear(x32, x32), dev),
             "trsm": (n // 2)
             * n**2
             / _best_seconds(
@@ -59,7 +62,7 @@ def measure_speed(device: str, dtype: torch.dtype, method: str, width: int = BEN
             "cholesky": n**3 / 3 / _best_seconds(lambda: damped_cholesky_(gram.clone()), dev),
             "eigh_k3": _best_seconds(lambda: torch.linalg.eigh(gram), dev, 2) / n**3,
         }
-        if method in ("svd", "rsvd"):
+        if method in ("svd", "rsvd", "svd-u"):
             w = a[: n // 2]
             rates["svd_mnk"] = _best_seconds(
                 lambda: torch.linalg.svd(w, full_matrices=False), dev, 2
@@ -111,8 +114,10 @@ def block_seconds(cfg, text, linears, groups: list[list[str]], rates: dict) -> d
     for lp in linears:
         m, n = lp.shape
         r, k = lp.rank, min(m, n)
-        if cfg.method == "svd":
+        if cfg.method in ("svd", "svd-u"):
             seconds["svd"] = seconds.get("svd", 0.0) + rates["svd_mnk"] * m * n * k
+            if cfg.method == "svd-u":  # as svdllm-u's refit
+                flops["update"] += 2 * r * n * (n + m) + 2 * r * r * n
             continue
         if cfg.method == "rsvd":
             q = min(r + RSVD_OVERSAMPLE, m, n)
@@ -129,6 +134,13 @@ def block_seconds(cfg, text, linears, groups: list[list[str]], rates: dict) -> d
         eigh += rates["eigh_k3"] * k**3
         if cfg.method == "svdllm-u":
             flops["update"] += 2 * r * n * (n + m) + 2 * r * r * n
+    epochs = getattr(cfg, "refine_epochs", 0)
+    if epochs:  # forward and backward (twice the forward's flops) of the compressed block
+        seconds["refine"] = epochs * tokens * 3 * (low + attention) / rates["train"]
+        if not needs:  # the dense block on the original stream, for the targets
+            flops["forward"] += tokens * (dense + attention)
+        if not needs & {"comp", "cross"}:  # the advance on the compressed stream
+            flops["forward"] += tokens * (low + attention)
     seconds["forward"] = flops["forward"] / rates["forward"]
     seconds["stats"] = flops["stats"] / rates["gemm64"]
     seconds["cholesky"] = flops["cholesky"] / rates["cholesky"]

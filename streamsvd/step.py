@@ -30,6 +30,7 @@ from .experts import expert_index, same_routing
 from .factorize import METHODS, Clock, Method, untimed
 from .model import capture_inputs, run_block, shared_input_groups
 from .modeling import LowRankLinear, linear_weight, replace_module
+from .refine import RefineSettings, refine_block
 from .stats import InputStats, release_points
 
 Read = Callable[[str, int, int], torch.Tensor]  # (stream, start, stop) -> batch on the device
@@ -149,11 +150,25 @@ class BlockStep:
                 with phase("statistics"):
                     stats = self.statistics(method.needs, read, write if k == 0 else None,
                                             names, dense)  # fmt: skip
+            elif k == 0 and write is not None:  # no sums, but the original stream goes on
+                with phase("statistics"):
+                    self.statistics(frozenset(), read, write, [], dense)
             tokens.update({n: stats[n].tokens if n in stats else 0 for n in names})
             dense.update({n: self.linears[n] for n in names})
             with phase("factorise"), self.clock("convert"):  # cholesky, svd, update apart
                 written.update(self.factorise(method, stats, ranks, dtype, compute, names))
         return written, tokens
+
+    def refine(self, settings: RefineSettings, read: Read, read_next: Read,
+               dtype: torch.dtype) -> dict:  # fmt: skip
+        """Train the compressed block (refine.py): fed the compressed stream's inputs
+        (`read`), towards the original stream's outputs, which the statistics wrote to the
+        next block's inputs (`read_next`). Trained values are rounded to `dtype`, as written."""
+        with self.clock("refine"):
+            return refine_block(self.block, self.arguments, self.batches,
+                                lambda start, stop: read("comp", start, stop),
+                                lambda start, stop: read_next("orig", start, stop),
+                                settings, self.index, dtype)  # fmt: skip
 
     def advance(self, read: Read, write: Write) -> None:
         """Run the (compressed) block on the compressed stream: the next block's input."""

@@ -14,7 +14,15 @@ import torch
 from conftest import assert_within_summation_bound
 
 from streamsvd import factorize
-from streamsvd.factorize import METHODS, plain_svd, rank_for, svdllm_a, svdllm_u, svdllm_w
+from streamsvd.factorize import (
+    METHODS,
+    plain_svd,
+    rank_for,
+    svd_u,
+    svdllm_a,
+    svdllm_u,
+    svdllm_w,
+)
 from streamsvd.stats import InputStats
 
 M, N_IN, N_TOK, RANK = 48, 40, 240, 12
@@ -98,6 +106,22 @@ def test_svdllm_u_refit_never_loses_on_the_compressed_stream(seed):
     rows = torch.linalg.svd(Ww).Vh[:RANK]  # (r, n): an orthonormal basis of Ww's row space
     proj = rows.T @ rows
     torch.testing.assert_close(Wu @ proj, Wu, rtol=0, atol=1e-10 * float(Wu.abs().max()))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_svd_u_refits_plain_svd_on_the_compressed_stream(seed):
+    """The SVD-LLM code's update without whitening: B spans W's own top-r right singular
+    vectors, A is the least-squares optimum for it on X', so it never loses to plain SVD
+    there."""
+    W, X, Xc = problem(seed)
+    A, B = svd_u(W, stats_for(X, Xc), RANK)
+    Wu, plain = product((A, B)), product(plain_svd(W, None, RANK))
+    assert loss(W, Wu, Xc) <= loss(W, plain, Xc) * (1 + 1e-12)
+    grad = (W - Wu) @ Xc @ Xc.T @ B.T
+    assert float(grad.abs().max()) <= 1e-10 * float((W @ Xc @ Xc.T @ B.T).abs().max())
+    rows = torch.linalg.svd(W).Vh[:RANK]
+    torch.testing.assert_close(Wu @ rows.T @ rows, Wu, rtol=0, atol=1e-10 * float(Wu.abs().max()))
+    assert METHODS["svd-u"].needs == {"comp"} and METHODS["svd-u"].streams == ("orig", "comp")
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -42,6 +42,7 @@ CASES = [
     ("llama", "svd"),
     ("llama", "svdllm-w"),
     ("llama", "svdllm-u"),
+    ("llama", "svd-u"),
     ("llama", "svdllm-a"),
     ("llama-mha-untied", "svdllm-u"),
     ("llama-mha-untied", "svdllm-a"),

@@ -87,9 +87,9 @@ def output_hashes(out: Path) -> dict:
 
 
 def run_cli(model: Path, calib: Path, out: Path, method: str, fault: str | None = None,
-            wait: bool = True, **env_more):  # fmt: skip
-    """`streamsvd compress` in a subprocess, optionally with a fault injected; wait=False
-    returns the running Popen."""
+            wait: bool = True, extra: tuple[str, ...] = (), **env_more):  # fmt: skip
+    """`streamsvd compress` in a subprocess, optionally with a fault injected and `extra`
+    options; wait=False returns the running Popen."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **env_more}
     env.pop("STREAMSVD_FAULT", None)
     if fault:
@@ -98,6 +98,7 @@ def run_cli(model: Path, calib: Path, out: Path, method: str, fault: str | None 
             "--out", str(out), "--method", method, "--calib", str(calib)]  # fmt: skip
     for key, value in SETTINGS.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
+    args += list(extra)
     if not wait:
         return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)  # fmt: skip

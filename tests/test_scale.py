@@ -120,12 +120,13 @@ def test_synth_refuses_an_existing_output_and_unknown_shapes(tmp_path, tiny_synt
 # -- the plan against a real run ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("statistics", ["--sequential", "--no-sequential"])
+@pytest.mark.parametrize("statistics", ["--sequential", "--no-sequential", "--refine-epochs=1"])
 def test_plan_is_within_25_percent_of_a_real_run(tmp_path, small_calib_text, statistics):
     """`compress --dry-run`, then the run itself, each in its own process so that each
     measures its own memory. The run directory's disk is measured at its fullest by a run
     killed as it writes its last shard (the resume tests' fault injection). Sequential
-    statistics hold one stage's sums at a time, and the plan says so."""
+    statistics hold one stage's sums at a time, and the plan says so; block refinement
+    adds a phase of its own, planned and measured."""
     ckpt = synthesize(tmp_path / "model", PLAN_SHAPE, 2, dtype=torch.float32)
     out, plan_json, summary_json = tmp_path / "out", tmp_path / "plan.json", tmp_path / "s.json"
     args = ["--model", str(ckpt), "--out", str(out), "--method", "svdllm-a", "--ratio", "0.3",
@@ -164,6 +165,10 @@ def test_plan_is_within_25_percent_of_a_real_run(tmp_path, small_calib_text, sta
     assert {"statistics", "factorise"} <= set(summary["phase_peaks"])
     for phase, peaks in summary["phase_peaks"].items():
         assert 0 < peaks["host_mb"] <= summary["peak_rss_mb"] + 1, phase
+    if "refine" in statistics:
+        measured = summary["phase_peaks"]["refine"]["host_mb"] * 2**20
+        assert plan["host_phases"]["refine"] == pytest.approx(measured, rel=0.25)
+        assert plan["seconds_per_block"]["refine"] > 0
     assert [b["block"] for b in summary["block_seconds"]] == [0, 1]
     assert "time" in dry.stdout and plan["seconds_per_block"]["total"] > 0
 

