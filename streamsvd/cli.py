@@ -237,6 +237,28 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--model", required=True, help="streamsvd compressed checkpoint")
     x.add_argument("--out", required=True, help="output directory")
 
+    h = sub.add_parser("heal", help="LoRA fine-tuning of a low-rank output, merged into it",
+                       description="Heal a compressed model as the SVD-LLM code does after "
+                       "compression: LoRA (peft) on every low-rank factor, trained on text as a "
+                       "causal LM, then merged into the factors. The output has the same ranks "
+                       "and loads like any streamsvd output. The whole model is in memory "
+                       "(gradient checkpointing); its bytes are logged first.")  # fmt: skip
+    h.add_argument("--model", required=True, help="streamsvd low-rank output")
+    h.add_argument("--out", required=True, help="output directory (must not exist yet)")
+    h.add_argument("--data", help="training text: a local text file, a JSONL file (a 'text' "
+                   "field per line), or a Hugging Face dataset 'name[:config[:split]]' when "
+                   "online (default: docstrings of the Python standard library)")  # fmt: skip
+    h.add_argument("--nsamples", type=int, default=128, help="training windows (default 128)")
+    h.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
+    h.add_argument("--epochs", type=int, default=1, help="passes over the windows (default 1)")
+    h.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (default 1e-4)")
+    h.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default 8)")
+    h.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (default 16)")
+    h.add_argument("--batch-size", type=int, default=4, help="windows per step (default 4)")
+    h.add_argument("--seed", type=int, default=0, help="seed for windows and order (default 0)")
+    h.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="default: cuda when available")  # fmt: skip
+
     d = sub.add_parser("demo", help="compress the bundled SmolLM2-135M and compare",
                        description="Compress SmolLM2-135M at --ratio with plain SVD and with "
                        "--method, then print the perplexity of the original and of both (a "
@@ -446,6 +468,20 @@ def cmd_export_dense(args) -> None:
     print(f"wrote {export_dense(args.model, args.out)}")
 
 
+def cmd_heal(args) -> dict:
+    from .heal import HealConfig, heal
+
+    summary = heal(HealConfig(model=args.model, out=args.out, data=args.data,
+                              nsamples=args.nsamples, seqlen=args.seqlen, epochs=args.epochs,
+                              lr=args.lr, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                              batch_size=args.batch_size, seed=args.seed,
+                              device=args.device or _default_device()))  # fmt: skip
+    print(f"healed in {summary['seconds']:.0f}s, {summary['steps']} steps, loss "
+          f"{summary['first_loss']:.3f} -> {summary['last_loss']:.3f}; "
+          f"wrote {args.out}")  # fmt: skip
+    return summary
+
+
 def cmd_demo(args) -> None:
     """Plain SVD and the default method at the same ratio, side by side with the original:
     what the calibration buys, in a few minutes on a laptop CPU."""
@@ -511,6 +547,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "generate": cmd_generate,
     "export-dense": cmd_export_dense,
+    "heal": cmd_heal,
     "status": cmd_status,
     "synth": cmd_synth,
     "demo": cmd_demo,

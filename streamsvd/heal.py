@@ -1,0 +1,207 @@
+"""Healing, as the SVD-LLM code offers it after compression: LoRA fine-tuning of the whole
+compressed model on text, with peft, then the adapters merged into the factors.
+
+LoRA goes on each low-rank layer's two halves, `down` (B: rank × in) and `up` (A: out ×
+rank), as ordinary linears; merged, B + ΔB and A + ΔA keep their shapes, so the healed
+output is a low-rank checkpoint of the same ranks, written shard by shard over the input's
+shards (only the factor tensors change), with the same modeling code: it loads as the
+compressed output does, in streamsvd and in stock transformers with trust_remote_code.
+Merging (rather than keeping a peft adapter beside it) keeps one artefact with no extra
+inference cost and no peft at load time; the adapter alone is not kept.
+
+Unlike compression this is not streamed: the whole compressed model is in memory (on the
+device), with gradient checkpointing so that activations are one block's plus each
+block's input. `heal_memory` states the bytes before it starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .calib import calibration_windows, load_text, text_sha256, tokenize
+from .checkpoint import (
+    CheckpointReader,
+    atomic_write_bytes,
+    copy_side_files,
+    save_shard,
+    write_index,
+)
+from .errors import StreamSVDError
+from .lowrank import load_compressed, read_section
+from .modeling import SECTION, LowRankLinear
+from .plan import size_text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HealConfig:
+    model: str  # a low-rank streamsvd output
+    out: str
+    data: str | None = None  # local text or JSONL file, hub dataset name; None: default text
+    nsamples: int = 128  # training windows
+    seqlen: int = 512
+    epochs: int = 1
+    lr: float = 1e-4
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    batch_size: int = 4
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self):
+        for name in ("nsamples", "seqlen", "epochs", "lora_rank", "batch_size"):
+            if getattr(self, name) < 1:
+                raise StreamSVDError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise StreamSVDError(f"learning rate must be positive, got {self.lr}")
+
+
+def heal_memory(model: torch.nn.Module, cfg: HealConfig) -> dict[str, int]:
+    """Bytes healing holds on its device, by part: the model's weights; LoRA's float32
+    parameters, gradients and AdamW's two moments; with gradient checkpointing, each
+    block's input kept for the backward pass, one block's activations recomputed (as
+    refine.py counts them) and the logits with their softmax and gradient."""
+    text = model.config.get_text_config()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    lora = sum(cfg.lora_rank * (m.down.in_features + 2 * m.rank + m.up.out_features)
+               for m in model.modules() if isinstance(m, LowRankLinear))  # fmt: skip
+    tokens = cfg.batch_size * cfg.seqlen
+    inter = getattr(text, "intermediate_size", None) or 4 * text.hidden_size
+    activations = tokens * (text.num_hidden_layers * text.hidden_size
+                            + 24 * text.hidden_size + 6 * inter) * 4  # fmt: skip
+    logits = 3 * tokens * text.vocab_size * 4
+    return {"weights": weights, "lora": 16 * lora, "activations": activations, "logits": logits}
+
+
+def heal_windows(cfg: HealConfig, tokenizer) -> tuple[torch.Tensor, dict]:
+    """Training windows from a text or JSONL file (each line's "text" field), or a hub
+    dataset when online, drawn as calibration windows are."""
+    path = Path(cfg.data) if cfg.data else None
+    if path is not None and path.suffix == ".jsonl" and path.is_file():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        try:
+            text = "\n\n".join(json.loads(line)["text"] for line in lines if line.strip())
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise StreamSVDError(
+                f"{path}: each line of a JSONL file must be an object with a 'text' field ({exc})"
+            ) from exc
+        source = str(path)
+    else:
+        text, source = load_text(cfg.data)
+    windows = calibration_windows(tokenize(tokenizer, text), cfg.nsamples, cfg.seqlen, cfg.seed)
+    return windows, {"source": source, "text_sha256": text_sha256(text)}
+
+
+def heal(cfg: HealConfig) -> dict:
+    """LoRA-heal cfg.model into cfg.out; returns a summary."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:
+        raise StreamSVDError("healing needs peft: pip install 'streamsvd[heal]'") from exc
+    from transformers import AutoTokenizer
+
+    source, out = Path(cfg.model), Path(cfg.out)
+    section = read_section(source)
+    if section.get("dense"):
+        raise StreamSVDError(f"{source} is a dense export; heal takes a low-rank output")
+    if out.exists():
+        raise StreamSVDError(f"output {out} already exists; remove it or choose another --out")
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    model = load_compressed(source, cfg.device)
+    windows, data = heal_windows(cfg, AutoTokenizer.from_pretrained(source))
+    targets = [f"{name}.{half}" for name, m in model.named_modules()
+               if isinstance(m, LowRankLinear) for half in ("down", "up")]  # fmt: skip
+    if not targets:
+        raise StreamSVDError(f"{source} has no low-rank layers to heal")
+    model = model.float()  # LoRA trains in float32, as refinement does
+    memory = heal_memory(model, cfg)
+    log.info("healing holds about %s on %s (%s)", size_text(sum(memory.values())), cfg.device,
+             ", ".join(f"{k} {size_text(v)}" for k, v in memory.items()))  # fmt: skip
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                      target_modules=targets, bias="none")  # fmt: skip
+    model.config.use_cache = False
+    model = get_peft_model(model, lora)
+    checkpointing = getattr(model, "activation_checkpointing_enable", None)  # transformers ≥ 5.x
+    (checkpointing or model.gradient_checkpointing_enable)()
+    model.enable_input_require_grads()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    batches = [(s, min(s + cfg.batch_size, cfg.nsamples))
+               for s in range(0, cfg.nsamples, cfg.batch_size)]  # fmt: skip
+    steps = cfg.epochs * len(batches)
+    warmup = max(1, round(0.1 * steps))
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda k: (
+            (k + 1) / warmup
+            if k < warmup
+            else 0.5 * (1 + math.cos(math.pi * (k - warmup) / max(1, steps - warmup)))
+        ),
+    )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    losses = []
+    bar = tqdm(total=steps, desc="Healing", unit="step", disable=None)
+    for _ in range(cfg.epochs):
+        for j in torch.randperm(len(batches), generator=gen).tolist():
+            ids = windows[slice(*batches[j])].to(cfg.device)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.update(1)
+    bar.close()
+    if not all(math.isfinite(v) for v in losses):
+        raise StreamSVDError(f"healing diverged (losses {losses[-5:]}); lower --lr")
+    merged = model.merge_and_unload()
+    factors = {n: p.detach() for n, p in merged.named_parameters()
+               if n.endswith((".down.weight", ".up.weight"))}  # fmt: skip
+    info = {**asdict(cfg), "data": data, "first_loss": losses[0], "last_loss": losses[-1]}
+    write_healed(source, out, factors, info)
+    return {"seconds": round(time.perf_counter() - start, 2), "steps": steps,
+            "first_loss": losses[0], "last_loss": losses[-1],
+            "memory_bytes": memory, "out": str(out)}  # fmt: skip
+
+
+def write_healed(source: Path, out: Path, factors: dict[str, torch.Tensor], info: dict) -> None:
+    """The source's shards with the factor tensors replaced (in the source's dtype), its
+    side files and modeling code, and config.json's section recording the healing;
+    assembled beside `out` and renamed into place."""
+    reader = CheckpointReader(source)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weight_map = {}
+    for shard in sorted(set(reader.weight_map.values())):
+        names = [n for n, s in reader.weight_map.items() if s == shard]
+        tensors = reader.tensors(names)
+        for name, value in tensors.items():
+            if name in factors:
+                tensors[name] = factors[name].to("cpu", value.dtype).contiguous()
+        save_shard(tensors, tmp / shard)
+        weight_map.update({n: shard for n in tensors})
+    missing = set(factors) - set(weight_map)
+    if missing:
+        raise StreamSVDError(f"healed factors not in {source}'s shards: {sorted(missing)[:5]}")
+    write_index(tmp, weight_map)
+    copy_side_files(source, tmp)
+    config = json.loads((source / "config.json").read_text())
+    config[SECTION] = {**config[SECTION], "heal": info}
+    atomic_write_bytes(tmp / "config.json", json.dumps(config, indent=2).encode())
+    os.replace(tmp, out)
