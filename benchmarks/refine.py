@@ -38,16 +38,16 @@ from allocation import score  # noqa: E402  (benchmarks/, the script's folder)
 from tune_lambda import heldout_split  # noqa: E402
 
 from streamsvd.default_model import default_model_path  # noqa: E402
+from streamsvd.refine import DEFAULT_TARGET  # noqa: E402
 
 
 def parse_cell(text: str) -> dict:
+    """ratio:epochs:lr[:λ][:norms][:heal] (λ: --refine-target, default the library's;
+    heal: also `streamsvd heal` the output on the calibration text, and score both)."""
     ratio, epochs, lr, *rest = text.split(":")
-    return {
-        "ratio": float(ratio),
-        "epochs": int(epochs),
-        "lr": float(lr),
-        "norms": rest == ["norms"],
-    }
+    target = next((float(x) for x in rest if x not in ("norms", "heal")), DEFAULT_TARGET)
+    return {"ratio": float(ratio), "epochs": int(epochs), "lr": float(lr), "target": target,
+            "norms": "norms" in rest, "heal": "heal" in rest}  # fmt: skip
 
 
 def main() -> None:
@@ -127,28 +127,45 @@ def main() -> None:
             str(summary_path),
             "--refine-epochs",
             str(cell["epochs"]),
-            *(["--refine-lr", str(cell["lr"])] if cell["epochs"] else []),
+            *(
+                ["--refine-lr", str(cell["lr"]), "--refine-target", str(cell["target"])]
+                if cell["epochs"]
+                else []
+            ),
             *(["--refine-norms"] if cell["norms"] else []),
         ]
         env = dict(os.environ, OMP_NUM_THREADS="1") if args.jobs > 1 else None
         subprocess.run(command, check=True, cwd=ROOT, env=env)
         summary = json.loads(summary_path.read_text())
-        scored_by = [
-            sys.executable,
-            str(ROOT / "benchmarks/allocation.py"),
-            "--score",
-            str(out),
-            "--protocol",
-            args.protocol,
-            "--data-dir",
-            str(args.data_dir),
-        ]
-        ppl = subprocess.run(scored_by, check=True, env=env, capture_output=True, text=True)
+
+        def score_in_process(path: Path) -> float:
+            scored_by = [sys.executable, str(ROOT / "benchmarks/allocation.py"), "--score",
+                         str(path), "--protocol", args.protocol, "--data-dir",
+                         str(args.data_dir)]  # fmt: skip
+            done = subprocess.run(scored_by, check=True, env=env, capture_output=True, text=True)
+            return float(done.stdout.strip().splitlines()[-1])
+
+        row = {}
+        if cell["heal"]:
+            healed, heal_json = work / "healed", work / "heal.json"
+            heal = [sys.executable, "-m", "streamsvd.cli", "-q", "heal", "--model", str(out),
+                    "--out", str(healed), "--data", str(calib), "--device", "cpu",
+                    "--summary-json", str(heal_json)]  # fmt: skip
+            subprocess.run(heal, check=True, cwd=ROOT, env=env)
+            heal_summary = json.loads(heal_json.read_text())
+            row = {
+                "healed_perplexity": score_in_process(healed),
+                "heal_seconds": heal_summary["seconds"],
+                "heal_peak_rss_mb": heal_summary["peak_rss_mb"],
+                "heal_command": "streamsvd " + " ".join(heal[4:]).replace(str(work), "$TMP"),
+            }
+        ppl = score_in_process(out)
         shutil.rmtree(work)
         return {
             "method": args.method,
             **cell,
-            "perplexity": float(ppl.stdout.strip().splitlines()[-1]),
+            "perplexity": ppl,
+            **row,
             "compress_seconds": summary["seconds"],
             "refine_seconds": summary["stage_seconds"].get("refine", 0.0),
             "peak_rss_mb": summary["peak_rss_mb"],
@@ -179,20 +196,26 @@ def save(results: Path, name: str, result: dict) -> None:
         f"over runs; {os.cpu_count()} cores). Refinement: AdamW, 10% warm-up, cosine decay, "
         "clip 1.0, float32.",
         "",
-        "| method | ratio | refine epochs | peak lr | norms too | perplexity | compress time (s) "
-        "| of which refinement (s) | peak RSS (MiB) | cells at once |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | ratio | refine epochs | peak lr | target λ | norms too | perplexity "
+        "| compress time (s) | of which refinement (s) | peak RSS (MiB) | healed perplexity "
+        "| heal time (s) | heal peak RSS (MiB) | cells at once |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         if r["method"] == "original":
-            lines.append(f"| original | – | – | – | – | {r['perplexity']:.2f} | – | – | – | – |")
+            lines.append("| original |" + " – |" * 5 + f" {r['perplexity']:.2f} |" + " – |" * 7)
             continue
+        refined = r["epochs"] > 0
+        healed = "healed_perplexity" in r
         lines.append(
-            f"| {r['method']} | {r['ratio']} | {r['epochs']} | "
-            f"{r['lr'] if r['epochs'] else '–'} | {'yes' if r['norms'] else 'no'} | "
+            f"| {r['method']} | {r['ratio']} | {r['epochs']} | {r['lr'] if refined else '–'} | "
+            f"{r.get('target', 1.0) if refined else '–'} | {'yes' if r['norms'] else 'no'} | "
             f"{r['perplexity']:.2f} | {r['compress_seconds']:.0f} | {r['refine_seconds']:.0f} "
-            f"| {r['peak_rss_mb']:.0f} | {r['cells_at_once']} |"
-        )
+            f"| {r['peak_rss_mb']:.0f} | "
+            + (f"{r['healed_perplexity']:.2f} | {r['heal_seconds']:.0f} | "
+               f"{r['heal_peak_rss_mb']:.0f} |" if healed else "– | – | – |")
+            + f" {r['cells_at_once']} |"
+        )  # fmt: skip
     (results / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 

@@ -15,13 +15,14 @@ from .errors import EXIT_INTERRUPTED, EXIT_RESOURCES, StreamSVDError
 from .factorize import METHODS
 from .memory import return_freed_memory
 from .pipeline import DEFAULT_ALLOCATION, DEFAULT_METHOD
-from .refine import DEFAULT_EPOCHS, DEFAULT_LR
+from .refine import DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_TARGET
 from .synth import DTYPES, SHAPES
 
 log = logging.getLogger("streamsvd")
 DEMO_PROMPTS = ["What is the capital of France?", "Name three colours.",
                 "Give me a tip for sleeping better."]  # fmt: skip
-DEMO_RATIO = 0.05  # mild: a 135M model has little to spare; the README shows what it prints
+DEMO_RATIO = 0.2  # P1's lightest ratio; the README shows what it prints
+DEMO_REFINE_EPOCHS = max(DEFAULT_EPOCHS, 2)
 
 EXAMPLES = """\
 examples:
@@ -137,6 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_LR,
         help=f"refinement's peak AdamW learning rate (default {DEFAULT_LR:g})",
+    )
+    c.add_argument(
+        "--refine-target",
+        type=float,
+        default=DEFAULT_TARGET,
+        metavar="LAMBDA",
+        help="refinement's target is LAMBDA times the original model's block outputs plus "
+        "1 - LAMBDA times the original block's outputs on the compressed model's inputs; 1 "
+        "asks each block to cancel all the error before it, as svdllm-a's λ does for one "
+        f"layer (default {DEFAULT_TARGET:g})",
     )
     c.add_argument(
         "--refine-norms",
@@ -258,19 +269,28 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--seed", type=int, default=0, help="seed for windows and order (default 0)")
     h.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda when available")  # fmt: skip
+    h.add_argument("--summary-json", help="also write the run summary to this JSON file")
 
     d = sub.add_parser("demo", help="compress the bundled SmolLM2-135M and compare",
-                       description="Compress SmolLM2-135M at --ratio with plain SVD and with "
-                       "--method, then print the perplexity of the original and of both (a "
-                       "short variant of P1 unless given more windows) and each one's reply "
-                       "to --prompt.")  # fmt: skip
+                       description="Compress SmolLM2-135M at --ratio with plain SVD, with "
+                       "--method's closed form and with it refined block by block, then print "
+                       "the perplexity of the original and of each (a short variant of P1 "
+                       "unless given more windows) and each one's reply to --prompt.")  # fmt: skip
     d.add_argument(
         "--ratio",
         type=float,
         default=DEMO_RATIO,
         help=f"fraction of each linear's parameters removed (default {DEMO_RATIO})",
     )
-    d.add_argument("--method", choices=list(METHODS), default=DEFAULT_METHOD)
+    d.add_argument(
+        "--method",
+        choices=list(METHODS),
+        default=DEFAULT_METHOD,
+        help=f"the calibrated method shown beside plain SVD (default {DEFAULT_METHOD})",
+    )
+    d.add_argument("--refine-epochs", type=int, default=DEMO_REFINE_EPOCHS, metavar="N",
+                   help="block refinement's epochs in the refined run "
+                   f"(default {DEMO_REFINE_EPOCHS})")  # fmt: skip
     d.add_argument(
         "--calib",
         help="calibration text (default: Python docstrings, offline, "
@@ -319,6 +339,7 @@ def cmd_compress(args) -> dict:
         refine_epochs=args.refine_epochs,
         refine_lr=args.refine_lr,
         refine_norms=args.refine_norms,
+        refine_target=args.refine_target,
     )
     if args.dry_run:
         from .plan import format_plan, make_plan
@@ -479,6 +500,8 @@ def cmd_heal(args) -> dict:
     print(f"healed in {summary['seconds']:.0f}s, {summary['steps']} steps, loss "
           f"{summary['first_loss']:.3f} -> {summary['last_loss']:.3f}; "
           f"wrote {args.out}")  # fmt: skip
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -495,7 +518,9 @@ def cmd_demo(args) -> None:
     model = _model_path(None)
     device = args.device or _default_device()
     tokenizer = load_tokenizer(model)
-    methods = list(dict.fromkeys(["svd", args.method]))
+    # plain SVD, the closed form, the closed form refined block by block
+    runs = {"svd": ("svd", 0), args.method: (args.method, 0),
+            f"{args.method}+refine": (args.method, args.refine_epochs)}  # fmt: skip
     outputs = {"original": model}
     calib, calib_label = args.calib, args.calib
     if calib is None and tokenizer.chat_template:  # an instruct model: calibrate on chats
@@ -503,21 +528,22 @@ def cmd_demo(args) -> None:
         calib = Path(args.out) / "calib-chat.txt"
         calib.write_text(as_chat(load_text(None)[0], tokenizer), encoding="utf-8")
         calib_label = "Python docstrings, each as a chat answer"
-    for method in methods:
-        out = Path(args.out) / method
+    for label, (method, epochs) in runs.items():
+        out = Path(args.out) / label
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(f"{out}.work", ignore_errors=True)
-        print(f"compressing with {method} at ratio {args.ratio} ...", flush=True)
+        print(f"compressing with {label} at ratio {args.ratio} ...", flush=True)
         summary = compress(CompressConfig(model=model, out=str(out), ratio=args.ratio,
                                           method=method, calib=calib,
                                           nsamples=args.nsamples, seqlen=args.seqlen,
-                                          batch_size=args.batch_size, device=device))  # fmt: skip
+                                          batch_size=args.batch_size, device=device,
+                                          refine_epochs=epochs))  # fmt: skip
         print(
             f"  {summary['seconds']:.0f}s, linear parameters "
             f"{summary['linear_params_after'] / summary['linear_params_before']:.0%} "
             f"of the original's, peak RSS {summary['peak_rss_mb']:.0f} MB"
         )
-        outputs[f"{method} {args.ratio}"] = str(out)
+        outputs[f"{label} {args.ratio}"] = str(out)
     win = _eval_windows(model, args.data, args.seqlen, args.windows)
     where = f"{win.shape[0]} windows × {win.shape[1]} tokens of {args.data or 'Python help topics'}"
     print(
@@ -535,10 +561,11 @@ def cmd_demo(args) -> None:
             print(f"  {label:<16} {text.strip()!r}")
     print(
         f"\nsvd: W's own best rank-r approximation, blind to data. {args.method}: the "
-        "factorisation that keeps each layer's outputs on the calibration text (SVD-LLM), "
-        f"from {args.nsamples} windows of {args.seqlen} tokens of "
-        f"{calib_label or 'Python docstrings'}. Both keep the same parameters; outputs in "
-        f"{args.out}/."
+        "closed-form factorisation that keeps each layer's outputs on the calibration text "
+        f"(SVD-LLM), from {args.nsamples} windows of {args.seqlen} tokens of "
+        f"{calib_label or 'Python docstrings'}. {args.method}+refine: the same, then each "
+        f"block's factors trained for {args.refine_epochs} epochs to reproduce the original "
+        f"block's outputs. All keep the same parameters; outputs in {args.out}/."
     )
 
 

@@ -38,8 +38,10 @@ from .checkpoint import (
 )
 from .errors import StreamSVDError
 from .lowrank import load_compressed, read_section
+from .memory import peak_rss_bytes
 from .modeling import SECTION, LowRankLinear
 from .plan import size_text
+from .refine import CLIP, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -141,16 +143,8 @@ def heal(cfg: HealConfig) -> dict:
     batches = [(s, min(s + cfg.batch_size, cfg.nsamples))
                for s in range(0, cfg.nsamples, cfg.batch_size)]  # fmt: skip
     steps = cfg.epochs * len(batches)
-    warmup = max(1, round(0.1 * steps))
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda k: (
-            (k + 1) / warmup
-            if k < warmup
-            else 0.5 * (1 + math.cos(math.pi * (k - warmup) / max(1, steps - warmup)))
-        ),
-    )
+    schedule = warmup_cosine(optimizer, steps)  # as block refinement's
     gen = torch.Generator().manual_seed(cfg.seed)
     losses = []
     bar = tqdm(total=steps, desc="Healing", unit="step", disable=None)
@@ -159,7 +153,7 @@ def heal(cfg: HealConfig) -> dict:
             ids = windows[slice(*batches[j])].to(cfg.device)
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch.nn.utils.clip_grad_norm_(params, CLIP)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
@@ -175,8 +169,8 @@ def heal(cfg: HealConfig) -> dict:
     info = {**asdict(cfg), "data": data, "first_loss": losses[0], "last_loss": losses[-1]}
     write_healed(source, out, factors, info)
     return {"seconds": round(time.perf_counter() - start, 2), "steps": steps,
-            "first_loss": losses[0], "last_loss": losses[-1],
-            "memory_bytes": memory, "out": str(out)}  # fmt: skip
+            "first_loss": losses[0], "last_loss": losses[-1], "planned_bytes": memory,
+            "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1), "out": str(out)}  # fmt: skip
 
 
 def write_healed(source: Path, out: Path, factors: dict[str, torch.Tensor], info: dict) -> None:

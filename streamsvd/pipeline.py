@@ -66,7 +66,7 @@ from .modeling import SECTION, linear_shape
 from .names import ModelTensors
 from .plan import disk_bytes, disk_needs, existing, size_text
 from .preflight import check_locations, check_shapes
-from .refine import DEFAULT_EPOCHS, DEFAULT_LR, RefineSettings
+from .refine import DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_TARGET, RefineSettings
 from .step import BlockStep
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ class CompressConfig:
     refine_epochs: int = DEFAULT_EPOCHS  # block refinement (refine.py); 0: closed form only
     refine_lr: float = DEFAULT_LR
     refine_norms: bool = False  # refinement also trains norms and the factors' biases
+    refine_target: float = DEFAULT_TARGET  # λ: the original outputs' share of its target
 
     def __post_init__(self):
         if not 0 < self.ratio < 1:
@@ -131,7 +132,8 @@ class CompressConfig:
 
     @property
     def refine(self) -> RefineSettings:
-        return RefineSettings(self.refine_epochs, self.refine_lr, self.refine_norms, self.seed)
+        return RefineSettings(self.refine_epochs, self.refine_lr, self.refine_norms, self.seed,
+                              self.refine_target)  # fmt: skip
 
     @property
     def streams(self) -> tuple[str, ...]:

@@ -374,17 +374,19 @@ def block_memory(cfg, text, linears: list[LinearPlan], groups: list[list[str]],
         host["factorise"] = base + block_bytes + worst_host
         host["write"] = base + block_bytes + compressed + WRITE_BUFFER
     if getattr(cfg, "refine_epochs", 0):
-        training = refine_memory(cfg, text, linears)
-        if on_gpu:
-            device["refine"] = training
+        training = refine_memory(cfg, text, linears, item)
+        if on_gpu:  # the original linears stay on the device for the target
+            device["refine"] = block_bytes + training
         else:
             host["refine"] = base + block_bytes + compressed + training
     return host, device
 
 
-def refine_memory(cfg, text, linears: list[LinearPlan]) -> int:
+def refine_memory(cfg, text, linears: list[LinearPlan], item: int) -> int:
     """Bytes block refinement adds (refine.py): float32 factors, gradients and AdamW's
-    moments, and what one micro-batch's forward keeps for the backward pass, per token:
+    moments, the dense block's outputs on the whole compressed stream (the target's share
+    1 − λ, in the compute dtype), and what one micro-batch's forward keeps for the
+    backward pass, per token:
     about 24 hidden-wide and 6 intermediate-wide float32 vectors (norms, q/k/v after
     rotary and repeated for GQA, attention, the MLP's gate, up, activation and product)
     plus the low-rank factors' rank-wide ones; attention scores where they are
@@ -398,7 +400,8 @@ def refine_memory(cfg, text, linears: list[LinearPlan]) -> int:
     if cfg.device.startswith("cuda"):
         batch = min(cfg.batch_size, cfg.nsamples)
         saved += 3 * batch * text.num_attention_heads * cfg.seqlen**2 * 4
-    return trainable_bytes(params) + saved
+    local = cfg.nsamples * cfg.seqlen * text.hidden_size * item if cfg.refine_target < 1 else 0
+    return trainable_bytes(params) + local + saved
 
 
 def largest_block(shapes: dict[str, tuple], prefix: str, n_blocks: int) -> tuple[int, int]:

@@ -1,14 +1,20 @@
 """Block refinement: after a block's linears are factorised in closed form, train the
 block's low-rank factors by gradient so that the compressed block, fed the compressed
-model's own inputs X′, reproduces the dense block's outputs Y = block(X):
+model's own inputs X′, reproduces the dense block's outputs:
 
-    minimise  mean ‖Y − block′(X′)‖²   over the calibration tokens.
+    minimise  mean ‖λ·block(X) + (1 − λ)·block(X′) − block′(X′)‖²   over the calibration tokens.
 
 The closed forms (svdllm-w, -u, -a) minimise each linear's own error one at a time; the
 block's output passes every linear's error through attention, the MLP's nonlinearity and
-the residual stream, which no per-linear objective sees. Both streams are already on disk,
-one micro-batch at a time, so the training memory is one block's trainable parameters,
-their gradients and AdamW's two moments, and one micro-batch's activations for backward.
+the residual stream, which no per-linear objective sees. The target mixes, as svdllm-a's
+objective does for one linear (factorize.svdllm_a), the original model's outputs block(X)
+with the dense block's outputs on the compressed stream: at λ = 1 the block is asked to
+cancel all the error earlier blocks handed it, which it cannot predict from X′, and on
+held-out text that made SmolLM2 worse than no refinement (benchmarks/results/
+refine_heldout.md). The dense block's outputs on X′ are computed once per block, before
+training, and held until it ends. Both streams are on disk, read one micro-batch at a time,
+so the training memory is one block's trainable parameters, their gradients and AdamW's
+two moments, one micro-batch's activations for backward, and those outputs.
 
 Training runs in float32 whatever the compute dtype (no mixed precision: not measured to
 cost nothing), AdamW without weight decay, linear warm-up then cosine decay to zero,
@@ -36,6 +42,7 @@ Read = Callable[[int, int], torch.Tensor]  # (start, stop) -> a micro-batch on t
 # Chosen on held-out text (benchmarks/results/refine_heldout.md).
 DEFAULT_EPOCHS = 0
 DEFAULT_LR = 1e-4
+DEFAULT_TARGET = 0.25  # λ, as svdllm-a's UPDATE_FRACTION
 WARMUP = 0.1  # share of the steps spent warming up (at least one step)
 CLIP = 1.0  # gradient norm
 
@@ -46,12 +53,15 @@ class RefineSettings:
     lr: float = DEFAULT_LR
     norms: bool = False  # also train the block's norms and the factorised linears' biases
     seed: int = 0
+    target: float = DEFAULT_TARGET  # λ: the original outputs' share of the target
 
     def __post_init__(self):
         if self.epochs < 0:
             raise StreamSVDError(f"refine epochs must be 0 or more, got {self.epochs}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise StreamSVDError(f"refine learning rate must be positive, got {self.lr}")
+        if not 0 <= self.target <= 1:
+            raise StreamSVDError(f"refine target λ must be in [0, 1], got {self.target}")
 
 
 def trainable_names(block: nn.Module, norms: bool) -> list[str]:
@@ -89,17 +99,8 @@ def refine_block(block: nn.Module, arguments: dict[int, dict], batches: list[tup
         _retensor(block, lambda n, t: t.to(torch.float32, copy=True), set(names))
         arguments = {size: _clone_tree(a) for size, a in arguments.items()}
         params = [block.get_parameter(n) for n in names]
-        steps = settings.epochs * len(batches)
-        warmup = max(1, round(WARMUP * steps))
         optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda k: (
-                (k + 1) / warmup
-                if k < warmup
-                else 0.5 * (1 + math.cos(math.pi * (k - warmup) / max(1, steps - warmup)))
-            ),
-        )
+        schedule = warmup_cosine(optimizer, settings.epochs * len(batches))
         gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)
         epoch_loss = []
         for _ in range(settings.epochs):
@@ -131,6 +132,19 @@ def refine_block(block: nn.Module, arguments: dict[int, dict], batches: list[tup
         _retensor(block, lambda n, t: (t.to(dtype) if n in trained else t).to(before[n]), set())
     return {"loss_first_epoch": epoch_loss[0], "loss_last_epoch": epoch_loss[-1],
             "trained": names}  # fmt: skip
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int):
+    """The learning rate rises linearly over the first WARMUP of `steps` (at least one),
+    then decays to zero along a cosine."""
+    warmup = max(1, round(WARMUP * steps))
+
+    def factor(k: int) -> float:
+        if k < warmup:
+            return (k + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (k - warmup) / max(1, steps - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _retensor(block: nn.Module, convert, trainable: set[str]) -> None:

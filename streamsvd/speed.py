@@ -141,6 +141,8 @@ def block_seconds(cfg, text, linears, groups: list[list[str]], rates: dict) -> d
             flops["forward"] += tokens * (dense + attention)
         if not needs & {"comp", "cross"}:  # the advance on the compressed stream
             flops["forward"] += tokens * (low + attention)
+        if cfg.refine_target < 1:  # the dense block on the compressed stream, for the target
+            flops["forward"] += tokens * (dense + attention)
     seconds["forward"] = flops["forward"] / rates["forward"]
     seconds["stats"] = flops["stats"] / rates["gemm64"]
     seconds["cholesky"] = flops["cholesky"] / rates["cholesky"]

@@ -144,6 +144,7 @@ class BlockStep:
         if not sequential:
             stages = [list(self.linears)]
         written, tokens, dense = {}, {}, {}
+        self.dense = dense  # the block's original linears, for refinement's target
         for k, names in enumerate(stages):
             stats = {}
             if method.needs:
@@ -161,13 +162,27 @@ class BlockStep:
 
     def refine(self, settings: RefineSettings, read: Read, read_next: Read,
                dtype: torch.dtype) -> dict:  # fmt: skip
-        """Train the compressed block (refine.py): fed the compressed stream's inputs
-        (`read`), towards the original stream's outputs, which the statistics wrote to the
-        next block's inputs (`read_next`). Trained values are rounded to `dtype`, as written."""
+        """Train the compressed block (refine.py), fed the compressed stream's inputs
+        (`read`), towards λ times the original stream's outputs, which the statistics wrote
+        to the next block's inputs (`read_next`), plus 1 − λ times the dense block's outputs
+        on the compressed stream, computed here first. Trained values are rounded to
+        `dtype`, as written."""
+        local = {}
+        if settings.target < 1:
+            with self.clock("forward"), _swapped(self.block, self.dense):
+                for start, stop in self.batches:
+                    local[start] = run_block(self.block, read("comp", start, stop),
+                                             self.arguments)  # fmt: skip
+
+        def target(start: int, stop: int) -> torch.Tensor:
+            y = read_next("orig", start, stop)
+            if not local:
+                return y
+            return torch.lerp(local[start].float(), y.float(), settings.target)
+
         with self.clock("refine"):
             return refine_block(self.block, self.arguments, self.batches,
-                                lambda start, stop: read("comp", start, stop),
-                                lambda start, stop: read_next("orig", start, stop),
+                                lambda start, stop: read("comp", start, stop), target,
                                 settings, self.index, dtype)  # fmt: skip
 
     def advance(self, read: Read, write: Write) -> None:
