@@ -41,7 +41,7 @@ from .lowrank import load_compressed, read_section
 from .memory import peak_rss_bytes
 from .modeling import SECTION, LowRankLinear
 from .plan import size_text
-from .refine import CLIP, warmup_cosine
+from .refine import CLIP, saved_values_per_token, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +74,19 @@ def heal_memory(model: torch.nn.Module, cfg: HealConfig) -> dict[str, int]:
     parameters, gradients and AdamW's two moments; with gradient checkpointing, each
     block's input kept for the backward pass, one block's activations recomputed (as
     refine.py counts them) and the logits with their softmax and gradient."""
+    from .model import find_blocks
+
     text = model.config.get_text_config()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     lora = sum(cfg.lora_rank * (m.down.in_features + 2 * m.rank + m.up.out_features)
                for m in model.modules() if isinstance(m, LowRankLinear))  # fmt: skip
     tokens = cfg.batch_size * cfg.seqlen
     inter = getattr(text, "intermediate_size", None) or 4 * text.hidden_size
-    activations = tokens * (text.num_hidden_layers * text.hidden_size
-                            + 24 * text.hidden_size + 6 * inter) * 4  # fmt: skip
+    ranks = max(sum(m.rank for m in block.modules() if isinstance(m, LowRankLinear))
+                for block in find_blocks(model)[1])  # fmt: skip
+    per_token = text.num_hidden_layers * text.hidden_size  # each block's input, kept
+    per_token += saved_values_per_token(text.hidden_size, inter, ranks)  # one recomputed
+    activations = tokens * per_token * 4
     logits = 3 * tokens * text.vocab_size * 4
     return {"weights": weights, "lora": 16 * lora, "activations": activations, "logits": logits}
 

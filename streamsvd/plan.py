@@ -64,7 +64,7 @@ from .model import (
 from .modeling import linear_shape
 from .names import ModelTensors
 from .preflight import check_locations, check_shapes
-from .refine import trainable_bytes
+from .refine import saved_values_per_token, trainable_bytes
 from .stats import CHUNK_VALUES, cross_as_product, release_points, sums_bytes
 from .step import sequential_stages
 
@@ -384,19 +384,16 @@ def block_memory(cfg, text, linears: list[LinearPlan], groups: list[list[str]],
 
 def refine_memory(cfg, text, linears: list[LinearPlan], item: int) -> int:
     """Bytes block refinement adds (refine.py): float32 factors, gradients and AdamW's
-    moments, the dense block's outputs on the whole compressed stream (the target's share
-    1 − λ, in the compute dtype), and what one micro-batch's forward keeps for the
-    backward pass, per token:
-    about 24 hidden-wide and 6 intermediate-wide float32 vectors (norms, q/k/v after
-    rotary and repeated for GQA, attention, the MLP's gate, up, activation and product)
-    plus the low-rank factors' rank-wide ones; attention scores where they are
+    moments; the dense block's outputs on the whole compressed stream (the target's share
+    1 − λ, in the compute dtype); what one micro-batch's float32 forward keeps for the
+    backward pass (`refine.saved_values_per_token`); attention scores where they are
     materialised (masked SDPA on a GPU)."""
     params = sum(lp.rank * sum(lp.shape) for lp in linears)
     tokens = min(cfg.batch_size, cfg.nsamples) * cfg.seqlen
     wide = max(lp.shape[1] for lp in linears)
     inter = getattr(text, "intermediate_size", None) or wide
     ranks = sum(lp.rank for lp in linears)
-    saved = tokens * (24 * text.hidden_size + 6 * inter + ranks) * 4
+    saved = tokens * saved_values_per_token(text.hidden_size, inter, ranks) * 4
     if cfg.device.startswith("cuda"):
         batch = min(cfg.batch_size, cfg.nsamples)
         saved += 3 * batch * text.num_attention_heads * cfg.seqlen**2 * 4
