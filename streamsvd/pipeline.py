@@ -562,14 +562,16 @@ class Compressor:
         if self.streams:
             with self._writing(self.store.root):
                 self.store.reset("orig", (i + 1) % 2)
+        refine = self.cfg.refine
+        keep_dense = refine.epochs > 0 and refine.target < 1  # for refinement's target
         factors, tokens = step.compress(self.method, ranks, self._reader(i),
                                         self._writer(i, digests) if self.streams else None,
                                         self.dtype, self.compute, self.cfg.sequential, stages,
-                                        self._phase)  # fmt: skip
+                                        self._phase, keep_dense)  # fmt: skip
         refined = {}
-        if self.cfg.refine_epochs:
+        if refine.epochs:
             with self._phase("refine"):
-                refined = step.refine(self.cfg.refine, self._reader(i), self._reader(i + 1),
+                refined = step.refine(refine, self._reader(i), self._reader(i + 1),
                                       self.dtype)  # fmt: skip
         expert_tokens = {  # expert -> calibration tokens routed to it
             f"{block_prefix}.{expert_index(name)}": count

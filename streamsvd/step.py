@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -51,6 +51,7 @@ class BlockStep:
     device: torch.device
     clock: Clock = untimed  # stage name -> context manager timing it (pipeline.StageTimer)
     index: int = 0  # the block's index, for fault points
+    dense: dict[str, nn.Module] = field(default_factory=dict)  # kept for refine's target
 
     # -- statistics ------------------------------------------------------------------------
     def statistics(self, needs: frozenset[str], read: Read, write: Write | None,
@@ -134,17 +135,17 @@ class BlockStep:
     def compress(self, method: Method, ranks: dict[str, int], read: Read, write: Write | None,
                  dtype: torch.dtype, compute: torch.dtype, sequential: bool = False,
                  stages: list[list[str]] | None = None, phase: Clock = untimed,
-                 ) -> tuple[dict, dict]:  # fmt: skip
+                 keep_dense: bool = False) -> tuple[dict, dict]:  # fmt: skip
         """Statistics and factors of the whole block: ((down, up) weights as written by
         linear, calibration tokens each linear saw). Sequential: stage by stage (`stages`,
         from `sequential_stages`), each stage's compressed-stream inputs taken after the
         stages before it are compressed, the original stream through the original weights.
         `phase(name)` wraps the statistics and the factorisation (the run records each
-        one's peak memory)."""
+        one's peak memory). keep_dense: keep the block's original linears for `refine`,
+        which frees them once it has the dense block's outputs."""
         if not sequential:
             stages = [list(self.linears)]
         written, tokens, dense = {}, {}, {}
-        self.dense = dense  # the block's original linears, for refinement's target
         for k, names in enumerate(stages):
             stats = {}
             if method.needs:
@@ -158,6 +159,8 @@ class BlockStep:
             dense.update({n: self.linears[n] for n in names})
             with phase("factorise"), self.clock("convert"):  # cholesky, svd, update apart
                 written.update(self.factorise(method, stats, ranks, dtype, compute, names))
+        if keep_dense:
+            self.dense = dense
         return written, tokens
 
     def refine(self, settings: RefineSettings, read: Read, read_next: Read,
@@ -173,6 +176,7 @@ class BlockStep:
                 for start, stop in self.batches:
                     local[start] = run_block(self.block, read("comp", start, stop),
                                              self.arguments)  # fmt: skip
+            self.dense = {}  # not needed for training
 
         def target(start: int, stop: int) -> torch.Tensor:
             y = read_next("orig", start, stop)
