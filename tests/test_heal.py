@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 from conftest import tiny_config, write_checkpoint
-from safetensors import safe_open
+from test_pipeline import tensors_of
 from test_remote_code import STOCK, run_stock
 
 from streamsvd import CompressConfig, compress, load_compressed
@@ -34,20 +34,12 @@ def compressed(tmp_path_factory):
     return out, calib
 
 
-def factor_tensors(path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(path.glob("*.safetensors")):
-        with safe_open(shard, "pt") as f:
-            out.update({n: f.get_tensor(n) for n in f.keys()})
-    return out
-
-
 def test_healed_output_keeps_ranks_and_loads_in_a_stock_process(compressed, tmp_path):
     source, calib = compressed
     out = tmp_path / "healed"
     summary = heal(HealConfig(model=str(source), out=str(out), data=str(calib), **HEAL))
     assert summary["last_loss"] < summary["first_loss"]
-    before, after = factor_tensors(source), factor_tensors(out)
+    before, after = tensors_of(source), tensors_of(out)
     assert before.keys() == after.keys()
     changed = [n for n in before if not torch.equal(before[n], after[n])]
     assert changed and all(n.endswith((".down.weight", ".up.weight")) for n in changed)
