@@ -2,8 +2,17 @@
 
 __version__ = "0.1.0"
 
-from .lowrank import export_dense, load_compressed  # noqa: E402
-from .modeling import LowRankLinear  # noqa: E402
-from .pipeline import CompressConfig, compress  # noqa: E402
-
 __all__ = ["CompressConfig", "LowRankLinear", "compress", "export_dense", "load_compressed"]
+
+_HOMES = {"CompressConfig": "pipeline", "compress": "pipeline", "LowRankLinear": "modeling",
+          "export_dense": "lowrank", "load_compressed": "lowrank"}  # fmt: skip
+
+
+def __getattr__(name: str):
+    """The public names, imported on first use: `streamsvd.cli` sets the OpenMP settings
+    of the process before anything imports torch (cli.py)."""
+    if name in _HOMES:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

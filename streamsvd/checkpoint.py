@@ -233,6 +233,16 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def follow_umask(path: Path) -> None:
+    """Give `path` (and, for a folder, everything in it) the mode the user's umask gives
+    a new file or folder. safetensors writes its files, and mkdtemp its folders, for
+    their owner only: on a shared machine colleagues could not read the model."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary name, fsync, rename: readers see the old file or the new one."""
     tmp = path.with_name(path.name + ".tmp")
@@ -268,6 +278,7 @@ def save_shard(
             if code is None:
                 raise
             raise OSError(int(code[1]), os.strerror(int(code[1])), str(tmp)) from exc
+        follow_umask(tmp)
         if before_rename is not None:
             before_rename()
         digest = None
@@ -321,10 +332,40 @@ _DTYPE_BYTES = {
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
-    """Copy tokenizer, generation config and other non-weight files (not config.json)."""
+    """Copy tokenizer, generation config and other non-weight files (not config.json):
+    their contents, with the modes the user's umask gives, not the input's."""
     import shutil
 
     for item in sorted(src.iterdir()):
         if item.is_file() and item.name != "config.json" and item.name != INDEX_NAME:
             if not item.name.endswith(WEIGHT_SUFFIXES):
-                shutil.copy2(item, dst / item.name)
+                shutil.copyfile(item, dst / item.name)
+
+
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "*.tiktoken"]
+
+
+def locate_checkpoint(model: str) -> str:
+    """--model as a folder, or as a hub id (`org/name`, when no such folder exists):
+    huggingface_hub's local cache first, else downloaded into it file by file (weights as
+    safetensors only), as every tool in this ecosystem does."""
+    if Path(model).exists() or not HUB_ID.fullmatch(model):
+        return model
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(model, allow_patterns=HUB_FILES, local_files_only=True)
+    except LocalEntryNotFoundError:
+        pass
+    try:
+        return snapshot_download(model, allow_patterns=HUB_FILES)
+    except Exception as exc:  # offline, unknown repo, gated, network: all mean "not here"
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise StreamSVDError(
+            f"--model {model}: no such folder, and as a hub id it is not in the local "
+            f"Hugging Face cache and could not be downloaded ({reason}). Pass a local "
+            f"checkpoint folder, or download it where the hub is reachable "
+            f"(`hf download {model}`) and point HF_HOME at that cache"
+        ) from exc

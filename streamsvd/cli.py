@@ -5,12 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
-from . import __version__
+# Before torch loads OpenMP: its idle threads wait asleep, not spinning. Spinning threads
+# take the cores from everything else on a shared machine, this run's other threads
+# included (benchmarks/results/threads_*.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from . import __version__  # noqa: E402
 from .allocate import ALLOCATIONS
+from .checkpoint import locate_checkpoint
+from .cpus import usable_cpus
 from .errors import EXIT_INTERRUPTED, EXIT_RESOURCES, StreamSVDError
 from .factorize import METHODS
 from .memory import return_freed_memory
@@ -51,26 +59,38 @@ def _default_device() -> str:
 
 
 def _model_path(arg: str | None) -> str:
-    """--model, or the bundled SmolLM2-135M converted once to safetensors."""
+    """--model (a folder or a hub id), or the bundled SmolLM2-135M converted once to
+    safetensors."""
     if arg:
-        return arg
+        return locate_checkpoint(arg)
     from .default_model import default_model_path
 
     log.info("no --model given: using the bundled SmolLM2-135M-Instruct")
     return str(default_model_path())
 
 
-def _add_model(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--model", help=f"{what} (default: the bundled SmolLM2-135M-Instruct)")
+def _add_model(p: argparse.ArgumentParser, what: str, bundled_default: bool = True) -> None:
+    default = " (default: the bundled SmolLM2-135M-Instruct)" if bundled_default else ""
+    p.add_argument("--model", help=what + default)
 
 
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per window (P1: 512)")
+    p.add_argument("--seqlen", type=int, default=512,
+                   help="tokens per window (default %(default)s; P1 uses 512)")  # fmt: skip
     p.add_argument("--windows", type=int, default=128,
-                   help="score the first N non-overlapping windows (P1: 128)")  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+                   help="score the first N non-overlapping windows (default %(default)s; "
+                   "P1 uses 128)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="windows per forward pass (default %(default)s)")  # fmt: skip
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda when available")  # fmt: skip
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,13 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Compress every linear layer of every decoder block to rank "
                        "floor((1-ratio)·m·n/(m+n)). Interrupted runs resume when the same "
                        "command is run again.")  # fmt: skip
-    _add_model(c, "Hugging Face checkpoint directory (sharded safetensors)")
+    _add_model(c, "checkpoint folder (safetensors) or hub id (org/name: from the local "
+               "Hugging Face cache, else downloaded into it); required",
+               bundled_default=False)  # fmt: skip
     c.add_argument("--out", required=True, help="output directory (must not exist yet)")
     c.add_argument(
         "--ratio",
         type=float,
         default=0.2,
-        help="fraction of each linear layer's parameters to remove (default 0.2)",
+        help="fraction of the decoder's linear-layer parameters to remove (default 0.2): "
+        "of each layer's with --allocation uniform, spread unevenly by the others",
     )
     methods = "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
     c.add_argument(
@@ -217,16 +240,27 @@ def build_parser() -> argparse.ArgumentParser:
                        "--windows non-overlapping windows of --seqlen tokens of --data, each "
                        "scored on its own (protocol P1 with the defaults and WikiText-2 "
                        "test.txt).")  # fmt: skip
-    _add_model(e, "checkpoint directory, plain or compressed")
+    _add_model(e, "checkpoint folder or hub id, plain or compressed")
     e.add_argument("--data", help="text file to score (default: Python's help topics, offline)")
     _add_eval_options(e)
 
-    g = sub.add_parser("generate", help="greedy generation from a checkpoint")
-    _add_model(g, "checkpoint directory, plain or compressed")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=40)
+    g = sub.add_parser("generate", help="greedy generation from a checkpoint",
+                       description="Greedy (deterministic) generation from a plain or "
+                       "compressed checkpoint: an instruct model answers the prompt as a "
+                       "user message through its chat template, a base model continues "
+                       "it.")  # fmt: skip
+    _add_model(g, "checkpoint folder or hub id, plain or compressed")
+    g.add_argument("--prompt", required=True, help="the question, or the text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (default 40)")
+    g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="send the prompt through the tokenizer's chat template (default: "
+                   "when the tokenizer has one; --no-chat continues the raw text)")  # fmt: skip
 
-    st = sub.add_parser("status", help="where an interrupted or running compress run stands")
+    st = sub.add_parser("status", help="where an interrupted or running compress run stands",
+                        description="Where a compress run stands, read from its run "
+                        "directory: blocks done, the next one, disk used, its settings, "
+                        "whether it is running now, and the error that stopped it if one "
+                        "did. Reads only; safe while the run goes on.")  # fmt: skip
     st.add_argument("--workdir", required=True, help="the run directory (compress's OUT.work)")
 
     sy = sub.add_parser("synth", help="write a random checkpoint of a real shape (dense or MoE)",
@@ -238,14 +272,18 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--shape", choices=list(SHAPES), required=True)
     sy.add_argument("--layers", type=int, help="decoder blocks (default: the real model's)")
     sy.add_argument("--out", required=True, help="output directory (must not exist yet)")
-    sy.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    sy.add_argument("--dtype", choices=list(DTYPES), default="bf16",
+                    help="weights' dtype (default %(default)s)")  # fmt: skip
     sy.add_argument("--seed", type=int, default=0)
     sy.add_argument("--max-shard-size", type=float, default=2.0, help="GiB (default 2)")
     sy.add_argument("--shape-only", action="store_true",
                     help="write the shapes with all-zero weights in sparse files (no disk, "
                     "instant): enough to plan a run with compress --dry-run")  # fmt: skip
 
-    x = sub.add_parser("export-dense", help="write a compressed checkpoint as plain W = A·B")
+    x = sub.add_parser("export-dense", help="write a compressed checkpoint as plain W = A·B",
+                       description="Write a compressed checkpoint as a plain one (each "
+                       "factor pair multiplied back to W = A·B): the original's size, but "
+                       "loadable by any tool without the low-rank modeling code.")  # fmt: skip
     x.add_argument("--model", required=True, help="streamsvd compressed checkpoint")
     x.add_argument("--out", required=True, help="output directory")
 
@@ -304,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=64,
         help="calibration windows of --seqlen tokens (default 64)",
     )
-    d.add_argument("--out", default="streamsvd-demo", help="output directory (replaced)")
+    d.add_argument("--out", default="streamsvd-demo",
+                   help="output directory, replaced if there (default %(default)s)")  # fmt: skip
     d.add_argument(
         "--prompt",
         nargs="+",
@@ -314,14 +353,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_eval_options(d)
     d.set_defaults(windows=16, seqlen=256)
+    for command in sub.choices.values():
+        command.add_argument("--threads", type=_positive_int, default=None,
+                             help="CPU threads (default: OMP_NUM_THREADS where set, else one "
+                             "per core, capped by the cores this process may use: its CPU "
+                             "affinity and its cgroup's CPU quota; a resumed compress run "
+                             "keeps the count it began with)")  # fmt: skip
     return parser
 
 
 def cmd_compress(args) -> dict:
     from .pipeline import CompressConfig, compress
 
+    if not args.model:  # a forgotten --model must not quietly compress the bundled model
+        raise StreamSVDError(
+            "compress needs --model, the checkpoint folder to compress; "
+            "`streamsvd demo` compresses the bundled SmolLM2-135M-Instruct"
+        )
     cfg = CompressConfig(
-        model=_model_path(args.model),
+        model=locate_checkpoint(args.model),
         out=args.out,
         ratio=args.ratio,
         method=args.method,
@@ -426,12 +476,20 @@ def cmd_eval(args) -> float:
 def _load_any(path: str, device: str):
     """A plain checkpoint through transformers, a streamsvd one through load_compressed."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from .lowrank import load_compressed, read_section
 
-    if read_section(Path(path), required=False) is None:
+    if read_section(Path(path), required=False) is not None:
+        return load_compressed(path, device)
+    # transformers' "Loading weights" bar would land among the results printed next
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
         return AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(device).eval()
-    return load_compressed(path, device)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def cmd_generate(args) -> str:
@@ -439,9 +497,13 @@ def cmd_generate(args) -> str:
     from .model import load_tokenizer
 
     model = _model_path(args.model)
-    text = generate(_load_any(model, _default_device()), load_tokenizer(model),
-                    args.prompt, args.max_new_tokens)  # fmt: skip
-    print(args.prompt + text)
+    tokenizer = load_tokenizer(model)
+    chat = bool(tokenizer.chat_template) if args.chat is None else args.chat
+    if chat and not tokenizer.chat_template:
+        raise StreamSVDError(f"--chat: the tokenizer of {model} has no chat template")
+    text = generate(_load_any(model, _default_device()), tokenizer, args.prompt,
+                    args.max_new_tokens, chat=chat)  # fmt: skip
+    print(text if chat else args.prompt + text)
     return text
 
 
@@ -487,13 +549,13 @@ def cmd_export_dense(args) -> None:
 
     if Path(args.out).exists():
         raise StreamSVDError(f"output {args.out} already exists; remove it or choose another")
-    print(f"wrote {export_dense(args.model, args.out)}")
+    print(f"wrote {export_dense(locate_checkpoint(args.model), args.out)}")
 
 
 def cmd_heal(args) -> dict:
     from .heal import HealConfig, heal
 
-    summary = heal(HealConfig(model=args.model, out=args.out, data=args.data,
+    summary = heal(HealConfig(model=locate_checkpoint(args.model), out=args.out, data=args.data,
                               nsamples=args.nsamples, seqlen=args.seqlen, epochs=args.epochs,
                               lr=args.lr, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                               batch_size=args.batch_size, seed=args.seed,
@@ -590,6 +652,10 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     return_freed_memory()  # peak RSS = what is alive (see memory.py)
+    import torch
+
+    threads = torch.get_num_threads()  # OMP_NUM_THREADS where set, else one per core
+    torch.set_num_threads(args.threads or min(threads, usable_cpus()))
     try:
         result = COMMANDS[args.command](args)
         if args.command == "compress" and args.dry_run and not result["ok"]:
@@ -600,6 +666,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("streamsvd: interrupted; rerun the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        torch.set_num_threads(threads)  # as it was, for a caller in this process
     return 0
 
 

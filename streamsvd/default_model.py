@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .checkpoint import follow_umask
 from .errors import StreamSVDError
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ def default_model_path(cache_dir: Path | None = None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         _convert(gguf, tmp)
+        follow_umask(tmp)
         try:
             os.replace(tmp, target)
         except OSError:

@@ -39,6 +39,7 @@ from .checkpoint import (
 from .errors import StreamSVDError
 from .lowrank import load_compressed, read_section
 from .memory import peak_rss_bytes
+from .model import load_tokenizer
 from .modeling import SECTION, LowRankLinear
 from .plan import size_text
 from .refine import CLIP, saved_values_per_token, warmup_cosine
@@ -116,7 +117,6 @@ def heal(cfg: HealConfig) -> dict:
         from peft import LoraConfig, get_peft_model
     except ImportError as exc:
         raise StreamSVDError("healing needs peft: pip install 'streamsvd[heal]'") from exc
-    from transformers import AutoTokenizer
 
     source, out = Path(cfg.model), Path(cfg.out)
     section = read_section(source)
@@ -127,7 +127,7 @@ def heal(cfg: HealConfig) -> dict:
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     model = load_compressed(source, cfg.device)
-    windows, data = heal_windows(cfg, AutoTokenizer.from_pretrained(source))
+    windows, data = heal_windows(cfg, load_tokenizer(source))  # asks nothing of the user
     targets = [f"{name}.{half}" for name, m in model.named_modules()
                if isinstance(m, LowRankLinear) for half in ("down", "up")]  # fmt: skip
     if not targets:

@@ -7,6 +7,9 @@ that frees one block's temporaries and allocates the next block's then keeps hun
 MiB of freed memory resident, by an amount that varies from run to run. A fixed threshold
 maps every allocation of 1 MiB or more on its own, so freeing it returns it: the peak RSS
 is then what is alive, the same every run, and what `plan` estimates.
+
+The peak of each phase of a run is sampled (`reset_peak`, `phase_peak_bytes`); the
+kernel's high-water mark is never reset, so outside tools see the whole run's peak.
 """
 
 from __future__ import annotations
@@ -16,6 +19,10 @@ import ctypes.util
 import logging
 import resource
 import sys
+import threading
+import time
+
+import psutil
 
 log = logging.getLogger(__name__)
 
@@ -39,26 +46,53 @@ def return_freed_memory() -> bool:
     return ok
 
 
-_EARLIER_PEAK = 0  # the high-water mark before the last `reset_peak`
+class _PhaseSampler:
+    """Resident memory sampled from a daemon thread every few milliseconds: the peak of a
+    phase without touching the kernel's own counters. Resetting them
+    (/proc/self/clear_refs) would make every outside tool (`/usr/bin/time -v`,
+    ru_maxrss) report only the peak since the last reset. An allocation touched and freed
+    between two samples is missed; a large one takes longer than that to touch."""
+
+    interval = 0.005  # seconds
+
+    def __init__(self):
+        self.process = psutil.Process()
+        self.peak = 0
+        self.lock = threading.Lock()
+        threading.Thread(target=self._sample, name="streamsvd-rss", daemon=True).start()
+
+    def _sample(self):
+        while True:
+            rss = self.process.memory_info().rss
+            with self.lock:
+                self.peak = max(self.peak, rss)
+            time.sleep(self.interval)
+
+    def reset(self) -> None:
+        with self.lock:
+            self.peak = self.process.memory_info().rss
+
+    def read(self) -> int:
+        rss = self.process.memory_info().rss
+        with self.lock:
+            return max(self.peak, rss)
 
 
-def reset_peak() -> bool:
-    """Start a new high-water mark (Linux: /proc/self/clear_refs), so that the peak of one
-    phase can be read at its end; `peak_rss_bytes` still reports the whole run's. False
-    where the kernel does not allow it."""
-    global _EARLIER_PEAK
-    _EARLIER_PEAK = peak_rss_bytes()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+_SAMPLER: _PhaseSampler | None = None
+
+
+def reset_peak() -> None:
+    """Start a new phase: `phase_peak_bytes` reads its peak from here on. The kernel's
+    high-water mark (`peak_rss_bytes`, `/usr/bin/time`) is left alone."""
+    global _SAMPLER
+    if _SAMPLER is None:
+        _SAMPLER = _PhaseSampler()
+    _SAMPLER.reset()
 
 
 def phase_peak_bytes() -> int:
-    """The high-water mark since the last `reset_peak` (or since the start)."""
-    return _hwm() or peak_rss_bytes()
+    """The peak resident memory since the last `reset_peak` (the whole run's before one)."""
+    return _SAMPLER.read() if _SAMPLER is not None else peak_rss_bytes()
 
 
 def peak_rss_bytes() -> int:
@@ -71,7 +105,7 @@ def peak_rss_bytes() -> int:
     """
     hwm = _hwm()
     if hwm:
-        return max(hwm, _EARLIER_PEAK)
+        return hwm
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return maxrss if sys.platform == "darwin" else maxrss * 1024  # bytes on macOS, KiB on Linux
 

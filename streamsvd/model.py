@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.pytorch_utils import Conv1D
 
 from .errors import StreamSVDError
+from .experts import expert_index
 from .modeling import SECTION, linear_shape, unfuse_experts
 
 log = logging.getLogger(__name__)
@@ -337,6 +339,21 @@ def shared_input_groups(seen: dict[str, torch.Tensor]) -> list[list[str]]:
         else:
             groups.append([name])
     return groups
+
+
+def sequential_stages(names: list[str], groups: list[list[str]]) -> list[list[str]]:
+    """The order in which a block computes its linears, as stages: linears reading one
+    tensor (q/k/v) share a stage, and so do all experts' linears of one kind, which run
+    side by side. `names` are in registration order, which is the order of computation in
+    transformers' decoder blocks; `groups` are the shared-input groups."""
+    group_of = {name: group for group in groups for name in group}
+    stages: dict[str, list[str]] = {}
+    for name in names:
+        lead = group_of.get(name, [name])[0]
+        if expert_index(lead):
+            lead = re.sub(r"\.experts\.\d+\.", ".experts.*.", lead)
+        stages.setdefault(lead, []).append(name)
+    return list(stages.values())
 
 
 def max_positions(config: PretrainedConfig) -> int | None:

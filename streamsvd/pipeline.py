@@ -543,8 +543,8 @@ class Compressor:
         block_prefix = f"{self.prefix}.{i}"
         stages = None
         if self.cfg.sequential:  # found on `meta`, before the block is filled
+            from .model import sequential_stages
             from .plan import input_groups
-            from .step import sequential_stages
 
             groups = input_groups(self.model, block, self.cfg.ratio)
             stages = sequential_stages(list(factorised_linears(block, self.cfg.ratio)), groups)

@@ -5,6 +5,8 @@ Peak memory is the largest of the run's phases, each a sum of what is alive in i
 
     fixed      the interpreter and libraries, the calibration text and windows, measured
                in a subprocess that does only that (`measure_baseline`)
+    timing     the speed micro-benchmark the run times itself with before its first block,
+               measured in the same subprocess (a few float64 matrices of 1024²)
     block      one block's weights (the safetensors pages it touches)
     sums       float64 statistics of every input group (`stats.sum_shapes`: the run
                allocates from the same description); a group's are freed after its last
@@ -57,6 +59,7 @@ from .model import (
     find_blocks,
     load_config,
     run_block,
+    sequential_stages,
     shared_input_groups,
     to_device,
     unfill,
@@ -66,7 +69,6 @@ from .names import ModelTensors
 from .preflight import check_locations, check_shapes
 from .refine import saved_values_per_token, trainable_bytes
 from .stats import CHUNK_VALUES, cross_as_product, release_points, sums_bytes
-from .step import sequential_stages
 
 F64 = 8
 CGROUP = Path("/sys/fs/cgroup")
@@ -175,17 +177,28 @@ if args["calibrate"]:
     windows = calibration_windows(ids, args["nsamples"], args["seqlen"], args["seed"])
 if args["device"].startswith("cuda") and torch.cuda.is_available():
     torch.zeros(1, device=args["device"])
-peak = peak_rss_bytes()
-print(json.dumps({"peak": peak, "after": psutil.Process().memory_info().rss}))
+fixed = {"peak": peak_rss_bytes(), "after": psutil.Process().memory_info().rss}
+if args["timing"]:
+    from streamsvd.memory import phase_peak_bytes, reset_peak
+    from streamsvd.speed import measure_speed
+    reset_peak()
+    t = args["timing"]
+    fixed["rates"] = measure_speed(args["device"], getattr(torch, t["dtype"]), t["method"],
+                                   t["width"])
+    fixed["timing"] = phase_peak_bytes()
+print(json.dumps(fixed))
 """
 
 
-def measure_baseline(cfg) -> dict[str, int]:
+def measure_baseline(cfg, timing: dict | None = None) -> dict:
     """Host bytes a run holds before its first block: a fresh interpreter that imports
     streamsvd, builds the skeleton and loads the calibration text and windows as compress
     does (and opens the CUDA context on a GPU run). `peak` is its high-water mark, `after`
-    what stays resident."""
+    what stays resident. With `timing` (measure_speed's dtype name, method and width) it
+    then runs the speed micro-benchmark as the run does, and adds its `rates` and
+    `timing`, the high-water mark while it ran."""
     args = {
+        "timing": timing,
         "model": str(cfg.model),
         "calib": cfg.calib,
         "calibrate": bool(cfg.streams),
@@ -250,26 +263,30 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
     output_bytes = before * item + side_file_bytes(cfg.model) if cfg.dense else disk["output"]
 
     # memory
-    if fixed is None:
-        fixed = measure_baseline(cfg)
     on_gpu = cfg.device.startswith("cuda")
+    can_time = timing and (torch.cuda.is_available() or not on_gpu)
+    width = max(lp.shape[1] for lp in linears)
+    if fixed is None:
+        bench = {"dtype": str(compute).removeprefix("torch."), "method": cfg.method, "width": width}
+        fixed = measure_baseline(cfg, bench if can_time else None)
     stages = sequential_stages([lp.name for lp in linears], groups) if cfg.sequential else None
     host, device = block_memory(cfg, text, linears, groups, block_bytes, compute.itemsize,
                                 fixed["after"], stages)  # fmt: skip
     host["setup"] = fixed["peak"]
     host["rest"] = fixed["after"] + rest_bytes + WRITE_BUFFER
-    host = {"setup": host.pop("setup"), **host}
+    first = {"setup": host.pop("setup")}
+    if "timing" in fixed:
+        first["timing"] = fixed["timing"]
+    host = {**first, **host}
 
     seconds, note, spectra = None, "", None
     if timing:
         from .speed import block_seconds, measure_speed
 
-        if on_gpu and not torch.cuda.is_available():
+        if not can_time:
             note = "unavailable: the GPU is not visible here (planned with --device-memory)"
         else:
-            rates = measure_speed(
-                cfg.device, compute, cfg.method, max(lp.shape[1] for lp in linears)
-            )
+            rates = fixed.get("rates") or measure_speed(cfg.device, compute, cfg.method, width)
             seconds = block_seconds(cfg, text, linears, groups, rates)
             note = f"from a micro-benchmark of {rates['device_name']}"
             if cfg.allocation != "uniform":  # its first pass is svdllm-w's statistics
@@ -294,7 +311,7 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
         streams=streams,
         activation_bytes_per_stream=per_stream,
         disk_bytes=disk,
-        fixed_bytes=dict(fixed),
+        fixed_bytes={k: v for k, v in fixed.items() if k in ("peak", "after")},
         host_phases={k: int(v) for k, v in host.items()},
         device_phases={k: int(v) for k, v in device.items()},
         seconds_per_block=seconds,

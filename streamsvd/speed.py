@@ -1,7 +1,7 @@
 """How long a block will take: the flops of a block's work, stage by stage, over the rates
 this device reaches on the same kernels in a short micro-benchmark (a few seconds).
 
-Rates are measured at sizes of 1-2 thousand, where BLAS is less efficient than at 8-28
+Rates are measured at a size of a thousand, where BLAS is less efficient than at 8-28
 thousand, so the estimate leans long on big shapes; `benchmarks/scale.py` reports it
 against measured stage times.
 """
@@ -11,12 +11,13 @@ from __future__ import annotations
 import time
 
 import torch
+import torch.nn.functional as F
 
 from .experts import expert_index
 from .factorize import METHODS, RSVD_OVERSAMPLE, RSVD_POWER_ITERATIONS
 from .stats import cross_as_product, damped_cholesky_
 
-BENCH_N = 1536  # size of the micro-benchmark's matrices
+BENCH_N = 1024  # size of the micro-benchmark's matrices: ~6 of them at its peak, 48 MiB
 
 
 def _best_seconds(fn, device: torch.device, repeats: int = 3) -> float:
@@ -42,32 +43,48 @@ def measure_speed(device: str, dtype: torch.dtype, method: str, width: int = BEN
     n = max(128, min(BENCH_N, width))
     gen = torch.Generator(device=dev).manual_seed(0)
     a = torch.randn(n, n, dtype=torch.float64, device=dev, generator=gen)
-    gram = a @ a.mT + n * torch.eye(n, dtype=torch.float64, device=dev)
-    low = torch.linalg.cholesky(gram)
     rhs = torch.randn(n // 2, n, dtype=torch.float64, device=dev, generator=gen)
-    x = a.to(dtype)
-    x32 = a.to(torch.float32)
+    rates = {"device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "this CPU"}
+    # One step at a time, each freeing its temporaries: the run times itself with this
+    # before its first block, and the plan counts its peak (~6 n×n float64 matrices).
     with torch.inference_mode():
-        rates = {
-            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "this CPU",
-            "gemm64": 2 * n**3 / _best_seconds(lambda: a @ a, dev),
-            "forward": 2 * n**3 / _best_seconds(lambda: torch.nn.functional.linear(x, x), dev),
-            # refinement trains in float32 (refine.py)
-            "train": 2 * n**3 / _best_seconds(lambda: torch.nn.functional.linear(x32, x32), dev),
-            "trsm": (n // 2)
-            * n**2
-            / _best_seconds(
-                lambda: torch.linalg.solve_triangular(low.mT, rhs, upper=True, left=False), dev
-            ),
-            "cholesky": n**3 / 3 / _best_seconds(lambda: damped_cholesky_(gram.clone()), dev),
-            "eigh_k3": _best_seconds(lambda: torch.linalg.eigh(gram), dev, 2) / n**3,
-        }
+        rates |= _product_rates(a, dtype, dev)
         if method in ("svd", "rsvd", "svd-u"):
-            w = a[: n // 2]
-            rates["svd_mnk"] = _best_seconds(
-                lambda: torch.linalg.svd(w, full_matrices=False), dev, 2
-            ) / (n * (n // 2) ** 2)
+            rates["svd_mnk"] = _svd_seconds(a[: n // 2], dev) / (n * (n // 2) ** 2)
+        gram = a @ a.mT
+        gram.diagonal().add_(n)
+        del a
+        rates |= _factorisation_rates(gram, rhs, dev)
     return rates
+
+
+def _product_rates(a: torch.Tensor, dtype: torch.dtype, dev: torch.device) -> dict:
+    n = a.shape[0]
+    rates = {"gemm64": 2 * n**3 / _best_seconds(lambda: a @ a, dev)}
+    # the forward in the compute dtype; refinement trains in float32 (refine.py)
+    for name, kind in (("forward", dtype), ("train", torch.float32)):
+        x = a.to(kind)
+        rates[name] = 2 * n**3 / _best_seconds(lambda x=x: F.linear(x, x), dev)
+    return rates
+
+
+def _svd_seconds(w: torch.Tensor, dev: torch.device) -> float:
+    return _best_seconds(lambda: torch.linalg.svd(w, full_matrices=False), dev, 2)
+
+
+def _trsm_seconds(low: torch.Tensor, rhs: torch.Tensor, dev: torch.device) -> float:
+    return _best_seconds(
+        lambda: torch.linalg.solve_triangular(low.mT, rhs, upper=True, left=False), dev
+    )
+
+
+def _factorisation_rates(gram: torch.Tensor, rhs: torch.Tensor, dev: torch.device) -> dict:
+    n = gram.shape[0]
+    solve = _trsm_seconds(torch.linalg.cholesky(gram), rhs, dev)
+    cholesky = _best_seconds(lambda: damped_cholesky_(gram.clone()), dev)
+    eigh = _best_seconds(lambda: torch.linalg.eigh(gram), dev, 2)
+    return {"trsm": (n // 2) * n**2 / solve, "cholesky": n**3 / 3 / cholesky,
+            "eigh_k3": eigh / n**3}  # fmt: skip
 
 
 def routed_share(text, names: list[str]) -> dict[str, float]:
@@ -93,8 +110,8 @@ def block_seconds(cfg, text, linears, groups: list[list[str]], rates: dict) -> d
     seconds = {}
     if needs:  # the dense block on each stream it carries, the compressed one on X'
         passes = len(method.streams)
-        if getattr(cfg, "sequential", False):  # once per stage (step.sequential_stages)
-            from .step import sequential_stages
+        if getattr(cfg, "sequential", False):  # once per stage (model.sequential_stages)
+            from .model import sequential_stages
 
             passes *= len(sequential_stages([lp.name for lp in linears], groups))
         flops["forward"] = tokens * (passes * (dense + attention))

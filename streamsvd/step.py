@@ -18,7 +18,6 @@ Two ways to take a block's statistics:
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from . import faults
-from .experts import expert_index, same_routing
+from .experts import same_routing
 from .factorize import METHODS, Clock, Method, untimed
 from .model import capture_inputs, run_block, shared_input_groups
 from .modeling import LowRankLinear, linear_weight, replace_module
@@ -259,18 +258,3 @@ def _swapped(block: nn.Module, modules: dict[str, nn.Module]):
     finally:
         for name, module in old.items():
             replace_module(block, name, module)
-
-
-def sequential_stages(names: list[str], groups: list[list[str]]) -> list[list[str]]:
-    """The order in which a block computes its linears, as stages: linears reading one
-    tensor (q/k/v) share a stage, and so do all experts' linears of one kind, which run
-    side by side. `names` are in registration order, which is the order of computation in
-    transformers' decoder blocks; `groups` are the shared-input groups."""
-    group_of = {name: group for group in groups for name in group}
-    stages: dict[str, list[str]] = {}
-    for name in names:
-        lead = group_of.get(name, [name])[0]
-        if expert_index(lead):
-            lead = re.sub(r"\.experts\.\d+\.", ".experts.*.", lead)
-        stages.setdefault(lead, []).append(name)
-    return list(stages.values())

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -17,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from streamsvd import load_compressed
 from streamsvd.calib import eval_windows, tokenize
 from streamsvd.cli import main
+from streamsvd.cpus import usable_cpus
 from streamsvd.evaluate import generate, perplexity
 
 SMALL = ["--nsamples", "4", "--seqlen", "32", "--batch-size", "2", "--device", "cpu"]
@@ -173,6 +176,14 @@ def check_refused(argv, out, stderr_has: str, code=None) -> None:
     assert not out.with_name(out.name + ".partial").exists()
 
 
+def test_compress_without_model_is_refused(tmp_path, small_calib_text):
+    """A forgotten --model would otherwise compress the bundled SmolLM2 under the user's
+    output name."""
+    out = tmp_path / "out"
+    check_refused(["compress", "--out", str(out), "--calib", str(small_calib_text), *SMALL],
+                  out, "compress needs --model", code=2)  # fmt: skip
+
+
 def test_missing_model_path(tmp_path, small_calib_text):
     out = tmp_path / "out"
     check_refused(["compress", "--model", str(tmp_path / "nope"), "--out", str(out),
@@ -275,3 +286,117 @@ def test_help_lists_the_exit_codes():
     for line in ("2    bad input", "3    not enough resources", "4    I/O failure",
                  "130  interrupted"):  # fmt: skip
         assert line in stdout
+
+
+def test_every_option_help_states_its_default():
+    """A user reading --help sees what happens when an option is left out."""
+    from streamsvd.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in commands.choices.items():
+        assert command.description, f"{name} --help has no description"
+        for action in command._actions:
+            if not action.option_strings or isinstance(action, argparse._HelpAction):
+                continue
+            if action.default not in (None, False):
+                assert "default" in (action.help or "") % {"default": action.default}, (
+                    name, action.option_strings)  # fmt: skip
+
+
+def test_own_loader_never_asks_about_remote_code(compressed):
+    """streamsvd's loader knows the modeling code is its own: a script reading a compressed
+    output with stdin not a terminal must print nothing but its own output (transformers
+    would print "Do you wish to run the custom code? [y/N]" on stdout)."""
+    code, _, stderr, out = compressed
+    assert code == 0, stderr
+    script = ("import streamsvd, sys\n"
+              "from streamsvd.model import load_tokenizer\n"
+              f"model = streamsvd.load_compressed({str(out)!r})\n"
+              f"tokenizer = load_tokenizer({str(out)!r})\n"
+              "print('loaded')\n")  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL, env=env, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "loaded\n"
+    assert "custom code" not in result.stderr
+
+
+def test_model_may_be_a_hub_id_from_the_local_cache(model_dir, tmp_path, small_calib_text):
+    """`--model org/name` as every tool in the ecosystem takes it: from huggingface_hub's
+    cache (laid out here as the hub lays it out) with the hub unreachable; an id in no
+    cache is refused with a message saying what to do."""
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someorg--tiny" / "snapshots" / "0123abcd"
+    snapshot.parent.mkdir(parents=True)
+    shutil.copytree(model_dir, snapshot)
+    (cache / "models--someorg--tiny" / "refs").mkdir()
+    (cache / "models--someorg--tiny" / "refs" / "main").write_text("0123abcd")
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    cli = [sys.executable, "-m", "streamsvd.cli", "-q", "compress", "--calib",
+           str(small_calib_text), *SMALL, "--dry-run"]  # fmt: skip
+    plan = tmp_path / "plan.json"
+    found = subprocess.run([*cli, "--model", "someorg/tiny", "--out", str(tmp_path / "o"),
+                            "--summary-json", str(plan)],
+                           capture_output=True, text=True, env=env, cwd=tmp_path)  # fmt: skip
+    assert found.returncode == 0, found.stderr
+    assert json.loads(plan.read_text())["model"] == str(snapshot)  # the cached snapshot
+    missing = subprocess.run([*cli, "--model", "someorg/absent", "--out", str(tmp_path / "p")],
+                             capture_output=True, text=True, env=env, cwd=tmp_path)  # fmt: skip
+    assert missing.returncode == 2
+    assert "--model someorg/absent: no such folder" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+def test_cli_sets_openmp_to_wait_asleep_before_torch_loads():
+    """Spinning OpenMP threads made a plain-SVD run 3.4× slower on a shared 2-core machine
+    (benchmarks/results/threads_shared.md): the CLI asks for passive waiting, which OpenMP
+    reads only when torch loads it, so importing streamsvd must not load torch."""
+    script = ("import sys\n"
+              "import streamsvd\n"
+              "assert 'torch' not in sys.modules, 'import streamsvd loaded torch'\n"
+              "import os, streamsvd.cli\n"
+              "print(os.environ['OMP_WAIT_POLICY'])\n")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=env, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "PASSIVE"
+    kept = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, timeout=300)  # fmt: skip
+    assert kept.stdout.strip() == "ACTIVE"  # a user's own setting stands
+
+
+def test_threads_follow_affinity_and_cgroup_quota(tmp_path):
+    """A container limited to 1.5 CPUs gets 1 thread, not one per core of the host."""
+    from streamsvd.cpus import cgroup_cpu_quota
+
+    cores = len(os.sched_getaffinity(0))
+    (tmp_path / "cpu.max").write_text("max 100000\n")  # cgroup v2, no limit
+    assert cgroup_cpu_quota(tmp_path) is None and usable_cpus(tmp_path) == cores
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert cgroup_cpu_quota(tmp_path) == 1.5 and usable_cpus(tmp_path) == 1
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("400000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert usable_cpus(v1) == min(cores, 4)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")  # cgroup v1, no limit
+    assert usable_cpus(v1) == cores
+
+
+def test_threads_option_sets_torch_threads_after_the_command(monkeypatch):
+    from streamsvd import cli
+
+    seen = []
+    monkeypatch.setitem(cli.COMMANDS, "status", lambda args: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    assert run(["status", "--threads", "3", "--workdir", "/nonexistent"])[0] == 0
+    assert seen == [3]  # while the command ran
+    assert torch.get_num_threads() == before  # and as it was after
+    run(["status", "--workdir", "/nonexistent"])
+    assert seen[-1] == min(before, usable_cpus())  # the caller's count, capped by the cores
+    code, _, stderr = run(["status", "--threads", "0", "--workdir", "/nonexistent"])
+    assert code == 2 and "must be 1 or more" in stderr

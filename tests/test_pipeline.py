@@ -14,6 +14,9 @@ import copy
 import hashlib
 import json
 import math
+import os
+import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -278,6 +281,26 @@ def test_output_is_a_sharded_checkpoint_with_streamsvd_config(
 
 
 # -- using the output ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_output_files_follow_the_umask(workspace, small_calib_text, tmp_path, umask):
+    """Shards are written by safetensors for their owner only; the output must get the
+    modes any other new file gets, so that colleagues on a shared machine can read it."""
+    checkpoint, _ = workspace
+    cfg = CompressConfig(model=str(checkpoint("llama")), out=str(tmp_path / "out"),
+                         ratio=RATIO, method="svd", calib=str(small_calib_text), nsamples=4,
+                         seqlen=SEQLEN)  # fmt: skip
+    before = os.umask(umask)
+    try:
+        compress(cfg)
+    finally:
+        os.umask(before)
+    out = Path(cfg.out)
+    assert any(out.glob("*.safetensors"))
+    for item in [out, *out.rglob("*")]:
+        want = (0o777 if item.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(item.stat().st_mode) == want, (item.name, oct(item.stat().st_mode))
 
 
 def some_windows(checkpoint, calib, count: int) -> torch.Tensor:

@@ -10,9 +10,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from streamsvd import CompressConfig, compress
 from streamsvd.calib import eval_windows, tokenize
+from streamsvd.cpus import usable_cpus
 from streamsvd.evaluate import perplexity
 from streamsvd.pipeline import DEFAULT_METHOD
 
@@ -49,13 +51,19 @@ def p1_reduced(smollm2, tmp_path_factory):
     text = (DATA / "test.txt").read_text(encoding="utf-8")
     windows = eval_windows(tokenize(tokenizer, text, special_tokens=True), SEQLEN, 8)
     root = tmp_path_factory.mktemp("smollm2")
-    result = {"original": perplexity(smollm2, windows, progress=False)}
-    for method in METHODS_UNDER_TEST:
-        out = root / method
-        cfg = CompressConfig(model=str(smollm2), out=str(out), ratio=0.4, method=method,
-                             calib=str(DATA / "valid.txt"), nsamples=16, seqlen=SEQLEN)  # fmt: skip
-        compress(cfg)
-        result[method] = perplexity(out, windows, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(usable_cpus())  # a real model, unlike the tiny ones: use the cores
+    try:
+        result = {"original": perplexity(smollm2, windows, progress=False)}
+        for method in METHODS_UNDER_TEST:
+            out = root / method
+            cfg = CompressConfig(model=str(smollm2), out=str(out), ratio=0.4, method=method,
+                                 calib=str(DATA / "valid.txt"), nsamples=16,
+                                 seqlen=SEQLEN)  # fmt: skip
+            compress(cfg)
+            result[method] = perplexity(out, windows, progress=False)
+    finally:
+        torch.set_num_threads(threads)
     print("reduced P1 perplexities at ratio 0.4:", result)
     return result
 
@@ -91,3 +99,19 @@ def test_chat_calibration_text_is_the_models_own_chat_format(smollm2):
     ]
     assert answers == ["First paragraph,\nover two lines.", "Second one."]
     assert chat.count("<|im_start|>user\nExplain this: First paragraph,<|im_end|>") == 1
+
+
+def test_generate_answers_an_instruct_model_through_its_chat_template(smollm2, capsys):
+    """Raw text is not how an instruct model is asked: without the template SmolLM2's
+    answer to a question was empty. Its tokenizer has a template, so it is the default."""
+    from streamsvd.cli import main
+
+    question = "What is the capital of France?"
+    assert main(["-q", "generate", "--model", str(smollm2), "--prompt", question,
+                 "--max-new-tokens", "16"]) == 0  # fmt: skip
+    answer, log = capsys.readouterr()
+    assert "Paris" in answer, answer
+    assert "Loading weights" not in answer + log  # transformers' bar among the results
+    assert main(["-q", "generate", "--model", str(smollm2), "--prompt", question,
+                 "--max-new-tokens", "16", "--no-chat"]) == 0  # fmt: skip
+    assert capsys.readouterr().out.startswith(question)  # a continuation of the raw text

@@ -21,9 +21,14 @@ from streamsvd import CompressConfig, compress, load_compressed
 from streamsvd.allocate import Matrix as AllocMatrix
 from streamsvd.allocate import rank_bounds
 from streamsvd.factorize import rank_for
-from streamsvd.model import build_skeleton, factorised_linears, find_blocks, load_config
+from streamsvd.model import (
+    build_skeleton,
+    factorised_linears,
+    find_blocks,
+    load_config,
+    sequential_stages,
+)
 from streamsvd.plan import input_groups
-from streamsvd.step import sequential_stages
 from streamsvd.synth import synthesize
 
 LAYERS = 3

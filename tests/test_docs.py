@@ -1,0 +1,128 @@
+"""The README is a front page and the docs hold the rest: the README stays short and starts
+with the two commands, every relative link and anchor in README.md and docs/*.md points at
+something that exists, and every decimal number in the README's tables is backed by a page
+in docs/ or a file in benchmarks/results/. Files are only read."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+FIRST_BLOCK = """\
+bash dev.sh demo     # set up .venv, compress the bundled SmolLM2-135M three ways, compare
+bash dev.sh test     # set up .venv, run lint and the test suite (what CI runs)"""
+
+FENCE = re.compile(r"^(`{3,}|~{3,})")
+LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]*)>?(?:\s+\"[^\"]*\")?\s*\)")
+HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*#*\s*$")
+DECIMAL = r"(?<![\d.]){}(?!\d)"
+
+
+def prose(text: str, inline_code: bool = False) -> str:
+    """The text outside fenced code blocks, and without inline code unless asked: where
+    links and headings live."""
+    lines, fence = [], None
+    for line in text.splitlines():
+        opened = FENCE.match(line.lstrip())
+        if fence is None and opened:
+            fence = opened.group(1)[0] * 3
+        elif fence is not None and line.lstrip().startswith(fence):
+            fence = None
+        elif fence is None:
+            lines.append(line)
+    text = "\n".join(lines)
+    return text if inline_code else re.sub(r"`[^`]*`", "", text)
+
+
+def code_blocks(text: str) -> list[str]:
+    blocks, current = [], None
+    for line in text.splitlines():
+        if FENCE.match(line.lstrip()):
+            if current is None:
+                current = []
+            else:
+                blocks.append("\n".join(current))
+                current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lowercase, markup and punctuation dropped (hyphens,
+    underscores and spaces kept), spaces to hyphens."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link keeps its text
+    text = "".join(c for c in text.lower() if c.isalnum() or c in "-_ ")
+    return text.replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    """Every heading's anchor, numbered as GitHub numbers repeats (`-1`, `-2`, ...)."""
+    seen: dict[str, int] = {}
+    out = set()
+    for line in prose(page.read_text(), inline_code=True).splitlines():
+        match = HEADING.match(line)
+        if match:
+            base = slug(match.group(1).replace("`", ""))
+            count = seen.get(base, 0)
+            seen[base] = count + 1
+            out.add(base if count == 0 else f"{base}-{count}")
+    return out
+
+
+def test_readme_is_a_front_page():
+    lines = README.read_text().splitlines()
+    assert len(lines) <= 200, f"README.md has {len(lines)} lines; move detail to docs/"
+
+
+def test_readme_starts_with_the_two_commands():
+    blocks = code_blocks(README.read_text())
+    assert blocks, "README.md has no code block"
+    assert blocks[0] == FIRST_BLOCK, f"README.md's first code block is\n{blocks[0]}"
+
+
+def test_links_and_anchors_resolve():
+    assert (ROOT / "docs").is_dir() and len(PAGES) > 1, "docs/*.md are missing"
+    broken = []
+    for page in PAGES:
+        for target in LINK.findall(prose(page.read_text())):
+            if re.match(r"(https?:|mailto:)", target):
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            where = f"{page.relative_to(ROOT)}: ({target})"
+            if not dest.exists():
+                broken.append(f"{where}: no such file")
+            elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+                broken.append(f"{where}: no heading with anchor #{anchor} in {dest.name}")
+    assert not broken, "broken links:\n" + "\n".join(broken)
+
+
+def test_slug_follows_github():
+    assert slug("Block refinement, healing, and the SVD-LLM code's third pipeline") == (
+        "block-refinement-healing-and-the-svd-llm-codes-third-pipeline"
+    )
+    assert slug("Quality (protocol P1)") == "quality-protocol-p1"
+    assert slug("Choosing svdllm-a's λ") == "choosing-svdllm-as-λ"
+
+
+def test_readme_numbers_are_backed_by_results():
+    """Every decimal number on the front page (tables, prose, the demo's output) is one a
+    docs page or a results file also carries; versions and paper ids are not results."""
+    backing = "\n".join(
+        p.read_text(errors="replace")
+        for folder in (ROOT / "docs", ROOT / "benchmarks" / "results")
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.suffix in (".md", ".json", ".txt")
+    )
+    text = re.sub(r"\]\(https?:[^)]*\)", "]", README.read_text())  # link targets: not results
+    text = text.replace("Python ≥ 3.10", "")
+    numbers = set(re.findall(r"(?<![\d.])\d+\.\d+(?!\d)", text))
+    assert numbers, "README.md holds no decimal number; is the headline table gone?"
+    unbacked = sorted(n for n in numbers if not re.search(DECIMAL.format(re.escape(n)), backing))
+    assert not unbacked, (
+        f"numbers in README.md found in no file under docs/ or benchmarks/results/: {unbacked}"
+    )
