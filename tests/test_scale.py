@@ -134,8 +134,13 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 
 def run_measured_from_outside(cmd: list[str]) -> tuple[subprocess.CompletedProcess, int]:
-    """Run `cmd` and return its peak resident bytes as an outside tool sees it."""
-    run = subprocess.run([sys.executable, "-c", _TIME, *cmd], capture_output=True, text=True)
+    """Run `cmd` and return its peak resident bytes as an outside tool sees it: GNU time
+    where it is installed, else the same system call from Python."""
+    if Path("/usr/bin/time").exists():
+        launcher = ["/usr/bin/time", "-f", "maxrss_kib=%M"]
+    else:
+        launcher = [sys.executable, "-c", _TIME]
+    run = subprocess.run([*launcher, *cmd], capture_output=True, text=True)
     maxrss = int(run.stderr.strip().splitlines()[-1].removeprefix("maxrss_kib="))
     return run, maxrss * 1024
 
