@@ -9,8 +9,8 @@ _HOMES = {"CompressConfig": "pipeline", "compress": "pipeline", "LowRankLinear":
 
 
 def __getattr__(name: str):
-    """The public names, imported on first use: `streamsvd.cli` sets the OpenMP settings
-    of the process before anything imports torch (cli.py)."""
+    """The public names, imported on first use: `import streamsvd` does not load torch,
+    so that OpenMP settings made after it (OMP_WAIT_POLICY) still take effect."""
     if name in _HOMES:
         import importlib
 

@@ -5,17 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
-# Before torch loads OpenMP: its idle threads wait asleep, not spinning. Spinning threads
-# take the cores from everything else on a shared machine, this run's other threads
-# included (benchmarks/results/threads_*.md).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from . import __version__  # noqa: E402
+from . import __version__
 from .allocate import ALLOCATIONS
 from .checkpoint import locate_checkpoint
 from .cpus import usable_cpus
@@ -613,15 +607,16 @@ def cmd_demo(args) -> None:
         f"\nperplexity on {where} (lower is better; how well each model predicts text it "
         "was not calibrated on):"
     )
+    width = max(map(len, outputs))  # one column for every label and number
     for label, path in outputs.items():
         ppl = perplexity(path, win, args.batch_size, device, progress=False)
-        print(f"  {label:<16} {ppl:10.2f}")
+        print(f"  {label:<{width}} {ppl:12.2f}")
     models = {label: _load_any(path, device) for label, path in outputs.items()}
     for prompt in args.prompt:
         print(f"\nreply to {prompt!r} (greedy, through the chat template, 40 tokens at most):")
         for label, loaded in models.items():
             text = generate(loaded, tokenizer, prompt, chat=True)
-            print(f"  {label:<16} {text.strip()!r}")
+            print(f"  {label:<{width}} {text.strip()!r}")
     print(
         f"\nsvd: W's own best rank-r approximation, blind to data. {args.method}: the "
         "closed-form factorisation that keeps each layer's outputs on the calibration text "

@@ -350,23 +350,14 @@ def test_model_may_be_a_hub_id_from_the_local_cache(model_dir, tmp_path, small_c
     assert "Traceback" not in missing.stderr
 
 
-def test_cli_sets_openmp_to_wait_asleep_before_torch_loads():
-    """Spinning OpenMP threads made a plain-SVD run 3.4× slower on a shared 2-core machine
-    (benchmarks/results/threads_shared.md): the CLI asks for passive waiting, which OpenMP
-    reads only when torch loads it, so importing streamsvd must not load torch."""
-    script = ("import sys\n"
-              "import streamsvd\n"
-              "assert 'torch' not in sys.modules, 'import streamsvd loaded torch'\n"
-              "import os, streamsvd.cli\n"
-              "print(os.environ['OMP_WAIT_POLICY'])\n")  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+def test_importing_streamsvd_does_not_load_torch():
+    """OpenMP reads OMP_WAIT_POLICY when torch loads it: a script may still set it after
+    `import streamsvd` (on a shared machine, PASSIVE ran plain SVD 3.4× faster)."""
+    script = "import sys, streamsvd\nprint('torch' in sys.modules)\n"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            env=env, timeout=300)  # fmt: skip
+                            timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "PASSIVE"
-    kept = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, timeout=300)  # fmt: skip
-    assert kept.stdout.strip() == "ACTIVE"  # a user's own setting stands
+    assert result.stdout.strip() == "False"
 
 
 def test_threads_follow_affinity_and_cgroup_quota(tmp_path):
