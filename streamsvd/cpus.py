@@ -37,3 +37,14 @@ def usable_cpus(root: Path = Path("/sys/fs/cgroup")) -> int:
         cores = os.cpu_count() or 1
     quota = cgroup_cpu_quota(root)
     return max(1, min(cores, math.floor(quota))) if quota else cores
+
+
+def process_threads(requested: int) -> int:
+    """Intra-op threads for this process: `requested` (torch's default: OMP_NUM_THREADS, else
+    one per core) capped at the usable cores. Several processes on one machine (torchrun's
+    LOCAL_WORLD_SIZE) share the usable cores evenly instead; torchrun's own
+    OMP_NUM_THREADS=1 would leave all but one core per process idle."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local > 1:
+        return max(1, usable_cpus() // local)
+    return min(requested, usable_cpus())

@@ -8,7 +8,8 @@ outside the blocks (`rest`, `finish`) takes no block. Actions: `kill` (SIGKILL, 
 default: no handler, no cleanup, as when the OOM killer or a scheduler ends a job),
 `enospc` (disk full), `eio` (I/O error) and `pause` (create the file named by
 STREAMSVD_FAULT_MARKER, then wait until it is deleted: holds a run still for a test of what
-happens beside it). Unset, a check is one dictionary lookup.
+happens beside it). Unset, a check is one dictionary lookup. In a distributed run,
+STREAMSVD_FAULT_RANK=<rank> fails that rank alone.
 
 Points of the spectra pass (rank allocation's first pass), in the order a block meets them:
   spectra-between   before block i is loaded for its spectra
@@ -81,6 +82,9 @@ def point(name: str, block: int | None = None) -> None:
         return
     want, want_block, action = parse(spec)
     if want != name or (want_block is not None and want_block != block):
+        return
+    only = os.environ.get(ENV + "_RANK")  # in a distributed run: fail this rank alone
+    if only is not None and only != os.environ.get("RANK", "0"):
         return
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)

@@ -27,10 +27,21 @@ class Journal:
     """durable=False keeps stages in memory only and writes nothing (benchmarking the
     commit protocol); such a run cannot be resumed, so it starts afresh."""
 
-    def __init__(self, workdir: Path, manifest: dict, restart: bool = False, durable: bool = True):
+    def __init__(self, workdir: Path, manifest: dict, restart: bool = False, durable: bool = True,
+                 writer: bool = True):  # fmt: skip
+        """writer=False (every rank of a distributed run but rank 0): check the manifest and
+        keep the stages in memory, but write, create or delete nothing."""
         self.workdir = Path(workdir)
         self.durable = durable
+        self.writer = writer
         manifest_path = self.workdir / MANIFEST
+        if not writer:
+            old = None if restart else read_manifest(self.workdir)
+            if old is not None and diff_settings(old, manifest):
+                self._refuse(diff_settings(old, manifest))
+            self.manifest = manifest
+            self.stages = {} if restart or not durable else read_stages(self.workdir)
+            return
         if not durable and not restart and manifest_path.exists():
             raise StreamSVDError(
                 f"{self.workdir} holds a resumable run; a run without a journal would "
@@ -43,18 +54,24 @@ class Journal:
         if old is not None:
             differences = diff_settings(old, manifest)
             if differences:
-                changed = any(d.startswith("model_fingerprint.") for d in differences)
-                raise StreamSVDError(
-                    f"{self.workdir} holds a run with other settings"
-                    + (" of another checkpoint (the model files changed)" if changed else "")
-                    + "; nothing was changed. Run the same command as before to resume it, "
-                    "add --restart to discard it, or choose another --workdir. "
-                    f"{len(differences)} difference(s):\n  " + "\n  ".join(differences)
-                )
+                self._refuse(differences)
         elif durable:
             atomic_write_bytes(manifest_path, json.dumps(manifest, indent=2).encode())
         self.manifest = manifest
         self.stages: dict[str, dict] = read_stages(self.workdir)
+
+    def _refuse(self, differences: list[str]) -> None:
+        changed = any(d.startswith("model_fingerprint.") for d in differences)
+        processes = [d for d in differences if d.startswith("processes")]
+        raise StreamSVDError(
+            f"{self.workdir} holds a run with other settings"
+            + (" of another checkpoint (the model files changed)" if changed else "")
+            + "; nothing was changed. Run the same command as before to resume it"
+            + (" (with as many processes as before: each one's stored activations are its "
+               "own share of the calibration windows)" if processes else "")
+            + ", add --restart to discard it, or choose another --workdir. "
+            f"{len(differences)} difference(s):\n  " + "\n  ".join(differences)
+        )  # fmt: skip
 
     def done(self, stage: str) -> bool:
         return stage in self.stages
@@ -73,7 +90,7 @@ class Journal:
         self._save()
 
     def _save(self) -> None:
-        if self.durable:
+        if self.durable and self.writer:
             data = json.dumps({"stages": self.stages}, indent=2).encode()
             atomic_write_bytes(self.workdir / JOURNAL, data)
 

@@ -68,6 +68,7 @@ from .plan import disk_bytes, disk_needs, existing, size_text
 from .preflight import check_locations, check_shapes
 from .refine import DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_TARGET, RefineSettings
 from .step import BlockStep
+from .world import World
 
 log = logging.getLogger(__name__)
 
@@ -186,10 +187,11 @@ def peak_rss_mb() -> float:
 
 
 class Compressor:
-    """One compress run. Construct, then call run()."""
+    """One compress run (or one rank's part of it: world.py). Construct, then call run()."""
 
-    def __init__(self, cfg: CompressConfig):
+    def __init__(self, cfg: CompressConfig, world: World | None = None):
         self.cfg = cfg
+        self.world = world = world or World()
         self.timer = StageTimer(cuda=cfg.device.startswith("cuda"))
         self.phase_peaks: dict[str, dict] = {}  # phase -> peak memory over the blocks
         self.block_seconds: list[dict] = []  # per block computed here: stage -> seconds
@@ -210,7 +212,9 @@ class Compressor:
                 "here, use --dry-run with --device-memory)"
             )
         self.durable = cfg.journal
-        self.device = torch.device(cfg.device)
+        self.device = torch.device(world.device(cfg.device))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         self.reader = CheckpointReader(cfg.model)
         self.config = load_config(cfg.model)
         self.dtype = self.reader.dtype()  # the output's
@@ -225,26 +229,33 @@ class Compressor:
         self.method = METHODS[cfg.method]
         self.streams = cfg.streams
         self.windows, calibration = self._calibration()
+        self.batches = self._share()
         self.threads = self._cpu_threads()
         hidden = self.config.get_text_config().hidden_size
         self.disk = disk_bytes(cfg, self.tensors, self.prefix, self.blocks, hidden,
                                len(self.streams))  # fmt: skip
         self._check_disk()
-        self.lock = RunLock(cfg.run_dir).acquire()
+        self.lock = RunLock(cfg.run_dir).acquire() if world.writer else RunLock(cfg.run_dir)
         weakref.finalize(self, self.lock.release)
         try:
             self.journal = Journal(cfg.run_dir, self._manifest(calibration),
-                                   restart=cfg.restart, durable=self.durable)  # fmt: skip
+                                   restart=cfg.restart, durable=self.durable,
+                                   writer=world.writer)  # fmt: skip
         except BaseException:
             self.lock.release()
             raise
+        world.barrier("opening the run directory")  # rank 0 may have just (re)made it
         self.shards = cfg.run_dir / "shards"
         self.shards.mkdir(exist_ok=True)
         self.ranks: dict[str, int] | None = None  # the allocation's; None: the uniform rule
         self.spectra_seconds = 0.0  # spent in this process on the allocation's first pass
         self.store = None
         if self.streams:
-            self.store = ActivationStore(cfg.run_dir / "activations", cfg.nsamples, cfg.seqlen,
+            # each rank stores its own windows: its share of the micro-batches
+            where = "activations" + (f"-rank{world.rank}" if world.distributed else "")
+            self.offset = self.batches[0][0]  # this rank's first window
+            self.store = ActivationStore(cfg.run_dir / where,
+                                         self.batches[-1][1] - self.offset, cfg.seqlen,
                                          hidden, self.compute, self.durable)  # fmt: skip
 
     # -- setup -------------------------------------------------------------------------
@@ -275,6 +286,18 @@ class Compressor:
         }
         return windows, info
 
+    def _share(self) -> list[tuple[int, int]]:
+        """This rank's micro-batches, (start, stop) of the calibration windows."""
+        n, b = self.cfg.nsamples, self.cfg.batch_size
+        batches = [(s, min(s + b, n)) for s in range(0, n, b)]
+        if len(batches) < self.world.size:
+            raise StreamSVDError(
+                f"{len(batches)} calibration micro-batches (--nsamples {n}, --batch-size {b}) "
+                f"cannot be shared by {self.world.size} processes: give each at least one, "
+                "with more --nsamples, a smaller --batch-size or fewer processes"
+            )
+        return self.world.share(batches)
+
     def _manifest(self, calibration: dict) -> dict:
         cfg = self.cfg
         return {
@@ -296,6 +319,9 @@ class Compressor:
             "cpu_threads": self.threads,
             "dense": cfg.dense,
             "n_blocks": len(self.blocks),
+            # each rank's activations hold its share of the windows: another number of
+            # processes cannot take them over
+            "processes": self.world.size,
         }
 
     def _cpu_threads(self) -> int | None:
@@ -368,18 +394,24 @@ class Compressor:
             return self._run()
         except OSError as exc:
             error = self._io_error(exc)
-            record_error(self.cfg.run_dir, str(error))
+            self._record_error(str(error))
             raise error from exc
         except KeyboardInterrupt:
-            record_error(self.cfg.run_dir, "interrupted (KeyboardInterrupt)")
+            self._record_error("interrupted (KeyboardInterrupt)")
             raise
         except Exception as exc:
             what = str(exc) if isinstance(exc, StreamSVDError) else f"{type(exc).__name__}: {exc}"
-            record_error(self.cfg.run_dir, what)
+            self._record_error(what)
             raise
         finally:
             torch.set_num_threads(threads)
             self.lock.release(remove=not self.cfg.run_dir.exists())  # gone: the run finished
+
+    def _record_error(self, message: str) -> None:
+        """For `streamsvd status`: rank 0's error (another rank's failure reaches rank 0 as
+        one naming it)."""
+        if self.world.writer:
+            record_error(self.cfg.run_dir, message)
 
     def _run(self) -> dict:
         start = time.perf_counter()
@@ -394,7 +426,8 @@ class Compressor:
             log.info("resuming at block %d/%d", first + 1, n_blocks)
         self.ranks = self._allocation() if first < n_blocks else None
         block_kwargs = self._embedding_stage()
-        bar = tqdm(total=n_blocks, initial=first, desc="Compressing", unit="block", disable=None)
+        bar = tqdm(total=n_blocks, initial=first, desc="Compressing", unit="block",
+                   disable=None if self.world.writer else True)  # fmt: skip
         if first < n_blocks:
             planned = self._planned_seconds()
             log.info("estimated %.0fs per block, %.0fs for the %d left (device micro-benchmark)",
@@ -406,8 +439,27 @@ class Compressor:
                     self._compress_block(i, block_kwargs[i])
                 bar.update(1)
         bar.close()
+        with self.timer("communicate"):
+            self.world.barrier("the last block")
+        if not self.world.writer:  # rank 0 assembles the output; the others wait for it
+            with self.timer("communicate"):
+                self.world.gather(self._rank_summary())
+                self.world.barrier("assembling the output")
+            return {"rank": self.world.rank, **self._rank_summary()}
         self._write_rest()
-        return self._finish(time.perf_counter() - start)
+        ranks_summaries = self.world.gather(self._rank_summary())
+        summary = self._finish(time.perf_counter() - start)
+        if self.world.distributed:
+            summary["processes"] = self.world.size
+            summary["per_process"] = ranks_summaries
+        self.world.barrier("assembling the output")
+        return summary
+
+    def _rank_summary(self) -> dict:
+        """What each rank reports of itself to the run's summary."""
+        return {"peak_rss_mb": round(peak_rss_mb(), 1),
+                "stage_seconds": {k: round(v, 2) for k, v in sorted(self.timer.seconds.items())},
+                "phase_peaks": self.phase_peaks}  # fmt: skip
 
     def _planned_seconds(self) -> float:
         """The plan's time per block (speed.py) for this device, as --dry-run prints it."""
@@ -429,11 +481,15 @@ class Compressor:
         are deleted, never used. With activation streams, a block whose inputs are gone
         means rebuilding the streams from block 0."""
         n_blocks = len(self.blocks)
-        bad = [
-            i
-            for i in range(n_blocks)
-            if self.journal.done(f"block.{i}") and not self._shard_ok(f"block.{i}", i)
-        ]
+        bad = rest_bad = None
+        if self.world.writer:  # the files are rank 0's; the others take its word
+            bad = [
+                i
+                for i in range(n_blocks)
+                if self.journal.done(f"block.{i}") and not self._shard_ok(f"block.{i}", i)
+            ]
+            rest_bad = self.journal.done("rest") and not self._shard_ok("rest", None)
+        bad, rest_bad = self.world.agree((bad, rest_bad))  # fmt: skip
         if bad:
             if self.streams:  # their inputs are gone: rebuild the streams from block 0
                 log.warning(
@@ -446,7 +502,7 @@ class Compressor:
                     "shard of block(s) %s is missing or corrupt: recomputing", [i + 1 for i in bad]
                 )
                 self._forget_blocks(bad)
-        if self.journal.done("rest") and not self._shard_ok("rest", None):
+        if rest_bad:
             log.warning("shard of the embedding and head is missing or corrupt: recomputing")
             self.journal.forget_from(["rest"])
         done = 0
@@ -454,19 +510,43 @@ class Compressor:
             done += 1
         if self.streams and done < n_blocks and self.journal.done("inputs"):
             entry = self.journal.entry(f"block.{done - 1}" if done else "inputs")
-            for stream in self.streams:
-                if not self.store.matches(stream, done % 2, entry["activations"][stream]):
-                    log.warning(
-                        "stored %s activations (inputs of block %d) are missing or corrupt: "
-                        "starting over from block 1",
-                        stream,
-                        done + 1,
-                    )
-                    self._forget_blocks(range(n_blocks))
-                    done = 0
-                    break
-        self._discard_unvouched()
+            lost = [
+                s
+                for s in self.streams
+                if not self.store.matches(s, done % 2, self._mine(entry["activations"][s]))
+            ]
+            if lost:
+                log.warning("stored %s activations (inputs of block %d) are missing or corrupt",
+                            "/".join(lost), done + 1)  # fmt: skip
+            if not all(self.world.gather(not lost)):  # any rank's: start over, all together
+                log.warning("starting over from block 1")
+                self._forget_blocks(range(n_blocks))
+                done = 0
+        if self.world.writer:
+            self._discard_unvouched()
         return done
+
+    def _mine(self, recorded):
+        """This rank's checksum of a stream, as the journal recorded it: one for a single
+        process, one per rank otherwise."""
+        return recorded[self.world.rank] if isinstance(recorded, list) else recorded
+
+    def _commit(self, stage: str, info: dict) -> None:
+        """Record a stage once every rank's part of it is durable. Each rank's activation
+        checksums are gathered into the entry (one per rank); rank 0's entry (it wrote the
+        shard) is every rank's. Returns after the journal holds it on every rank, so that no
+        rank overwrites the stage's inputs before it is recorded."""
+        if self.world.distributed:
+            with self.timer("communicate"):
+                acts = info.get("activations")
+                if acts is not None:
+                    every = self.world.gather(acts)
+                    info["activations"] = {s: [a[s] for a in every] for s in acts}
+                self.world.barrier(f"committing {stage}")
+                info = self.world.agree(info)
+        self._record(stage, info)
+        with self.timer("communicate"):
+            self.world.barrier(f"recording {stage}")
 
     def _shard_ok(self, stage: str, block: int | None) -> bool:
         path = self.shards / _shard_file(block)
@@ -524,13 +604,12 @@ class Compressor:
                             self._write_activations(stream, 0, start, hidden, digests[stream])
                         faults.point("inputs", 0)
                 self._sync(0, streams)
-                self._record(stage, {"activations": {s: d.hexdigest() for s, d in digests.items()}})
+                self._commit(stage, {"activations": {s: d.hexdigest() for s, d in digests.items()}})
         unfill(self.model, before)
         return arguments
 
     def _batches(self):
-        n, b = self.cfg.nsamples, self.cfg.batch_size
-        return [(s, min(s + b, n)) for s in range(0, n, b)]
+        return self.batches
 
     def _compress_block(self, i: int, block_kwargs: dict) -> None:
         """Compute block i and commit it: shard written, fsync'd and renamed; both streams'
@@ -551,7 +630,7 @@ class Compressor:
         original = self._load_block(i)
         linears = factorised_linears(block, self.cfg.ratio)
         step = BlockStep(block, linears, block_kwargs, self._batches(), self.device,
-                         self.timer, i)  # fmt: skip
+                         self.timer, i, world=self.world)  # fmt: skip
         ranks = {  # the allocation's, or the uniform rule's
             name: self.ranks[f"{block_prefix}.{name}"]
             if self.ranks
@@ -601,12 +680,14 @@ class Compressor:
         shard = self.shards / _shard_file(i)
         with self.timer("write"):
             self._sync((i + 1) % 2)
-            with self._writing(shard):
-                sha = save_shard(out_tensors, shard, self.durable,
-                                 before_rename=lambda: faults.point("shard-write", i))  # fmt: skip
+            sha = None  # rank 0 writes the shard
+            if self.world.writer:
+                with self._writing(shard):
+                    sha = save_shard(out_tensors, shard, self.durable,
+                                     lambda: faults.point("shard-write", i))  # fmt: skip
         faults.point("before-journal", i)
         losses = {k: v for k, v in refined.items() if k.startswith("loss")}
-        self._record(f"block.{i}", {"sha256": sha, "ranks": ranks, "activations": digests,
+        self._commit(f"block.{i}", {"sha256": sha, "ranks": ranks, "activations": digests,
                                     "expert_tokens": expert_tokens,
                                     **({"refine": losses} if losses else {})})  # fmt: skip
         faults.point("journaled", i)
@@ -702,13 +783,15 @@ class Compressor:
                and file_sha256(self._spectra_file(done))
                == self.journal.entry(f"spectra.{done}")["sha256"]):  # fmt: skip
             done += 1
+        done = self.world.agree(done)  # rank 0's files
         if done == n_blocks:
             return
         self.journal.forget_from([f"spectra.{i}" for i in range(done, n_blocks)])
         entry = "spectra.inputs" if done == 0 else f"spectra.{done - 1}"
-        if not self.journal.done(entry) or not self.store.matches(
-            "orig", done % 2, self.journal.entry(entry)["activations"]["orig"]
-        ):
+        inputs_ok = self.journal.done(entry) and self.store.matches(
+            "orig", done % 2, self._mine(self.journal.entry(entry)["activations"]["orig"])
+        )
+        if not all(self.world.gather(inputs_ok)):
             self.journal.forget_from(["spectra.inputs"] + [f"spectra.{i}" for i in range(done)])
             done = 0
         log.info("spectra pass for the %s allocation: block %d/%d", self.cfg.allocation,
@@ -729,7 +812,7 @@ class Compressor:
         block = self.blocks[i]
         self._load_block(i)
         step = BlockStep(block, factorised_linears(block, self.cfg.ratio), block_kwargs,
-                         self._batches(), self.device, self.timer, i)  # fmt: skip
+                         self._batches(), self.device, self.timer, i, world=self.world)  # fmt: skip
         digests = {"orig": hashlib.sha256()}
         energy = torch.zeros((), dtype=torch.float64, device=self.device)
         read = self._reader(i)
@@ -743,15 +826,17 @@ class Compressor:
             self.store.reset("orig", (i + 1) % 2)
         with self._phase("spectra"):
             sigma2, _ = step.spectra(read_measuring, self._writer(i, digests))
+        self.world.sum_([energy])
         path = self._spectra_file(i)
         with self.timer("write"):
             self._sync((i + 1) % 2, ("orig",))
-            with self._writing(path):
-                sha = save_shard(
-                    sigma2, path, self.durable, lambda: faults.point("spectra-write", i)
-                )
+            sha = None
+            if self.world.writer:
+                with self._writing(path):
+                    sha = save_shard(sigma2, path, self.durable,
+                                     lambda: faults.point("spectra-write", i))  # fmt: skip
         info = {"energy": float(energy), "activations": {"orig": digests["orig"].hexdigest()}}
-        self._record(f"spectra.{i}", {"sha256": sha, **info})
+        self._commit(f"spectra.{i}", {"sha256": sha, **info})
         empty(block)
 
     def _reader(self, i: int):
@@ -778,7 +863,7 @@ class Compressor:
         activations: on a GPU from pinned memory, asynchronously (the caching host
         allocator keeps the pinned buffer alive until the copy is done)."""
         with self.timer("activations"):
-            batch = self.store.read(stream, slot, start, stop)
+            batch = self.store.read(stream, slot, start - self.offset, stop - self.offset)
             if self.device.type == "cuda":
                 return batch.pin_memory().to(self.device, non_blocking=True)
             return batch
@@ -786,7 +871,7 @@ class Compressor:
     def _write_activations(self, stream: str, slot: int, start: int, values, digest) -> None:
         """Store a micro-batch of a stream and feed it to the stream's checksum."""
         with self.timer("activations"):
-            self.store.write(stream, slot, start, values)
+            self.store.write(stream, slot, start - self.offset, values)
             if self.durable:
                 tensor_digest(digest, values, self.compute)
 
@@ -915,6 +1000,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         fsync_path(dst)
 
 
-def compress(cfg: CompressConfig) -> dict:
-    """Compress cfg.model into cfg.out; returns the run's summary."""
-    return Compressor(cfg).run()
+def compress(cfg: CompressConfig, world: World | None = None) -> dict:
+    """Compress cfg.model into cfg.out; returns the run's summary (a distributed run's on
+    rank 0, each other rank's own part of it on that rank)."""
+    return Compressor(cfg, world).run()

@@ -111,6 +111,7 @@ class Plan:
     spectra_seconds_per_block: float | None = None  # the allocation's first pass, if any
     timing_note: str = ""  # where the time estimate comes from, or why there is none
     checks: list[dict] = field(default_factory=list)  # {what, need, have, ok}
+    processes: int = 1  # torch.distributed: memory and time are each process's
 
     @property
     def host_peak_bytes(self) -> int:
@@ -223,11 +224,14 @@ def measure_baseline(cfg, timing: dict | None = None) -> dict:
 
 
 def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | None = None,
-              timing: bool = True) -> Plan:  # fmt: skip
+              timing: bool = True, processes: int = 1) -> Plan:  # fmt: skip
     """The plan of compress run `cfg` (a CompressConfig). `fixed`: the setup's memory as
     `measure_baseline` returns it, measured when not given. `device_memory`: bytes of the
     GPU the run is meant for, where that GPU is not visible here (planning on a login
-    node); the time estimate then is unavailable. timing=False skips the micro-benchmark."""
+    node); the time estimate then is unavailable. timing=False skips the micro-benchmark.
+    processes: plan each of that many torch.distributed processes (world.py): it holds a
+    block and whole sums as one process does, but streams only its share of the windows,
+    and factorises its share of each stage's linears."""
     reader = CheckpointReader(cfg.model)
     config = load_config(cfg.model)
     dtype = reader.dtype()
@@ -260,6 +264,7 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
     streams = cfg.streams
     per_stream = 2 * cfg.nsamples * cfg.seqlen * text.hidden_size * compute.itemsize
     disk = disk_bytes(cfg, tensors, prefix, blocks, text.hidden_size, len(streams))
+    total_cfg, cfg = cfg, process_share(cfg, processes)  # memory and time: one process's
     output_bytes = before * item + side_file_bytes(cfg.model) if cfg.dense else disk["output"]
 
     # memory
@@ -289,6 +294,12 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
             rates = fixed.get("rates") or measure_speed(cfg.device, compute, cfg.method, width)
             seconds = block_seconds(cfg, text, linears, groups, rates)
             note = f"from a micro-benchmark of {rates['device_name']}"
+            if processes > 1:  # each factorises about its share of the linears
+                for stage in ("cholesky", "svd", "update"):
+                    if stage in seconds:
+                        seconds["total"] -= seconds[stage] * (1 - 1 / processes)
+                        seconds[stage] /= processes
+                note += "; per process, communication not counted"
             if cfg.allocation != "uniform":  # its first pass is svdllm-w's statistics
                 first = dataclasses.replace(cfg, method="svdllm-w", allocation="uniform",
                                             sequential=False)  # fmt: skip
@@ -319,9 +330,25 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
         sequential=cfg.sequential,
         spectra_seconds_per_block=spectra,
         timing_note=note,
+        processes=processes,
     )
-    plan.checks = _checks(plan, cfg, device_memory)
+    plan.checks = _checks(plan, total_cfg, device_memory)
     return plan
+
+
+def process_share(cfg, processes: int):
+    """The settings as one of `processes` processes sees them: its share of the windows
+    (the largest share, as world.share deals the micro-batches out)."""
+    if processes <= 1:
+        return cfg
+    batches = math.ceil(cfg.nsamples / cfg.batch_size)
+    if batches < processes:
+        raise StreamSVDError(
+            f"{batches} calibration micro-batches cannot be shared by {processes} processes: "
+            "give each at least one (more --nsamples, a smaller --batch-size, or fewer processes)"
+        )
+    most = math.ceil(batches / processes)
+    return dataclasses.replace(cfg, nsamples=min(cfg.nsamples, most * cfg.batch_size))
 
 
 def block_memory(cfg, text, linears: list[LinearPlan], groups: list[list[str]],
@@ -602,7 +629,12 @@ def format_plan(plan: Plan) -> str:
         f"  checkpoint    {size_text(plan.checkpoint_bytes)} -> "
         f"output {size_text(plan.output_bytes)}",
         f"  activations   {size_text(plan.activation_bytes_per_stream)} per stream × "
-        f"{len(plan.streams)} ({', '.join(plan.streams) or 'none: no calibration'})",
+        f"{len(plan.streams)} ({', '.join(plan.streams) or 'none: no calibration'})"
+        + (
+            f", each of the {plan.processes} processes holding its share"
+            if plan.processes > 1
+            else ""
+        ),
         "  peak host     "
         + size_text(plan.host_peak_bytes)
         + "  ("
@@ -633,6 +665,12 @@ def format_plan(plan: Plan) -> str:
             f"  first pass    about {duration_text(spectra)} per block, "
             f"{duration_text(spectra * plan.blocks)} in all (each matrix's spectrum, for the "
             f"{plan.allocation} allocation; its memory is below the run's)"
+        )
+    if plan.processes > 1:
+        lines.append(
+            f"  processes     planned for {plan.processes} (torch.distributed): peak memory and "
+            "time above are each process's, with its share of the calibration windows; the "
+            "checks below assume one process per machine"
         )
     for c in plan.checks:
         mark = "ok" if c["ok"] else "NOT ENOUGH"

@@ -36,6 +36,7 @@ from torch import nn
 from . import faults
 from .errors import StreamSVDError
 from .modeling import LowRankLinear
+from .world import World
 
 Read = Callable[[int, int], torch.Tensor]  # (start, stop) -> a micro-batch on the device
 
@@ -100,11 +101,16 @@ def saved_values_per_token(hidden: int, intermediate: int, ranks: int) -> int:
 
 def refine_block(block: nn.Module, arguments: dict[int, dict], batches: list[tuple[int, int]],
                  read_inputs: Read, read_targets: Read, settings: RefineSettings, index: int,
-                 dtype: torch.dtype) -> dict:  # fmt: skip
+                 dtype: torch.dtype, world: World | None = None) -> dict:  # fmt: skip
     """Train the block in place. Each trained parameter ends rounded to `dtype` (the
     output's), in the dtype it had before, so that the block runs the values written;
     everything else ends as it was. Returns the mean loss of the first and the last epoch
-    and the trained parameters' names."""
+    and the trained parameters' names.
+
+    With several ranks (world.py), data-parallel: every rank takes its j-th micro-batch
+    of the epoch, the gradients are averaged over the step's windows on all ranks, and
+    every rank takes the same optimiser step. A rank out of batches adds nothing."""
+    world = world or World()
     names = trainable_names(block, settings.norms)
     before = {n: t.dtype for n, t in [*block.named_parameters(), *block.named_buffers()]}
     with torch.inference_mode(False), torch.enable_grad():
@@ -116,16 +122,25 @@ def refine_block(block: nn.Module, arguments: dict[int, dict], batches: list[tup
         schedule = warmup_cosine(optimizer, settings.epochs * len(batches))
         gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)
         epoch_loss = []
+        steps = max(world.gather(len(batches)))
         for _ in range(settings.epochs):
             total = tokens = 0
-            for j in torch.randperm(len(batches), generator=gen).tolist():
-                start, stop = batches[j]
+            order = torch.randperm(len(batches), generator=gen).tolist()
+            for step in range(steps):
+                if step >= len(order):  # this rank's share is a batch short
+                    _average_gradients(params, 0, world)
+                    optimizer.step()
+                    schedule.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    continue
+                start, stop = batches[order[step]]
                 x = read_inputs(start, stop).to(torch.float32)
                 y = read_targets(start, stop).to(torch.float32)
                 out = block(x, **arguments[stop - start])
                 out = out[0] if isinstance(out, tuple) else out
                 loss = nn.functional.mse_loss(out, y)
                 loss.backward()
+                _average_gradients(params, stop - start, world)
                 nn.utils.clip_grad_norm_(params, CLIP)
                 optimizer.step()
                 schedule.step()
@@ -133,8 +148,14 @@ def refine_block(block: nn.Module, arguments: dict[int, dict], batches: list[tup
                 total += loss.item() * (stop - start)
                 tokens += stop - start
                 del x, y, out, loss
+            if world.distributed:
+                sums = torch.tensor([total, tokens], dtype=torch.float64)
+                world.sum_([sums])
+                total, tokens = sums.tolist()
             epoch_loss.append(total / tokens)
             faults.point("refine", index)
+        for p in params:  # the same on every rank already; rank 0's, to be sure
+            world.broadcast_(p.data, 0)
         del optimizer, params
         if not all(math.isfinite(v) for v in epoch_loss):
             raise StreamSVDError(
@@ -145,6 +166,22 @@ def refine_block(block: nn.Module, arguments: dict[int, dict], batches: list[tup
         _retensor(block, lambda n, t: (t.to(dtype) if n in trained else t).to(before[n]), set())
     return {"loss_first_epoch": epoch_loss[0], "loss_last_epoch": epoch_loss[-1],
             "trained": names}  # fmt: skip
+
+
+def _average_gradients(params: list[nn.Parameter], windows: int, world: World) -> None:
+    """Gradients of the mean loss over the step's windows on every rank (this rank's
+    weighted by its `windows`); one process: as they are."""
+    if not world.distributed:
+        return
+    count = torch.tensor([float(windows)], dtype=torch.float64)
+    world.sum_([count])
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad.mul_(windows)
+        world.sum_([p.grad])
+        p.grad.div_(float(count))
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int):

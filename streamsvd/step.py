@@ -28,9 +28,10 @@ from . import faults
 from .experts import same_routing
 from .factorize import METHODS, Clock, Method, untimed
 from .model import capture_inputs, run_block, shared_input_groups
-from .modeling import LowRankLinear, linear_weight, replace_module
+from .modeling import LowRankLinear, linear_shape, linear_weight, replace_module
 from .refine import RefineSettings, refine_block
 from .stats import InputStats, release_points
+from .world import World
 
 Read = Callable[[str, int, int], torch.Tensor]  # (stream, start, stop) -> batch on the device
 Write = Callable[[str, int, torch.Tensor], None]  # (stream, start, batch)
@@ -51,6 +52,7 @@ class BlockStep:
     clock: Clock = untimed  # stage name -> context manager timing it (pipeline.StageTimer)
     index: int = 0  # the block's index, for fault points
     dense: dict[str, nn.Module] = field(default_factory=dict)  # kept for refine's target
+    world: World = field(default_factory=World)  # `batches` are this rank's share
 
     # -- statistics ------------------------------------------------------------------------
     def statistics(self, needs: frozenset[str], read: Read, write: Write | None,
@@ -96,7 +98,29 @@ class BlockStep:
                         seen_c.get(name),
                     )
             del seen, seen_c
+        if self.world.distributed:
+            with self.clock("communicate"):
+                self._add_up(stats, needs)
         return stats
+
+    def _add_up(self, stats: dict[str, InputStats], needs: frozenset[str]) -> None:
+        """Every rank's sums added up, so that each holds the whole calibration set's. A
+        group only some ranks saw (an expert their tokens never reached) starts at zero on
+        the others. Groups are reduced in one order (by their linears' names) everywhere."""
+        self.world.barrier(f"block {self.index + 1}'s statistics")  # names a rank that hangs
+        groups = {id(g): (tuple(n for n in stats if stats[n] is g), g.dim) for g in stats.values()}
+        everyone = sorted({group for seen in self.world.gather(list(groups.values()))
+                           for group in map(tuple, seen)})  # fmt: skip
+        for members, dim in everyone:
+            if members[0] not in stats:
+                weights = {name: linear_weight(self.linears[name]) for name in members}
+                shared = InputStats(dim, needs, self.device, weights)
+                stats.update({name: shared for name in members})
+            group = stats[members[0]]
+            tokens = torch.tensor([group.tokens], dtype=torch.float64, device=group.G.device
+                                  if group.G is not None else self.device)  # fmt: skip
+            self.world.sum_([*group.tensors(), tokens])
+            group.tokens = int(tokens.item())
 
     # -- factors -----------------------------------------------------------------------------
     def factorise(self, method: Method, stats: dict[str, InputStats], ranks: dict[str, int],
@@ -110,7 +134,9 @@ class BlockStep:
         names = list(self.linears) if names is None else names
         release = release_points(names, stats)  # group -> its last linear
         written = {}
-        for name in names:
+        world = self.world
+        owned = [n for k, n in enumerate(names) if world.owner(k) == world.rank]
+        for name in owned:
             linear = self.linears[name]
             group = stats.get(name)
             if group is not None and self.device.type == "cuda":
@@ -129,7 +155,34 @@ class BlockStep:
             written[name] = (new.down.weight.detach().cpu(), new.up.weight.detach().cpu())
             # the block runs the values written, in the compute dtype (.to is in place)
             replace_module(self.block, name, new.to(compute))
+        if world.distributed:
+            stats.clear()
+            with self.clock("communicate"):
+                written = self._exchange_factors(names, written, ranks, dtype, compute)
         return written
+
+    def _exchange_factors(self, names: list[str], written: dict, ranks: dict[str, int],
+                          dtype: torch.dtype, compute: torch.dtype) -> dict:  # fmt: skip
+        """Each linear's factors, as written, from the rank that computed them to every
+        other, which puts them in its block: every rank then runs the same block."""
+        self.world.barrier(f"block {self.index + 1}'s factors")  # names a rank that hangs
+        out = {}
+        for k, name in enumerate(names):
+            linear = self.linears[name]
+            m, n = linear_shape(linear)
+            if name in written:
+                down, up = written[name]  # in host memory
+            else:
+                down = torch.empty((ranks[name], n), dtype=dtype)
+                up = torch.empty((m, ranks[name]), dtype=dtype)
+            self.world.broadcast_(down, self.world.owner(k))
+            self.world.broadcast_(up, self.world.owner(k))
+            out[name] = (down, up)
+            if name not in written:
+                new = LowRankLinear.from_factors(up.to(self.device), down.to(self.device),
+                                                 linear.bias, dtype)  # fmt: skip
+                replace_module(self.block, name, new.to(compute))
+        return out
 
     def compress(self, method: Method, ranks: dict[str, int], read: Read, write: Write | None,
                  dtype: torch.dtype, compute: torch.dtype, sequential: bool = False,
@@ -186,7 +239,7 @@ class BlockStep:
         with self.clock("refine"):
             return refine_block(self.block, self.arguments, self.batches,
                                 lambda start, stop: read("comp", start, stop), target,
-                                settings, self.index, dtype)  # fmt: skip
+                                settings, self.index, dtype, self.world)  # fmt: skip
 
     def advance(self, read: Read, write: Write) -> None:
         """Run the (compressed) block on the compressed stream: the next block's input."""

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
-import torch
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+# The suite runs as one worker per core (pytest-xdist, dev.sh): OpenMP threads that spin
+# while they wait would take the cores from the other workers. Read when torch loads, so set
+# before it; subprocesses inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from streamsvd.calib import stdlib_docstrings
-from streamsvd.synth import bpe_tokenizer_json
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+
+from streamsvd.calib import stdlib_docstrings  # noqa: E402
+from streamsvd.synth import bpe_tokenizer_json  # noqa: E402
 
 VOCAB = 512
 
@@ -116,3 +122,17 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def worker_cores() -> int:
+    """This test worker's share of the usable cores (pytest-xdist runs one worker per core)."""
+    from streamsvd.cpus import usable_cpus
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, usable_cpus() // workers)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The real-model tests first: they are the longest file, so with one worker per core
+    the other workers run the rest beside them instead of after them."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

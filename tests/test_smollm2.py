@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import worker_cores
 
 from streamsvd import CompressConfig, compress
 from streamsvd.calib import eval_windows, tokenize
-from streamsvd.cpus import usable_cpus
 from streamsvd.evaluate import perplexity
 from streamsvd.pipeline import DEFAULT_METHOD
 
@@ -52,7 +52,7 @@ def p1_reduced(smollm2, tmp_path_factory):
     windows = eval_windows(tokenize(tokenizer, text, special_tokens=True), SEQLEN, 8)
     root = tmp_path_factory.mktemp("smollm2")
     threads = torch.get_num_threads()
-    torch.set_num_threads(usable_cpus())  # a real model, unlike the tiny ones: use the cores
+    torch.set_num_threads(worker_cores())  # a real model, unlike the tiny ones: use the cores
     try:
         result = {"original": perplexity(smollm2, windows, progress=False)}
         for method in METHODS_UNDER_TEST:

@@ -1,0 +1,156 @@
+"""The ranks of a run on torch.distributed, and everything the pipeline asks of them.
+
+Launched by `torchrun` or `accelerate launch` (both set RANK, WORLD_SIZE, MASTER_ADDR...),
+a compress run splits its work this way:
+- calibration: each rank streams a contiguous share of the micro-batches through the
+  block (both streams), into its own activation store;
+- statistics: each rank's float64 sums are added up across ranks (all_reduce), so every
+  rank holds the same sums a single process would, up to the order of the float64 additions;
+- factorisations: a block stage's linears are dealt out in turn, each rank factorises its
+  own and broadcasts the factors as written, so every rank runs the same compressed block;
+- refinement: data-parallel, gradients summed across ranks before each step;
+- files: rank 0 alone writes shards, the journal and the output; every block ends at a
+  barrier, so a block is journaled only once every rank's activations for the next one
+  are durable, and no rank overwrites a block's inputs before it is journaled.
+
+Without those variables, `World()` is one process and every method is a no-op.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .errors import StreamSVDError
+
+DEFAULT_TIMEOUT = 1800.0  # seconds a rank waits for the others (a 70B block factorises in minutes)
+
+
+class RankFailure(StreamSVDError):
+    """Another rank failed, or did not answer in time."""
+
+
+@dataclass
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+    timeout: float = DEFAULT_TIMEOUT
+    _barrier_group: object = None  # a gloo group for monitored barriers (NCCL has none)
+
+    @classmethod
+    def from_env(cls, device: str, timeout: float = DEFAULT_TIMEOUT) -> World:
+        """Join the process group torchrun / accelerate launch describe in the environment
+        (gloo on CPU, NCCL on CUDA); one process when WORLD_SIZE is unset or 1."""
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        if size == 1:
+            return cls(timeout=timeout)
+        import torch.distributed as dist
+
+        world = cls(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")),
+                    int(os.environ.get("LOCAL_WORLD_SIZE", "1")), timeout)  # fmt: skip
+        cuda = device.startswith("cuda")
+        if not dist.is_initialized():
+            wait = datetime.timedelta(seconds=timeout)
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=wait)
+            world._barrier_group = dist.new_group(backend="gloo", timeout=wait) if cuda else None
+        return world
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def writer(self) -> bool:
+        """Whether this rank writes the files (shards, journal, output)."""
+        return self.rank == 0
+
+    def device(self, device: str) -> str:
+        """This rank's device: its own GPU (LOCAL_RANK) when the run is on CUDA."""
+        if self.distributed and device == "cuda":
+            return f"cuda:{self.local_rank}"
+        return device
+
+    def share(self, batches: list) -> list:
+        """This rank's contiguous share of the micro-batches (sizes differ by at most one)."""
+        per, extra = divmod(len(batches), self.size)
+        start = self.rank * per + min(self.rank, extra)
+        return batches[start : start + per + (self.rank < extra)]
+
+    def owner(self, k: int) -> int:
+        """The rank that factorises the k-th linear of a stage."""
+        return k % self.size
+
+    # -- collectives (no-ops in one process) ----------------------------------------------
+    def sum_(self, tensors: list[torch.Tensor]) -> None:
+        """Add each tensor up across ranks, in place (every rank gets the same bytes)."""
+        for t in tensors if self.distributed else []:
+            self._in_place(t, lambda x: self._call("adding statistics", _dist().all_reduce, x))
+
+    def broadcast_(self, tensor: torch.Tensor, src: int) -> None:
+        """Rank `src`'s tensor, in place, on every rank."""
+        if self.distributed:
+            what = f"exchanging factors (rank {src} sending)"
+            self._in_place(tensor, lambda x: self._call(what, _dist().broadcast, x, src))
+
+    def _in_place(self, tensor: torch.Tensor, collective) -> None:
+        """NCCL takes GPU tensors only: a host tensor goes through this rank's GPU."""
+        if tensor.device.type == "cpu" and _dist().get_backend() == "nccl":
+            moved = tensor.to(f"cuda:{self.local_rank}")
+            collective(moved)
+            tensor.copy_(moved)
+        else:
+            collective(tensor)
+
+    def gather(self, value) -> list:
+        """Every rank's `value` (picklable), in rank order, on every rank."""
+        if not self.distributed:
+            return [value]
+        out = [None] * self.size
+        self._call("exchanging checksums", _dist().all_gather_object, out, value)
+        return out
+
+    def agree(self, value):
+        """Rank 0's `value` on every rank."""
+        if not self.distributed:
+            return value
+        box = [value]
+        self._call("agreeing on the resume point", _dist().broadcast_object_list, box, 0)
+        return box[0]
+
+    def barrier(self, what: str) -> None:
+        """Wait for every rank. On gloo a monitored barrier: after the timeout rank 0 names
+        the ranks that never arrived."""
+        if not self.distributed:
+            return
+        dist = _dist()
+        group = self._barrier_group
+        if group is None and dist.get_backend() != "gloo":
+            return self._call(what, dist.barrier)
+        wait = datetime.timedelta(seconds=self.timeout)
+        self._call(what, dist.monitored_barrier, group=group, timeout=wait)
+
+    def close(self) -> None:
+        if self.distributed and _dist().is_initialized():
+            _dist().destroy_process_group()
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (RuntimeError, ValueError) as exc:  # torch.distributed's DistError is a RuntimeError
+            raise RankFailure(
+                f"rank {self.rank} of {self.size}, at {what}: {str(exc).strip()}. Another rank "
+                f"died or hung (see its log and torchrun's report); the others stop after "
+                f"--dist-timeout ({self.timeout:.0f}s). Finished blocks are journaled: "
+                "relaunch the same command with the same number of processes to resume"
+            ) from exc
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist

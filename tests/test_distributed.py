@@ -1,0 +1,115 @@
+"""Two gloo processes on CPU (torchrun), as docs/distributed.md describes: repeated runs give
+the same bytes, the output matches one process's, a rank killed mid-block resumes to the
+same bytes (with data-parallel refinement), a rank that hangs stops the other with a
+message naming it, and another number of processes is refused on resume."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config, write_checkpoint
+from test_resume import output_hashes
+
+from streamsvd import CompressConfig, compress, load_compressed
+
+SETTINGS = dict(nsamples=16, seqlen=32, batch_size=4, ratio=0.4, seed=0, device="cpu")
+# Two processes add their float64 sums in another order than one process does (relative
+# differences near 2⁻⁵³). Where calibration determines the factors, the two outputs then
+# agree to the float32 rounding of what each writes and runs (u = 2⁻²⁴ ≈ 6e-8), which
+# compounds over the ~10 rounded steps of each of the 3 blocks; directions the calibration
+# never excites are not determined at all (a rank-deficient Gram), so the outputs are
+# compared as logits, not weights. 1e-5 ≈ 170·u: 5× the 30 roundings.
+LOGITS_RTOL = 1e-5
+
+
+def torchrun(model: Path, calib: Path, out: Path, *extra: str, processes: int = 2,
+             fault: str | None = None, timeout: float = 300,
+             **env_more) -> subprocess.CompletedProcess:  # fmt: skip
+    env = {**os.environ, **env_more}
+    env.pop("STREAMSVD_FAULT", None)
+    if fault:
+        env.update(STREAMSVD_FAULT=fault, STREAMSVD_FAULT_RANK="1")
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={processes}", "-m", "streamsvd", "compress", "--model", str(model),
+            "--out", str(out), "--calib", str(calib), *extra]  # fmt: skip
+    for key, value in SETTINGS.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, small_calib_text):
+    root = tmp_path_factory.mktemp("distributed")
+    model = write_checkpoint(root / "model", tiny_config(layers=3))
+    reference = root / "two"
+    done = torchrun(model, small_calib_text, reference)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root, model, small_calib_text, reference
+
+
+def _logits(path: Path) -> torch.Tensor:
+    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return load_compressed(path).eval()(ids).logits.double()
+
+
+def test_two_processes_repeat_their_bytes_and_match_one(setup):
+    root, model, calib, reference = setup
+    again = root / "two-again"
+    done = torchrun(model, calib, again)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert output_hashes(again) == output_hashes(reference)
+
+    one = root / "one"
+    compress(CompressConfig(model=str(model), out=str(one), calib=str(calib), **SETTINGS))
+    a, b = _logits(one), _logits(reference)
+    assert float((a - b).norm() / a.norm()) <= LOGITS_RTOL
+    # the rest (embeddings, norms) is copied through, byte for byte
+    assert (
+        output_hashes(one)["model-00001-of-00004.safetensors"]
+        == output_hashes(reference)["model-00001-of-00004.safetensors"]
+    )
+
+
+def test_a_killed_rank_resumes_to_the_same_bytes_and_other_counts_are_refused(setup, tmp_path):
+    """With refinement, which is data-parallel: rank 1 is killed in block 2's refinement;
+    one process is refused the run; two resume it to an uninterrupted run's bytes."""
+    root, model, calib, _ = setup
+    refine = ("--refine-epochs", "2")
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    done = torchrun(model, calib, reference, *refine)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "refinement loss" in done.stderr
+
+    killed = torchrun(model, calib, out, *refine, fault="refine:1")
+    assert killed.returncode != 0
+    assert "exitcode  : -9" in killed.stderr  # torchrun's report names the killed rank
+    journal = (Path(f"{out}.work") / "journal.json").read_text()
+    assert '"block.0"' in journal and '"block.1"' not in journal
+
+    refused = torchrun(model, calib, out, *refine, processes=1)
+    assert refused.returncode != 0  # torchrun exits 1 whatever its processes return
+    assert "processes: was 2, now 1" in refused.stderr
+    assert "with as many processes as before" in refused.stderr
+
+    resumed = torchrun(model, calib, out, *refine)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming at block 2/3" in resumed.stderr
+    assert output_hashes(out) == output_hashes(reference)
+
+
+def test_a_hung_rank_stops_the_other_with_its_name(setup, tmp_path):
+    root, model, calib, _ = setup
+    marker = tmp_path / "paused"
+    hung = torchrun(model, calib, tmp_path / "out", "--dist-timeout", "10",
+                    fault="svd:1:pause", STREAMSVD_FAULT_MARKER=str(marker),
+                    timeout=120)  # fmt: skip
+    assert hung.returncode != 0
+    assert "rank 0 of 2, at block 2's factors" in hung.stderr
+    assert "Rank 1 failed to pass monitoredBarrier" in hung.stderr
+    assert "--dist-timeout (10s)" in hung.stderr
