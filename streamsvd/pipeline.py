@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import hashlib
 import json
 import logging
 import math
-import os
 import re
-import shutil
 import threading
 import time
-import weakref
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,49 +20,31 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from . import __version__, faults
-from .activations import ActivationStore, tensor_digest
+from . import faults
 from .allocate import ALLOCATIONS, Matrix, allocate
-from .calib import calibration_windows, load_text, text_sha256, tokenize
 from .checkpoint import (
     CheckpointReader,
-    atomic_write_bytes,
     check_finite,
-    copy_side_files,
     file_sha256,
-    fsync_path,
-    save_shard,
-    shard_name,
-    shard_shapes,
-    write_index,
 )
-from .errors import NotEnoughResources, RunIOError, StreamSVDError
+from .errors import NotEnoughResources, StreamSVDError
 from .experts import expert_index, fuse_dense_experts
 from .factorize import METHODS, rank_for
-from .journal import JOURNAL, Journal, RunLock, read_manifest, record_error
-from .lowrank import export_dense, self_describing
 from .memory import peak_rss_bytes, phase_peak_bytes, reset_peak
 from .model import (
     COMPUTE_DTYPES,
     before_blocks,
     block_arguments,
-    build_skeleton,
     catch_block_inputs,
-    check_supported,
-    compute_dtype,
     empty,
     factorised_linears,
     fill,
-    find_blocks,
-    load_config,
-    max_positions,
     unfill,
 )
-from .modeling import SECTION, linear_shape
-from .names import ModelTensors
-from .plan import disk_bytes, disk_needs, existing, size_text
-from .preflight import check_locations, check_shapes
+from .modeling import linear_shape
+from .prepare import prepare
 from .refine import DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_TARGET, RefineSettings
+from .rundir import RunDir, shard_file
 from .step import BlockStep
 from .world import World
 
@@ -195,223 +173,41 @@ class Compressor:
         self.timer = StageTimer(cuda=cfg.device.startswith("cuda"))
         self.phase_peaks: dict[str, dict] = {}  # phase -> peak memory over the blocks
         self.block_seconds: list[dict] = []  # per block computed here: stage -> seconds
-        self.out = Path(cfg.out)
-        if self.out.exists():
-            leftover = (
-                f" (if it is this run's finished result, {cfg.run_dir} is left over and can "
-                "be deleted)"
-                if cfg.run_dir.exists()
-                else ""
-            )
-            raise StreamSVDError(
-                f"output {self.out} already exists; remove it or choose another --out{leftover}"
-            )
-        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-            raise StreamSVDError(
-                "--device cuda was asked for but no CUDA GPU is visible (to plan a GPU run "
-                "here, use --dry-run with --device-memory)"
-            )
-        self.durable = cfg.journal
-        self.device = torch.device(world.device(cfg.device))
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        self.reader = CheckpointReader(cfg.model)
-        self.config = load_config(cfg.model)
-        self.dtype = self.reader.dtype()  # the output's
-        self.compute = compute_dtype(cfg.compute_dtype, self.dtype)  # the blocks' and streams'
-        self.model = build_skeleton(self.config, self.compute)
-        self.tensors = ModelTensors(self.reader, self.model)  # named as the model's parameters
-        check_shapes(self.model, self.tensors.shapes(), cfg.model)
-        check_locations(cfg.model, cfg.out, cfg.run_dir)
-        self.prefix, self.blocks = find_blocks(self.model)
-        self.tensors.check_blocks(self.prefix)
-        check_supported(self.blocks)
-        self.method = METHODS[cfg.method]
-        self.streams = cfg.streams
-        self.windows, calibration = self._calibration()
-        self.batches = self._share()
-        self.threads = self._cpu_threads()
-        hidden = self.config.get_text_config().hidden_size
-        self.disk = disk_bytes(cfg, self.tensors, self.prefix, self.blocks, hidden,
-                               len(self.streams))  # fmt: skip
-        self._check_disk()
-        self.lock = RunLock(cfg.run_dir).acquire() if world.writer else RunLock(cfg.run_dir)
-        weakref.finalize(self, self.lock.release)
-        try:
-            self.journal = Journal(cfg.run_dir, self._manifest(calibration),
-                                   restart=cfg.restart, durable=self.durable,
-                                   writer=world.writer)  # fmt: skip
-        except BaseException:
-            self.lock.release()
-            raise
-        world.barrier("opening the run directory")  # rank 0 may have just (re)made it
-        self.shards = cfg.run_dir / "shards"
-        self.shards.mkdir(exist_ok=True)
+        self.setup = setup = prepare(cfg, world)  # prepare.py: checks, windows, manifest
+        self.device, self.compute, self.dtype = setup.device, setup.compute, setup.dtype
+        self.model, self.tensors, self.config = setup.model, setup.tensors, setup.config
+        self.prefix, self.blocks, self.method = setup.prefix, setup.blocks, setup.method
+        self.streams, self.batches, self.windows = cfg.streams, setup.batches, setup.windows
+        self.rundir = RunDir(cfg, world, self.timer, setup.manifest, n_blocks=len(self.blocks),
+                             batches=setup.batches, hidden=setup.hidden, compute=self.compute,
+                             device=self.device, disk=setup.disk)  # fmt: skip
+        self.journal, self.store = self.rundir.journal, self.rundir.store
         self.ranks: dict[str, int] | None = None  # the allocation's; None: the uniform rule
         self.spectra_seconds = 0.0  # spent in this process on the allocation's first pass
-        self.store = None
-        if self.streams:
-            # each rank stores its own windows: its share of the micro-batches
-            where = "activations" + (f"-rank{world.rank}" if world.distributed else "")
-            self.offset = self.batches[0][0]  # this rank's first window
-            self.store = ActivationStore(cfg.run_dir / where,
-                                         self.batches[-1][1] - self.offset, cfg.seqlen,
-                                         hidden, self.compute, self.durable)  # fmt: skip
-
-    # -- setup -------------------------------------------------------------------------
-    def _calibration(self) -> tuple[torch.Tensor | None, dict]:
-        if not self.streams:
-            return None, {}
-        cfg = self.cfg
-        limit = max_positions(self.config.get_text_config())
-        if limit is not None and cfg.seqlen > limit:
-            raise StreamSVDError(
-                f"seqlen {cfg.seqlen} exceeds the model's maximum of {limit} "
-                "positions; lower --seqlen"
-            )
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-        except (OSError, ValueError) as exc:
-            raise StreamSVDError(f"{cfg.model} has no usable tokenizer: {exc}") from exc
-        text, source = load_text(cfg.calib)
-        windows = calibration_windows(tokenize(tokenizer, text), cfg.nsamples, cfg.seqlen, cfg.seed)
-        info = {
-            "source": source,
-            "text_sha256": text_sha256(text),
-            "nsamples": cfg.nsamples,
-            "seqlen": cfg.seqlen,
-            "seed": cfg.seed,
-        }
-        return windows, info
-
-    def _share(self) -> list[tuple[int, int]]:
-        """This rank's micro-batches, (start, stop) of the calibration windows."""
-        n, b = self.cfg.nsamples, self.cfg.batch_size
-        batches = [(s, min(s + b, n)) for s in range(0, n, b)]
-        if len(batches) < self.world.size:
-            raise StreamSVDError(
-                f"{len(batches)} calibration micro-batches (--nsamples {n}, --batch-size {b}) "
-                f"cannot be shared by {self.world.size} processes: give each at least one, "
-                "with more --nsamples, a smaller --batch-size or fewer processes"
-            )
-        return self.world.share(batches)
-
-    def _manifest(self, calibration: dict) -> dict:
-        cfg = self.cfg
-        return {
-            "streamsvd_version": __version__,
-            "model_fingerprint": self.reader.fingerprint(),
-            "method": cfg.method,
-            "ratio": cfg.ratio,
-            "rank_policy": "floor((1 - ratio) * m * n / (m + n)) for every block linear"
-            if cfg.allocation == "uniform"
-            else f"{cfg.allocation} allocation of the uniform rule's parameters",
-            "allocation": cfg.allocation,
-            "sequential": cfg.sequential,
-            "refine": dataclasses.asdict(cfg.refine),
-            "calibration": calibration,
-            "dtype": str(self.dtype),
-            "compute_dtype": str(self.compute),
-            "batch_size": cfg.batch_size,
-            "device_type": self.device.type,
-            "cpu_threads": self.threads,
-            "dense": cfg.dense,
-            "n_blocks": len(self.blocks),
-            # each rank's activations hold its share of the windows: another number of
-            # processes cannot take them over
-            "processes": self.world.size,
-        }
-
-    def _cpu_threads(self) -> int | None:
-        """Intra-op threads for a CPU run. CPU kernels split their sums by thread count, which
-        changes the low bits of the result, so a resumed run takes the count its run began
-        with: the output is then byte-identical to an uninterrupted run."""
-        if self.device.type != "cpu":
-            return None
-        resuming = self.cfg.journal and not self.cfg.restart and self.cfg.run_dir.is_dir()
-        earlier = (read_manifest(self.cfg.run_dir) if resuming else None) or {}
-        if earlier.get("cpu_threads") and earlier["cpu_threads"] != torch.get_num_threads():
-            log.info("using %d CPU threads, as the run began with", earlier["cpu_threads"])
-        return earlier.get("cpu_threads") or torch.get_num_threads()
-
-    def _check_disk(self) -> None:
-        parts = ", ".join(f"{k} {size_text(v)}" for k, v in self.disk.items() if v)
-        for where, need, what in disk_needs(self.cfg, self.disk):
-            free = shutil.disk_usage(where).free
-            if need > free:
-                raise NotEnoughResources(
-                    f"not enough disk space for the {what} files: this run still needs about "
-                    f"{size_text(need)} on the filesystem of {where} ({parts} in all), and "
-                    f"{size_text(free)} is free there; free some space, or choose a --workdir "
-                    "or --out on a larger filesystem"
-                )
-
-    def _io_error(self, exc: OSError) -> StreamSVDError:
-        """A clear message for a failed read or write, naming the path (and the space
-        needed when the disk is full)."""
-        path = exc.filename or "an unknown path"
-        kept = "Nothing unfinished was recorded as done and finished blocks are kept"
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            where = existing(Path(path) if exc.filename else self.cfg.run_dir)
-            need = sum(
-                n
-                for d, n, _ in disk_needs(self.cfg, self.disk)
-                if os.stat(d).st_dev == os.stat(where).st_dev
-            )
-            free = shutil.disk_usage(where).free
-            inodes = " (so it may be out of inodes: see df -i)" if free > need else ""
-            return NotEnoughResources(
-                f"no space left on device writing {path}: the run still needs about "
-                f"{size_text(need)} on that filesystem and {size_text(free)} is free{inodes}. "
-                f"{kept}: free some space and run the same command again to resume"
-            )
-        return RunIOError(
-            f"I/O error on {path}: {exc.strerror or exc}. {kept}: fix the cause and run the "
-            "same command again to resume"
-        )
-
-    @contextlib.contextmanager
-    def _writing(self, path: Path):
-        """Name `path` in an OSError raised inside that names no file itself (a failed
-        write() or fsync() does not)."""
-        try:
-            yield
-        except OSError as exc:
-            if exc.filename is None:
-                exc.filename = str(path)
-            raise
 
     # -- the run -----------------------------------------------------------------------
     def run(self) -> dict:
         """Compress, resuming where the run directory's journal says; on failure the error
         is kept in the run directory for `streamsvd status`."""
         threads = torch.get_num_threads()
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        if self.setup.threads:
+            torch.set_num_threads(self.setup.threads)
         try:
             return self._run()
         except OSError as exc:
-            error = self._io_error(exc)
-            self._record_error(str(error))
+            error = self.rundir.io_error(exc)
+            self.rundir.record_error(str(error))
             raise error from exc
         except KeyboardInterrupt:
-            self._record_error("interrupted (KeyboardInterrupt)")
+            self.rundir.record_error("interrupted (KeyboardInterrupt)")
             raise
         except Exception as exc:
             what = str(exc) if isinstance(exc, StreamSVDError) else f"{type(exc).__name__}: {exc}"
-            self._record_error(what)
+            self.rundir.record_error(what)
             raise
         finally:
             torch.set_num_threads(threads)
-            self.lock.release(remove=not self.cfg.run_dir.exists())  # gone: the run finished
-
-    def _record_error(self, message: str) -> None:
-        """For `streamsvd status`: rank 0's error (another rank's failure reaches rank 0 as
-        one naming it)."""
-        if self.world.writer:
-            record_error(self.cfg.run_dir, message)
+            self.rundir.lock.release(remove=not self.cfg.run_dir.exists())  # gone: the run finished
 
     def _run(self) -> dict:
         start = time.perf_counter()
@@ -419,7 +215,7 @@ class Compressor:
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.cuda.reset_peak_memory_stats()
         n_blocks = len(self.blocks)
-        first = self._resume_point()
+        first = self.rundir.resume_point()
         if first == n_blocks:
             log.info("resuming: all %d blocks are done", n_blocks)
         elif any(s == "inputs" or s.startswith("block.") for s in self.journal.stages):
@@ -448,7 +244,10 @@ class Compressor:
             return {"rank": self.world.rank, **self._rank_summary()}
         self._write_rest()
         ranks_summaries = self.world.gather(self._rank_summary())
-        summary = self._finish(time.perf_counter() - start)
+        source = json.loads((Path(self.cfg.model) / "config.json").read_text())
+        classes = (type(self.config).__name__, type(self.model).__name__)
+        ranks = self.rundir.assemble(source, classes)
+        summary = self._summary(time.perf_counter() - start, ranks)
         if self.world.distributed:
             summary["processes"] = self.world.size
             summary["per_process"] = ranks_summaries
@@ -463,7 +262,7 @@ class Compressor:
 
     def _planned_seconds(self) -> float:
         """The plan's time per block (speed.py) for this device, as --dry-run prints it."""
-        from .plan import input_groups, largest_block, linear_plans
+        from .plan import input_groups, largest_block, linear_plans, process_share
         from .speed import block_seconds, measure_speed
 
         block = self.blocks[largest_block(self.tensors.shapes(), self.prefix, len(self.blocks))[0]]
@@ -472,110 +271,8 @@ class Compressor:
         width = max(lp.shape[1] for lp in linears)
         rates = measure_speed(self.cfg.device, self.compute, self.cfg.method, width)
         text = self.config.get_text_config()
-        return block_seconds(self.cfg, text, linears, groups, rates)["total"]
-
-    def _resume_point(self) -> int:
-        """First block to compute. Every file the journal vouches for is checked against its
-        checksum; a stage whose files differ is forgotten and recomputed, and files the
-        journal does not vouch for (half-written shards, shards of blocks not recorded)
-        are deleted, never used. With activation streams, a block whose inputs are gone
-        means rebuilding the streams from block 0."""
-        n_blocks = len(self.blocks)
-        bad = rest_bad = None
-        if self.world.writer:  # the files are rank 0's; the others take its word
-            bad = [
-                i
-                for i in range(n_blocks)
-                if self.journal.done(f"block.{i}") and not self._shard_ok(f"block.{i}", i)
-            ]
-            rest_bad = self.journal.done("rest") and not self._shard_ok("rest", None)
-        bad, rest_bad = self.world.agree((bad, rest_bad))  # fmt: skip
-        if bad:
-            if self.streams:  # their inputs are gone: rebuild the streams from block 0
-                log.warning(
-                    "shard of block(s) %s is missing or corrupt: starting over from block 1",
-                    [i + 1 for i in bad],
-                )
-                self._forget_blocks(range(n_blocks))
-            else:  # blocks are independent: redo only the bad ones
-                log.warning(
-                    "shard of block(s) %s is missing or corrupt: recomputing", [i + 1 for i in bad]
-                )
-                self._forget_blocks(bad)
-        if rest_bad:
-            log.warning("shard of the embedding and head is missing or corrupt: recomputing")
-            self.journal.forget_from(["rest"])
-        done = 0
-        while done < n_blocks and self.journal.done(f"block.{done}"):
-            done += 1
-        if self.streams and done < n_blocks and self.journal.done("inputs"):
-            entry = self.journal.entry(f"block.{done - 1}" if done else "inputs")
-            lost = [
-                s
-                for s in self.streams
-                if not self.store.matches(s, done % 2, self._mine(entry["activations"][s]))
-            ]
-            if lost:
-                log.warning("stored %s activations (inputs of block %d) are missing or corrupt",
-                            "/".join(lost), done + 1)  # fmt: skip
-            if not all(self.world.gather(not lost)):  # any rank's: start over, all together
-                log.warning("starting over from block 1")
-                self._forget_blocks(range(n_blocks))
-                done = 0
-        if self.world.writer:
-            self._discard_unvouched()
-        return done
-
-    def _mine(self, recorded):
-        """This rank's checksum of a stream, as the journal recorded it: one for a single
-        process, one per rank otherwise."""
-        return recorded[self.world.rank] if isinstance(recorded, list) else recorded
-
-    def _commit(self, stage: str, info: dict) -> None:
-        """Record a stage once every rank's part of it is durable. Each rank's activation
-        checksums are gathered into the entry (one per rank); rank 0's entry (it wrote the
-        shard) is every rank's. Returns after the journal holds it on every rank, so that no
-        rank overwrites the stage's inputs before it is recorded."""
-        if self.world.distributed:
-            with self.timer("communicate"):
-                acts = info.get("activations")
-                if acts is not None:
-                    every = self.world.gather(acts)
-                    info["activations"] = {s: [a[s] for a in every] for s in acts}
-                self.world.barrier(f"committing {stage}")
-                info = self.world.agree(info)
-        self._record(stage, info)
-        with self.timer("communicate"):
-            self.world.barrier(f"recording {stage}")
-
-    def _shard_ok(self, stage: str, block: int | None) -> bool:
-        path = self.shards / _shard_file(block)
-        return path.exists() and file_sha256(path) == self.journal.entry(stage)["sha256"]
-
-    def _forget_blocks(self, blocks) -> None:
-        stages = [f"block.{i}" for i in blocks] + (["inputs"] if self.streams else [])
-        self.journal.forget_from(stages)
-
-    def _discard_unvouched(self) -> None:
-        keep = {_shard_file(i) for i in range(len(self.blocks)) if self.journal.done(f"block.{i}")}
-        if self.journal.done("rest"):
-            keep.add(_shard_file(None))
-        for path in sorted(self.shards.iterdir()):
-            if path.name not in keep:
-                log.info("discarding %s: the journal does not vouch for it", path)
-                path.unlink()
-
-    def _record(self, stage: str, info: dict) -> None:
-        with self._writing(self.journal.workdir / JOURNAL):
-            self.journal.record(stage, info)
-
-    def _sync(self, slot: int, streams: tuple | None = None) -> None:
-        """Make the streams' activations in `slot` durable before a stage is recorded."""
-        streams = self.streams if streams is None else streams
-        if self.durable and streams:
-            with self._writing(self.store.root), self.timer("activations"):
-                for stream in streams:
-                    self.store.sync(stream, slot)
+        mine = process_share(self.cfg, self.world.size)  # this process's windows
+        return block_seconds(mine, text, linears, groups, rates)["total"]
 
     def _embedding_stage(self, stage: str = "inputs", streams: tuple | None = None) -> list[dict]:
         """Fill what runs before block 0 (every non-block tensor but the LM head: token and
@@ -585,7 +282,7 @@ class Compressor:
         streams = self.streams if streams is None else streams
         before = before_blocks(self.model, self.prefix, list(self.tensors))
         tensors = self.tensors.tensors(before)
-        check_finite(tensors, self.reader.path)
+        check_finite(tensors, self.setup.reader.path)
         fill(self.model, tensors, "cpu")
         del tensors
         first = self.blocks[0]
@@ -594,17 +291,18 @@ class Compressor:
             arguments = block_arguments(self.model, self.blocks, sizes, self.cfg.seqlen,
                                         self.device)  # fmt: skip
             if streams and not self.journal.done(stage):
-                with self.timer("forward"), self._writing(self.store.root):
+                with self.timer("forward"), self.rundir.writing(self.store.root):
                     digests = {s: hashlib.sha256() for s in streams}
                     for stream in streams:
                         self.store.reset(stream, 0)
                     for start, stop in self._batches():
                         hidden, _ = catch_block_inputs(self.model, first, self.windows[start:stop])
                         for stream in streams:
-                            self._write_activations(stream, 0, start, hidden, digests[stream])
+                            self.rundir.write(stream, 0, start, hidden, digests[stream])
                         faults.point("inputs", 0)
-                self._sync(0, streams)
-                self._commit(stage, {"activations": {s: d.hexdigest() for s, d in digests.items()}})
+                self.rundir.sync(0, streams)
+                acts = {s: d.hexdigest() for s, d in digests.items()}
+                self.rundir.commit(stage, {"activations": acts})
         unfill(self.model, before)
         return arguments
 
@@ -639,18 +337,18 @@ class Compressor:
         }
         digests = {stream: hashlib.sha256() for stream in self.streams}
         if self.streams:
-            with self._writing(self.store.root):
+            with self.rundir.writing(self.store.root):
                 self.store.reset("orig", (i + 1) % 2)
         refine = self.cfg.refine
         keep_dense = refine.epochs > 0 and refine.target < 1  # for refinement's target
-        factors, tokens = step.compress(self.method, ranks, self._reader(i),
-                                        self._writer(i, digests) if self.streams else None,
+        factors, tokens = step.compress(self.method, ranks, self.rundir.reader(i),
+                                        self.rundir.writer(i, digests) if self.streams else None,
                                         self.dtype, self.compute, self.cfg.sequential, stages,
                                         self._phase, keep_dense)  # fmt: skip
         refined = {}
         if refine.epochs:
             with self._phase("refine"):
-                refined = step.refine(refine, self._reader(i), self._reader(i + 1),
+                refined = step.refine(refine, self.rundir.reader(i), self.rundir.reader(i + 1),
                                       self.dtype)  # fmt: skip
         expert_tokens = {  # expert -> calibration tokens routed to it
             f"{block_prefix}.{expert_index(name)}": count
@@ -673,21 +371,18 @@ class Compressor:
             out_tensors[f"{block_prefix}.{name}"] = value
         out_tensors = fuse_dense_experts(self.model, out_tensors)  # experts left dense, if any
         if "comp" in self.streams:
-            with self._writing(self.store.root):
+            with self.rundir.writing(self.store.root):
                 self.store.reset("comp", (i + 1) % 2)
-            step.advance(self._reader(i), self._writer(i, digests))
+            step.advance(self.rundir.reader(i), self.rundir.writer(i, digests))
         digests = {stream: digest.hexdigest() for stream, digest in digests.items()}
-        shard = self.shards / _shard_file(i)
         with self.timer("write"):
-            self._sync((i + 1) % 2)
-            sha = None  # rank 0 writes the shard
-            if self.world.writer:
-                with self._writing(shard):
-                    sha = save_shard(out_tensors, shard, self.durable,
-                                     lambda: faults.point("shard-write", i))  # fmt: skip
+            self.rundir.sync((i + 1) % 2)
+        sha = self.rundir.save(
+            out_tensors, self.rundir.shards / shard_file(i), lambda: faults.point("shard-write", i)
+        )  # rank 0's; else None
         faults.point("before-journal", i)
         losses = {k: v for k, v in refined.items() if k.startswith("loss")}
-        self._commit(f"block.{i}", {"sha256": sha, "ranks": ranks, "activations": digests,
+        self.rundir.commit(f"block.{i}", {"sha256": sha, "ranks": ranks, "activations": digests,
                                     "expert_tokens": expert_tokens,
                                     **({"refine": losses} if losses else {})})  # fmt: skip
         faults.point("journaled", i)
@@ -742,7 +437,7 @@ class Compressor:
         with self.timer("load"):
             names = self.tensors.under(block_prefix)
             original = self.tensors.tensors(names)
-            check_finite(original, self.reader.path)  # reads every page in, too
+            check_finite(original, self.setup.reader.path)  # reads every page in, too
             fill(self.blocks[i], {n[len(block_prefix) + 1 :]: t for n, t in original.items()},
                  self.device)  # fmt: skip
         if self.cfg.prefetch and i + 1 < len(self.blocks):
@@ -789,7 +484,7 @@ class Compressor:
         self.journal.forget_from([f"spectra.{i}" for i in range(done, n_blocks)])
         entry = "spectra.inputs" if done == 0 else f"spectra.{done - 1}"
         inputs_ok = self.journal.done(entry) and self.store.matches(
-            "orig", done % 2, self._mine(self.journal.entry(entry)["activations"]["orig"])
+            "orig", done % 2, self.rundir.mine(self.journal.entry(entry)["activations"]["orig"])
         )
         if not all(self.world.gather(inputs_ok)):
             self.journal.forget_from(["spectra.inputs"] + [f"spectra.{i}" for i in range(done)])
@@ -815,131 +510,39 @@ class Compressor:
                          self._batches(), self.device, self.timer, i, world=self.world)  # fmt: skip
         digests = {"orig": hashlib.sha256()}
         energy = torch.zeros((), dtype=torch.float64, device=self.device)
-        read = self._reader(i)
+        read = self.rundir.reader(i)
 
         def read_measuring(stream: str, start: int, stop: int) -> torch.Tensor:
             x = read(stream, start, stop)
             energy.add_(torch.linalg.vector_norm(x, dtype=torch.float64) ** 2)
             return x
 
-        with self._writing(self.store.root):
+        with self.rundir.writing(self.store.root):
             self.store.reset("orig", (i + 1) % 2)
         with self._phase("spectra"):
-            sigma2, _ = step.spectra(read_measuring, self._writer(i, digests))
+            sigma2, _ = step.spectra(read_measuring, self.rundir.writer(i, digests))
         self.world.sum_([energy])
-        path = self._spectra_file(i)
         with self.timer("write"):
-            self._sync((i + 1) % 2, ("orig",))
-            sha = None
-            if self.world.writer:
-                with self._writing(path):
-                    sha = save_shard(sigma2, path, self.durable,
-                                     lambda: faults.point("spectra-write", i))  # fmt: skip
+            self.rundir.sync((i + 1) % 2, ("orig",))
+        sha = self.rundir.save(sigma2, self._spectra_file(i),
+                               lambda: faults.point("spectra-write", i))  # fmt: skip
         info = {"energy": float(energy), "activations": {"orig": digests["orig"].hexdigest()}}
-        self._commit(f"spectra.{i}", {"sha256": sha, **info})
+        self.rundir.commit(f"spectra.{i}", {"sha256": sha, **info})
         empty(block)
-
-    def _reader(self, i: int):
-        """Block i's input batches: stream slot i % 2."""
-
-        def read(stream: str, start: int, stop: int) -> torch.Tensor:
-            with self._writing(self.store.root):
-                return self._read_activations(stream, i % 2, start, stop)
-
-        return read
-
-    def _writer(self, i: int, digests: dict):
-        """Block i's output batches into slot (i + 1) % 2, fed to each stream's checksum."""
-
-        def write(stream: str, start: int, values: torch.Tensor) -> None:
-            with self._writing(self.store.root):
-                self._write_activations(stream, (i + 1) % 2, start, values, digests[stream])
-                faults.point("activations" if stream == "orig" else "comp-activations", i)
-
-        return write
-
-    def _read_activations(self, stream: str, slot: int, start: int, stop: int) -> torch.Tensor:
-        """A micro-batch of a stream on the device. The one host-to-device copy of the run's
-        activations: on a GPU from pinned memory, asynchronously (the caching host
-        allocator keeps the pinned buffer alive until the copy is done)."""
-        with self.timer("activations"):
-            batch = self.store.read(stream, slot, start - self.offset, stop - self.offset)
-            if self.device.type == "cuda":
-                return batch.pin_memory().to(self.device, non_blocking=True)
-            return batch
-
-    def _write_activations(self, stream: str, slot: int, start: int, values, digest) -> None:
-        """Store a micro-batch of a stream and feed it to the stream's checksum."""
-        with self.timer("activations"):
-            self.store.write(stream, slot, start - self.offset, values)
-            if self.durable:
-                tensor_digest(digest, values, self.compute)
 
     def _write_rest(self) -> None:
         """Embedding, final norm, LM head: copied through unchanged in a shard of their own."""
         if self.journal.done("rest"):
             return
         names = [n for n in self.tensors if not n.startswith(self.prefix + ".")]
-        shard = self.shards / _shard_file(None)
-        with self.timer("write"), self._writing(shard):
-            sha = save_shard(self.tensors.tensors(names), shard, self.durable,
-                             before_rename=lambda: faults.point("rest"))  # fmt: skip
-        self._record("rest", {"sha256": sha})
-
-    def _finish(self, seconds: float) -> dict:
-        """Assemble the output beside its final name, marked incomplete in its config.json
-        until every shard and the index are in, then rename it into place: an output
-        directory that exists is a finished one. With --dense the factors are assembled in
-        the run directory and exported from there. Rerun after a crash, this starts over."""
-        cfg = self.cfg
-        partial = self.out.with_name(self.out.name + ".partial")
-        staging = cfg.run_dir / "assembled" if cfg.dense else partial
-        ranks = {}
-        for i in range(len(self.blocks)):
-            ranks.update(self.journal.entry(f"block.{i}")["ranks"])
-        config = json.loads((Path(cfg.model) / "config.json").read_text())
-        config[SECTION] = section = {
-            "version": __version__,
-            "method": cfg.method,
-            "ratio": cfg.ratio,
-            "allocation": cfg.allocation,
-            "sequential": cfg.sequential,
-            "refine": dataclasses.asdict(cfg.refine),
-            "calibration": self.journal.manifest["calibration"],
-            "ranks": ranks,
-            "complete": False,  # whoever loads this directory now is told it is incomplete
-        }
-        with self._writing(staging):
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-            atomic_write_bytes(staging / "config.json", json.dumps(config, indent=2).encode())
-            files = [_shard_file(None)] + [_shard_file(i) for i in range(len(self.blocks))]
-            weight_map = {}
-            for k, file in enumerate(files):
-                target = shard_name(k + 1, len(files))
-                _link_or_copy(self.shards / file, staging / target)
-                weight_map.update({n: target for n in shard_shapes(staging / target)})
-                faults.point("finish")
-            write_index(staging, weight_map)
-            copy_side_files(Path(cfg.model), staging)
-            config = self_describing(config, staging, type(self.config).__name__,
-                                     type(self.model).__name__)  # fmt: skip
-            section = config[SECTION]
-            section["complete"] = True
-            atomic_write_bytes(staging / "config.json", json.dumps(config, indent=2).encode())
-            if cfg.dense:
-                with self.timer("write"):
-                    export_dense(staging, self.out)
-            else:
-                os.replace(staging, self.out)
-            fsync_path(self.out.parent)
-        shutil.rmtree(cfg.run_dir)
-        return self._summary(seconds, ranks)
+        shard = self.rundir.shards / shard_file(None)
+        sha = self.rundir.save(self.tensors.tensors(names), shard, lambda: faults.point("rest"))
+        self.rundir.record("rest", {"sha256": sha})
 
     def _summary(self, seconds: float, ranks: dict) -> dict:
         shapes_before = self.tensors.shapes()
         before = sum(math.prod(shape) for shape in shapes_before.values())
-        after = sum(math.prod(shape) for shape in CheckpointReader(self.out).shapes().values())
+        after = sum(math.prod(shape) for shape in CheckpointReader(self.cfg.out).shapes().values())
         linear_before = linear_after = 0
         for name, rank in ranks.items():
             m, n = shapes_before[f"{name}.weight"]
@@ -968,7 +571,7 @@ class Compressor:
             # the share of the blocks' parameters that became low-rank
             "low_rank_share": round(linear_before / sum(map(math.prod, in_blocks.values())), 4),
             "left_dense": left_dense,
-            "size_on_disk_bytes": sum(p.stat().st_size for p in self.out.iterdir()),
+            "size_on_disk_bytes": sum(p.stat().st_size for p in Path(self.cfg.out).iterdir()),
             "seconds": round(seconds, 2),
             "stage_seconds": {k: round(v, 2) for k, v in sorted(self.timer.seconds.items())},
             "other_seconds": round(max(0.0, seconds - sum(self.timer.seconds.values())), 2),
@@ -984,20 +587,6 @@ class Compressor:
         if self.device.type == "cuda":
             summary["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         return summary
-
-
-def _shard_file(block: int | None) -> str:
-    """A block's shard in the run directory; None: the embedding/head shard."""
-    return "rest.safetensors" if block is None else f"block-{block:05d}.safetensors"
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Hard link (no space, already durable), or a durable copy across filesystems."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-        fsync_path(dst)
 
 
 def compress(cfg: CompressConfig, world: World | None = None) -> dict:

@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 
 from streamsvd import CompressConfig, compress, load_compressed
 from streamsvd import checkpoint as checkpoint_module
-from streamsvd import pipeline as pipeline_module
+from streamsvd import prepare as prepare_module
 from streamsvd.calib import stdlib_docstrings
 from streamsvd.checkpoint import save_shard
 from streamsvd.cli import main as cli_main
@@ -271,10 +271,10 @@ def test_changed_settings_or_checkpoint_are_refused(setup, tmp_path, capsys):
 def test_resume_takes_the_thread_count_the_run_began_with(setup, tmp_path):
     model, calib, _ = setup
     cfg = _config(model, calib, tmp_path / "out", "svdllm-a")
-    assert Compressor(cfg).threads == 1
+    assert Compressor(cfg).setup.threads == 1
     torch.set_num_threads(2)
     try:
-        assert Compressor(cfg).threads == 1  # and no "settings differ" error
+        assert Compressor(cfg).setup.threads == 1  # and no "settings differ" error
     finally:
         torch.set_num_threads(1)
 
@@ -283,7 +283,7 @@ def test_disk_space_is_checked_before_starting(setup, tmp_path, monkeypatch):
     model, calib, _ = setup
     out = tmp_path / "out"
     full = SimpleNamespace(total=10**9, used=10**9, free=4096)
-    monkeypatch.setattr(pipeline_module.shutil, "disk_usage", lambda path: full)
+    monkeypatch.setattr(prepare_module.shutil, "disk_usage", lambda path: full)
     with pytest.raises(StreamSVDError, match=r"not enough disk space.*4\.0 KiB is free"):
         Compressor(_config(model, calib, out, "svdllm-a"))
     assert not Path(f"{out}.work").exists()

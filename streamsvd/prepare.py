@@ -1,0 +1,182 @@
+"""Everything a compress run settles before its first block: the checkpoint and the model's
+skeleton (on `meta`, no weights), every check that can fail early, the calibration windows
+and this process's share of them, the CPU threads, the disk it needs, and the manifest that
+a resumed run must match."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .calib import calibration_windows, load_text, text_sha256, tokenize
+from .checkpoint import CheckpointReader
+from .errors import NotEnoughResources, StreamSVDError
+from .factorize import METHODS, Method
+from .journal import read_manifest
+from .model import (
+    build_skeleton,
+    check_supported,
+    compute_dtype,
+    find_blocks,
+    load_config,
+    max_positions,
+)
+from .names import ModelTensors
+from .plan import disk_bytes, disk_needs, size_text
+from .preflight import check_locations, check_shapes
+from .world import World
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    reader: CheckpointReader
+    config: object  # the checkpoint's transformers config
+    dtype: torch.dtype  # the checkpoint's, and the output's
+    compute: torch.dtype  # the blocks' and the activation streams'
+    model: nn.Module  # the skeleton, filled a block at a time
+    tensors: ModelTensors  # the checkpoint's tensors, named as the model's parameters
+    prefix: str  # of the decoder blocks, e.g. "model.layers"
+    blocks: nn.ModuleList
+    method: Method
+    device: torch.device  # this process's
+    windows: torch.Tensor | None  # the calibration windows (all of them), token ids
+    batches: list[tuple[int, int]]  # this process's micro-batches: (start, stop) of windows
+    threads: int | None  # CPU intra-op threads; None on a GPU
+    disk: dict[str, int]  # bytes the run writes, by kind
+    manifest: dict  # the settings a resumed run must match
+
+    @property
+    def hidden(self) -> int:
+        return self.config.get_text_config().hidden_size
+
+
+def prepare(cfg, world: World) -> Prepared:
+    """Check `cfg` (a CompressConfig) against the checkpoint, the machine and the disk, and
+    settle what the run needs; raises StreamSVDError before anything is written."""
+    out = Path(cfg.out)
+    if out.exists():
+        leftover = (f" (if it is this run's finished result, {cfg.run_dir} is left over and "
+                    "can be deleted)" if cfg.run_dir.exists() else "")  # fmt: skip
+        raise StreamSVDError(
+            f"output {out} already exists; remove it or choose another --out{leftover}"
+        )
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise StreamSVDError(
+            "--device cuda was asked for but no CUDA GPU is visible (to plan a GPU run "
+            "here, use --dry-run with --device-memory)"
+        )
+    device = torch.device(world.device(cfg.device))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    reader = CheckpointReader(cfg.model)
+    config = load_config(cfg.model)
+    dtype = reader.dtype()
+    compute = compute_dtype(cfg.compute_dtype, dtype)
+    model = build_skeleton(config, compute)
+    tensors = ModelTensors(reader, model)
+    check_shapes(model, tensors.shapes(), cfg.model)
+    check_locations(cfg.model, cfg.out, cfg.run_dir)
+    prefix, blocks = find_blocks(model)
+    tensors.check_blocks(prefix)
+    check_supported(blocks)
+    windows, calibration = _calibration(cfg, config)
+    batches = _share(cfg, world)
+    threads = _cpu_threads(cfg, device)
+    disk = disk_bytes(cfg, tensors, prefix, blocks, config.get_text_config().hidden_size,
+                      len(cfg.streams))  # fmt: skip
+    _check_disk(cfg, disk)
+    manifest = {
+        "streamsvd_version": __version__,
+        "model_fingerprint": reader.fingerprint(),
+        "method": cfg.method,
+        "ratio": cfg.ratio,
+        "rank_policy": "floor((1 - ratio) * m * n / (m + n)) for every block linear"
+        if cfg.allocation == "uniform"
+        else f"{cfg.allocation} allocation of the uniform rule's parameters",
+        "allocation": cfg.allocation,
+        "sequential": cfg.sequential,
+        "refine": dataclasses.asdict(cfg.refine),
+        "calibration": calibration,
+        "dtype": str(dtype),
+        "compute_dtype": str(compute),
+        "batch_size": cfg.batch_size,
+        "device_type": device.type,
+        "cpu_threads": threads,
+        "dense": cfg.dense,
+        "n_blocks": len(blocks),
+        # each process's activations hold its share of the windows: another number of
+        # processes cannot take them over
+        "processes": world.size,
+    }
+    return Prepared(reader, config, dtype, compute, model, tensors, prefix, blocks,
+                    METHODS[cfg.method], device, windows, batches, threads, disk,
+                    manifest)  # fmt: skip
+
+
+def _calibration(cfg, config) -> tuple[torch.Tensor | None, dict]:
+    if not cfg.streams:
+        return None, {}
+    limit = max_positions(config.get_text_config())
+    if limit is not None and cfg.seqlen > limit:
+        raise StreamSVDError(
+            f"seqlen {cfg.seqlen} exceeds the model's maximum of {limit} positions; lower --seqlen"
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    except (OSError, ValueError) as exc:
+        raise StreamSVDError(f"{cfg.model} has no usable tokenizer: {exc}") from exc
+    text, source = load_text(cfg.calib)
+    windows = calibration_windows(tokenize(tokenizer, text), cfg.nsamples, cfg.seqlen, cfg.seed)
+    info = {"source": source, "text_sha256": text_sha256(text), "nsamples": cfg.nsamples,
+            "seqlen": cfg.seqlen, "seed": cfg.seed}  # fmt: skip
+    return windows, info
+
+
+def _share(cfg, world: World) -> list[tuple[int, int]]:
+    """This process's micro-batches, (start, stop) of the calibration windows."""
+    n, b = cfg.nsamples, cfg.batch_size
+    batches = [(s, min(s + b, n)) for s in range(0, n, b)]
+    if len(batches) < world.size:
+        raise StreamSVDError(
+            f"{len(batches)} calibration micro-batches (--nsamples {n}, --batch-size {b}) "
+            f"cannot be shared by {world.size} processes: give each at least one, "
+            "with more --nsamples, a smaller --batch-size or fewer processes"
+        )
+    return world.share(batches)
+
+
+def _cpu_threads(cfg, device: torch.device) -> int | None:
+    """Intra-op threads for a CPU run. CPU kernels split their sums by thread count, which
+    changes the low bits of the result, so a resumed run takes the count its run began
+    with: the output is then byte-identical to an uninterrupted run."""
+    if device.type != "cpu":
+        return None
+    resuming = cfg.journal and not cfg.restart and cfg.run_dir.is_dir()
+    earlier = (read_manifest(cfg.run_dir) if resuming else None) or {}
+    if earlier.get("cpu_threads") and earlier["cpu_threads"] != torch.get_num_threads():
+        log.info("using %d CPU threads, as the run began with", earlier["cpu_threads"])
+    return earlier.get("cpu_threads") or torch.get_num_threads()
+
+
+def _check_disk(cfg, disk: dict[str, int]) -> None:
+    parts = ", ".join(f"{k} {size_text(v)}" for k, v in disk.items() if v)
+    for where, need, what in disk_needs(cfg, disk):
+        free = shutil.disk_usage(where).free
+        if need > free:
+            raise NotEnoughResources(
+                f"not enough disk space for the {what} files: this run still needs about "
+                f"{size_text(need)} on the filesystem of {where} ({parts} in all), and "
+                f"{size_text(free)} is free there; free some space, or choose a --workdir "
+                "or --out on a larger filesystem"
+            )

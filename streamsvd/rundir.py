@@ -1,0 +1,332 @@
+"""The run directory and its commit protocol: the journal, the activation store, the
+shards, and how a stage becomes done.
+
+A stage (block 0's inputs, a block, a block's spectra, the embedding shard) is committed in
+one order: its files written under temporary names, renamed and fsync'd; every stream's next
+activations complete and fsync'd; then the journal entry, with checksums of both. A crash at
+any instant leaves the stage done or not done, and `resume_point` finds which. In a
+distributed run (world.py) every rank's activations are durable before rank 0 records the
+stage, and no rank goes on until it has.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import json
+import logging
+import os
+import shutil
+import weakref
+from pathlib import Path
+
+import torch
+
+from . import __version__, faults
+from .activations import ActivationStore, tensor_digest
+from .checkpoint import (
+    atomic_write_bytes,
+    copy_side_files,
+    file_sha256,
+    fsync_path,
+    save_shard,
+    shard_name,
+    shard_shapes,
+    write_index,
+)
+from .errors import NotEnoughResources, RunIOError, StreamSVDError
+from .journal import JOURNAL, Journal, RunLock, record_error
+from .lowrank import export_dense, self_describing
+from .modeling import SECTION
+from .plan import disk_needs, existing, size_text
+from .world import World
+
+log = logging.getLogger(__name__)
+
+
+class RunDir:
+    """One run's directory (cfg.run_dir), as one rank sees it: rank 0 holds the lock and
+    writes the journal and shards; every rank keeps its own share of the activations.
+    `batches` are this rank's micro-batches, `timer` the run's StageTimer."""
+
+    def __init__(self, cfg, world: World, timer, manifest: dict, *, n_blocks: int,
+                 batches: list[tuple[int, int]], hidden: int, compute: torch.dtype,
+                 device: torch.device, disk: dict[str, int]):  # fmt: skip
+        self.cfg, self.world, self.timer = cfg, world, timer
+        self.n_blocks = n_blocks
+        self.streams = cfg.streams
+        self.durable = cfg.journal
+        self.compute, self.device, self.disk = compute, device, disk
+        self.lock = RunLock(cfg.run_dir).acquire() if world.writer else RunLock(cfg.run_dir)
+        weakref.finalize(self, self.lock.release)
+        try:
+            self.journal = Journal(cfg.run_dir, manifest, restart=cfg.restart,
+                                   durable=self.durable, writer=world.writer)  # fmt: skip
+        except BaseException:
+            self.lock.release()
+            raise
+        world.barrier("opening the run directory")  # rank 0 may have just (re)made it
+        self.shards = cfg.run_dir / "shards"
+        self.shards.mkdir(exist_ok=True)
+        self.store = None
+        if self.streams:  # each rank stores its own windows: its share of the micro-batches
+            where = "activations" + (f"-rank{world.rank}" if world.distributed else "")
+            self.offset = batches[0][0]  # this rank's first window
+            self.store = ActivationStore(cfg.run_dir / where, batches[-1][1] - self.offset,
+                                         cfg.seqlen, hidden, compute, self.durable)  # fmt: skip
+
+    # -- resuming ----------------------------------------------------------------------
+    def resume_point(self) -> int:
+        """First block to compute. Every file the journal vouches for is checked against its
+        checksum; a stage whose files differ is forgotten and recomputed, and files the
+        journal does not vouch for (half-written shards, shards of blocks not recorded)
+        are deleted, never used. With activation streams, a block whose inputs are gone
+        means rebuilding the streams from block 0."""
+        n_blocks = self.n_blocks
+        bad = rest_bad = None
+        if self.world.writer:  # the files are rank 0's; the others take its word
+            bad = [
+                i
+                for i in range(n_blocks)
+                if self.journal.done(f"block.{i}") and not self.shard_ok(f"block.{i}", i)
+            ]
+            rest_bad = self.journal.done("rest") and not self.shard_ok("rest", None)
+        bad, rest_bad = self.world.agree((bad, rest_bad))  # fmt: skip
+        if bad:
+            if self.streams:  # their inputs are gone: rebuild the streams from block 0
+                log.warning("shard of block(s) %s is missing or corrupt: starting over from "
+                            "block 1", [i + 1 for i in bad])  # fmt: skip
+                self.forget_blocks(range(n_blocks))
+            else:  # blocks are independent: redo only the bad ones
+                log.warning("shard of block(s) %s is missing or corrupt: recomputing",
+                            [i + 1 for i in bad])  # fmt: skip
+                self.forget_blocks(bad)
+        if rest_bad:
+            log.warning("shard of the embedding and head is missing or corrupt: recomputing")
+            self.journal.forget_from(["rest"])
+        done = 0
+        while done < n_blocks and self.journal.done(f"block.{done}"):
+            done += 1
+        if self.streams and done < n_blocks and self.journal.done("inputs"):
+            entry = self.journal.entry(f"block.{done - 1}" if done else "inputs")
+            lost = [
+                s
+                for s in self.streams
+                if not self.store.matches(s, done % 2, self.mine(entry["activations"][s]))
+            ]
+            if lost:
+                log.warning("stored %s activations (inputs of block %d) are missing or corrupt",
+                            "/".join(lost), done + 1)  # fmt: skip
+            if not all(self.world.gather(not lost)):  # any rank's: start over, all together
+                log.warning("starting over from block 1")
+                self.forget_blocks(range(n_blocks))
+                done = 0
+        if self.world.writer:
+            self._discard_unvouched()
+        return done
+
+    def mine(self, recorded):
+        """This rank's checksum of a stream, as the journal recorded it: one for a single
+        process, one per rank otherwise."""
+        return recorded[self.world.rank] if isinstance(recorded, list) else recorded
+
+    def shard_ok(self, stage: str, block: int | None) -> bool:
+        path = self.shards / shard_file(block)
+        return path.exists() and file_sha256(path) == self.journal.entry(stage)["sha256"]
+
+    def forget_blocks(self, blocks) -> None:
+        stages = [f"block.{i}" for i in blocks] + (["inputs"] if self.streams else [])
+        self.journal.forget_from(stages)
+
+    def _discard_unvouched(self) -> None:
+        keep = {shard_file(i) for i in range(self.n_blocks) if self.journal.done(f"block.{i}")}
+        if self.journal.done("rest"):
+            keep.add(shard_file(None))
+        for path in sorted(self.shards.iterdir()):
+            if path.name not in keep:
+                log.info("discarding %s: the journal does not vouch for it", path)
+                path.unlink()
+
+    # -- committing ------------------------------------------------------------------------
+    def commit(self, stage: str, info: dict) -> None:
+        """Record a stage once every rank's part of it is durable. Each rank's activation
+        checksums are gathered into the entry (one per rank); rank 0's entry (it wrote the
+        shard) is every rank's. Returns after the journal holds it on every rank, so that no
+        rank overwrites the stage's inputs before it is recorded."""
+        if self.world.distributed:
+            with self.timer("communicate"):
+                acts = info.get("activations")
+                if acts is not None:
+                    every = self.world.gather(acts)
+                    info["activations"] = {s: [a[s] for a in every] for s in acts}
+                self.world.barrier(f"committing {stage}")
+                info = self.world.agree(info)
+        self.record(stage, info)
+        with self.timer("communicate"):
+            self.world.barrier(f"recording {stage}")
+
+    def record(self, stage: str, info: dict) -> None:
+        """The journal entry alone (rank 0's stages no other rank takes part in)."""
+        with self.writing(self.journal.workdir / JOURNAL):
+            self.journal.record(stage, info)
+
+    def save(self, tensors: dict[str, torch.Tensor], path: Path, fault) -> str | None:
+        """Write a shard (rank 0 alone; the others get None): temporary name, fsync, rename;
+        its SHA-256. `fault` runs before the rename (fault injection)."""
+        if not self.world.writer:
+            return None
+        with self.timer("write"), self.writing(path):
+            return save_shard(tensors, path, self.durable, fault)
+
+    def sync(self, slot: int, streams: tuple | None = None) -> None:
+        """Make the streams' activations in `slot` durable before a stage is recorded."""
+        streams = self.streams if streams is None else streams
+        if self.durable and streams:
+            with self.writing(self.store.root), self.timer("activations"):
+                for stream in streams:
+                    self.store.sync(stream, slot)
+
+    # -- activations ---------------------------------------------------------------------
+    def reader(self, i: int):
+        """Block i's input batches: stream slot i % 2."""
+
+        def read(stream: str, start: int, stop: int) -> torch.Tensor:
+            with self.writing(self.store.root):
+                return self.read(stream, i % 2, start, stop)
+
+        return read
+
+    def writer(self, i: int, digests: dict):
+        """Block i's output batches into slot (i + 1) % 2, fed to each stream's checksum."""
+
+        def write(stream: str, start: int, values: torch.Tensor) -> None:
+            with self.writing(self.store.root):
+                self.write(stream, (i + 1) % 2, start, values, digests[stream])
+                faults.point("activations" if stream == "orig" else "comp-activations", i)
+
+        return write
+
+    def read(self, stream: str, slot: int, start: int, stop: int) -> torch.Tensor:
+        """A micro-batch of a stream on the device (windows numbered as in the whole run).
+        The one host-to-device copy of the run's activations: on a GPU from pinned memory,
+        asynchronously (the caching host allocator keeps the pinned buffer alive until the
+        copy is done)."""
+        with self.timer("activations"):
+            batch = self.store.read(stream, slot, start - self.offset, stop - self.offset)
+            if self.device.type == "cuda":
+                return batch.pin_memory().to(self.device, non_blocking=True)
+            return batch
+
+    def write(self, stream: str, slot: int, start: int, values, digest) -> None:
+        """Store a micro-batch of a stream and feed it to the stream's checksum."""
+        with self.timer("activations"):
+            self.store.write(stream, slot, start - self.offset, values)
+            if self.durable:
+                tensor_digest(digest, values, self.compute)
+
+    # -- the output ------------------------------------------------------------------------
+    def assemble(self, config: dict, classes: tuple[str, str]) -> dict[str, int]:
+        """Assemble the output beside its final name, marked incomplete in its config.json
+        until every shard and the index are in, then rename it into place: an output
+        directory that exists is a finished one. With --dense the factors are assembled in
+        the run directory and exported from there. Rerun after a crash, this starts over.
+        `config`: the checkpoint's config.json; classes: its config and model class names.
+        Returns every linear's rank."""
+        cfg, out = self.cfg, Path(self.cfg.out)
+        partial = out.with_name(out.name + ".partial")
+        staging = cfg.run_dir / "assembled" if cfg.dense else partial
+        ranks = {}
+        for i in range(self.n_blocks):
+            ranks.update(self.journal.entry(f"block.{i}")["ranks"])
+        config[SECTION] = {
+            "version": __version__,
+            "method": cfg.method,
+            "ratio": cfg.ratio,
+            "allocation": cfg.allocation,
+            "sequential": cfg.sequential,
+            "refine": dataclasses.asdict(cfg.refine),
+            "calibration": self.journal.manifest["calibration"],
+            "ranks": ranks,
+            "complete": False,  # whoever loads this directory now is told it is incomplete
+        }
+        with self.writing(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            atomic_write_bytes(staging / "config.json", json.dumps(config, indent=2).encode())
+            files = [shard_file(None)] + [shard_file(i) for i in range(self.n_blocks)]
+            weight_map = {}
+            for k, file in enumerate(files):
+                target = shard_name(k + 1, len(files))
+                _link_or_copy(self.shards / file, staging / target)
+                weight_map.update({n: target for n in shard_shapes(staging / target)})
+                faults.point("finish")
+            write_index(staging, weight_map)
+            copy_side_files(Path(cfg.model), staging)
+            config = self_describing(config, staging, *classes)
+            config[SECTION]["complete"] = True
+            atomic_write_bytes(staging / "config.json", json.dumps(config, indent=2).encode())
+            if cfg.dense:
+                with self.timer("write"):
+                    export_dense(staging, out)
+            else:
+                os.replace(staging, out)
+            fsync_path(out.parent)
+        shutil.rmtree(cfg.run_dir)
+        return ranks
+
+    # -- errors ----------------------------------------------------------------------------
+    def record_error(self, message: str) -> None:
+        """For `streamsvd status`: rank 0's error (another rank's failure reaches rank 0 as
+        one naming it)."""
+        if self.world.writer:
+            record_error(self.cfg.run_dir, message)
+
+    def io_error(self, exc: OSError) -> StreamSVDError:
+        """A clear message for a failed read or write, naming the path (and the space
+        needed when the disk is full)."""
+        path = exc.filename or "an unknown path"
+        kept = "Nothing unfinished was recorded as done and finished blocks are kept"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = existing(Path(path) if exc.filename else self.cfg.run_dir)
+            need = sum(
+                n
+                for d, n, _ in disk_needs(self.cfg, self.disk)
+                if os.stat(d).st_dev == os.stat(where).st_dev
+            )
+            free = shutil.disk_usage(where).free
+            inodes = " (so it may be out of inodes: see df -i)" if free > need else ""
+            return NotEnoughResources(
+                f"no space left on device writing {path}: the run still needs about "
+                f"{size_text(need)} on that filesystem and {size_text(free)} is free{inodes}. "
+                f"{kept}: free some space and run the same command again to resume"
+            )
+        return RunIOError(
+            f"I/O error on {path}: {exc.strerror or exc}. {kept}: fix the cause and run the "
+            "same command again to resume"
+        )
+
+    @contextlib.contextmanager
+    def writing(self, path: Path):
+        """Name `path` in an OSError raised inside that names no file itself (a failed
+        write() or fsync() does not)."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.filename is None:
+                exc.filename = str(path)
+            raise
+
+
+def shard_file(block: int | None) -> str:
+    """A block's shard in the run directory; None: the embedding/head shard."""
+    return "rest.safetensors" if block is None else f"block-{block:05d}.safetensors"
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard link (no space, already durable), or a durable copy across filesystems."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+        fsync_path(dst)
