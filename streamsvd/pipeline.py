@@ -263,7 +263,7 @@ class Compressor:
     def _planned_seconds(self) -> float:
         """The plan's time per block (speed.py) for this device, as --dry-run prints it."""
         from .plan import input_groups, largest_block, linear_plans, process_share
-        from .speed import block_seconds, measure_speed
+        from .speed import block_seconds, measure_speed, measure_store
 
         block = self.blocks[largest_block(self.tensors.shapes(), self.prefix, len(self.blocks))[0]]
         linears = linear_plans(block, self.cfg.ratio)
@@ -271,6 +271,9 @@ class Compressor:
         width = max(lp.shape[1] for lp in linears)
         rates = measure_speed(self.cfg.device, self.compute, self.cfg.method, width)
         text = self.config.get_text_config()
+        if self.streams:
+            rates |= measure_store(self.cfg.run_dir, self.cfg.seqlen, text.hidden_size,
+                                   self.compute)  # fmt: skip
         mine = process_share(self.cfg, self.world.size)  # this process's windows
         return block_seconds(mine, text, linears, groups, rates)["total"]
 

@@ -286,12 +286,15 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
 
     seconds, note, spectra = None, "", None
     if timing:
-        from .speed import block_seconds, measure_speed
+        from .speed import block_seconds, measure_speed, measure_store
 
         if not can_time:
             note = "unavailable: the GPU is not visible here (planned with --device-memory)"
         else:
             rates = fixed.get("rates") or measure_speed(cfg.device, compute, cfg.method, width)
+            if streams:  # the activation store's speed, where the run will keep it
+                rates |= measure_store(existing(Path(cfg.run_dir)), cfg.seqlen,
+                                       text.hidden_size, compute)  # fmt: skip
             seconds = block_seconds(cfg, text, linears, groups, rates)
             note = f"from a micro-benchmark of {rates['device_name']}"
             if processes > 1:  # each factorises about its share of the linears

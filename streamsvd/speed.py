@@ -8,7 +8,10 @@ against measured stage times.
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +21,12 @@ from .factorize import METHODS, RSVD_OVERSAMPLE, RSVD_POWER_ITERATIONS
 from .stats import cross_as_product, damped_cholesky_
 
 BENCH_N = 1024  # size of the micro-benchmark's matrices: ~6 of them at its peak, 48 MiB
+STORE_CHUNKS = 8  # activation chunks (one window each) written and read back to time the store
+# Values an elementwise op reads or writes per token in one forward of a Llama-type block,
+# beside its matmuls: norms, rotary, residual adds and GQA's repeated k/v (~30 per hidden
+# value), the MLP's activation and product (~5 per intermediate value), and the attention
+# probabilities' mask, softmax and dropout passes (~6 per head and key position).
+ELEMENTWISE_PER_HIDDEN, ELEMENTWISE_PER_INTERMEDIATE, ELEMENTWISE_PER_SCORE = 30, 5, 6
 
 
 def _best_seconds(fn, device: torch.device, repeats: int = 3) -> float:
@@ -44,7 +53,8 @@ def measure_speed(device: str, dtype: torch.dtype, method: str, width: int = BEN
     gen = torch.Generator(device=dev).manual_seed(0)
     a = torch.randn(n, n, dtype=torch.float64, device=dev, generator=gen)
     rhs = torch.randn(n // 2, n, dtype=torch.float64, device=dev, generator=gen)
-    rates = {"device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "this CPU"}
+    rates = {"device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "this CPU",
+             "itemsize": dtype.itemsize}  # fmt: skip
     # One step at a time, each freeing its temporaries: the run times itself with this
     # before its first block, and the plan counts its peak (~6 n×n float64 matrices).
     with torch.inference_mode():
@@ -65,7 +75,32 @@ def _product_rates(a: torch.Tensor, dtype: torch.dtype, dev: torch.device) -> di
     for name, kind in (("forward", dtype), ("train", torch.float32)):
         x = a.to(kind)
         rates[name] = 2 * n**3 / _best_seconds(lambda x=x: F.linear(x, x), dev)
+    x = a.to(dtype)  # values per second of an elementwise op (norms, activations, softmax)
+    rates["elementwise"] = 3 * n * n / _best_seconds(lambda: torch.addcmul(x, x, x), dev)
     return rates
+
+
+def measure_store(root: Path, seqlen: int, hidden: int, dtype: torch.dtype) -> dict:
+    """Bytes per second of the activation store on `root`'s filesystem, used as the run
+    uses it: windows written one chunk each and hashed, then read back. Not fsync'd: the
+    run's fsyncs happen in a background thread while the next batch computes."""
+    from .activations import ActivationStore, tensor_digest
+
+    nbytes = STORE_CHUNKS * seqlen * hidden * dtype.itemsize
+    window = torch.randn(1, seqlen, hidden, generator=torch.Generator().manual_seed(0)).to(dtype)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".streamsvd-speed-") as tmp:
+        store = ActivationStore(Path(tmp), STORE_CHUNKS, seqlen, hidden, dtype)
+        store.reset("orig", 0)
+        start, digest = time.perf_counter(), hashlib.sha256()
+        for k in range(STORE_CHUNKS):
+            store.write("orig", 0, k, window)
+            tensor_digest(digest, window, dtype)
+        wrote = time.perf_counter() - start
+        start = time.perf_counter()
+        for k in range(STORE_CHUNKS):
+            store.read("orig", 0, k, k + 1)
+        read = time.perf_counter() - start
+    return {"store_write": nbytes / wrote, "store_read": nbytes / read}
 
 
 def _svd_seconds(w: torch.Tensor, dev: torch.device) -> float:
@@ -85,6 +120,21 @@ def _factorisation_rates(gram: torch.Tensor, rhs: torch.Tensor, dev: torch.devic
     eigh = _best_seconds(lambda: torch.linalg.eigh(gram), dev, 2)
     return {"trsm": (n // 2) * n**2 / solve, "cholesky": n**3 / 3 / cholesky,
             "eigh_k3": eigh / n**3}  # fmt: skip
+
+
+def activation_passes(cfg, stages: int, reads_comp: bool) -> tuple[int, int]:
+    """How many times a block reads and writes a whole stream of activations: every stage's
+    statistics read the original stream (and the compressed one where the method pairs
+    them), the first writes the original's next; the advance reads and writes the
+    compressed stream; each refinement epoch reads the compressed inputs and the targets."""
+    reads = stages * (1 + reads_comp)
+    writes = 1
+    if "comp" in cfg.streams:
+        reads, writes = reads + 1, writes + 1
+    epochs = getattr(cfg, "refine_epochs", 0)
+    if epochs:
+        reads += 2 * epochs + (cfg.refine_target < 1)
+    return reads, writes
 
 
 def routed_share(text, names: list[str]) -> dict[str, float]:
@@ -108,15 +158,19 @@ def block_seconds(cfg, text, linears, groups: list[list[str]], rates: dict) -> d
     attention = 4 * cfg.seqlen * text.hidden_size
     flops = dict.fromkeys(("forward", "stats", "cholesky", "update", "svd"), 0.0)
     seconds = {}
+    forwards = 0  # passes of every calibration token through the block
+    stages = 1
     if needs:  # the dense block on each stream it carries, the compressed one on X'
-        passes = len(method.streams)
         if getattr(cfg, "sequential", False):  # once per stage (model.sequential_stages)
             from .model import sequential_stages
 
-            passes *= len(sequential_stages([lp.name for lp in linears], groups))
+            stages = len(sequential_stages([lp.name for lp in linears], groups))
+        passes = len(method.streams) * stages
         flops["forward"] = tokens * (passes * (dense + attention))
+        forwards += passes
         if needs & {"comp", "cross"}:
             flops["forward"] += tokens * (low + attention)
+            forwards += 1
     for group in groups:
         n = shape[group[0]][1]
         outs = [shape[name][0] for name in group]
@@ -156,11 +210,27 @@ def block_seconds(cfg, text, linears, groups: list[list[str]], rates: dict) -> d
         seconds["refine"] = epochs * tokens * 3 * (low + attention) / rates["train"]
         if not needs:  # the dense block on the original stream, for the targets
             flops["forward"] += tokens * (dense + attention)
+            forwards += 1
         if not needs & {"comp", "cross"}:  # the advance on the compressed stream
             flops["forward"] += tokens * (low + attention)
+            forwards += 1
         if cfg.refine_target < 1:  # the dense block on the compressed stream, for the target
             flops["forward"] += tokens * (dense + attention)
+            forwards += 1
     seconds["forward"] = flops["forward"] / rates["forward"]
+    if "elementwise" in rates:  # what is not matmuls: memory-bound elementwise passes
+        heads = getattr(text, "num_attention_heads", 1) or 1
+        intermediate = max((shape[n][0] for n in shape if n.endswith(("up_proj", "fc1"))),
+                           default=4 * text.hidden_size)  # fmt: skip
+        values = (ELEMENTWISE_PER_HIDDEN * text.hidden_size
+                  + ELEMENTWISE_PER_INTERMEDIATE * intermediate
+                  + ELEMENTWISE_PER_SCORE * heads * cfg.seqlen)  # fmt: skip
+        seconds["forward"] += forwards * tokens * values / rates["elementwise"]
+    if "store_read" in rates and cfg.streams:  # activation I/O: each stream slot read/written
+        reads, writes = activation_passes(cfg, stages, bool(needs & {"comp", "cross"}))
+        stream = tokens * text.hidden_size * rates["itemsize"]
+        seconds["activations"] = stream * (reads / rates["store_read"]
+                                           + writes / rates["store_write"])  # fmt: skip
     seconds["stats"] = flops["stats"] / rates["gemm64"]
     seconds["cholesky"] = flops["cholesky"] / rates["cholesky"]
     seconds["update"] = seconds.get("update", 0.0) + flops["update"] / rates["gemm64"]

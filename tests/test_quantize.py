@@ -1,0 +1,64 @@
+"""The quantizer (streamsvd/quantize.py): codes in range, exact round trip of what it stores,
+and GPTQ beating round-to-nearest on the layer's output error, for a dense weight and for
+both factors of a low-rank pair (B against the inputs' Gram, A against B·G·Bᵀ)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from streamsvd.factorize import plain_svd
+from streamsvd.quantize import gptq, round_to_nearest
+
+
+def _inputs(n: int, tokens: int, seed: int = 0) -> torch.Tensor:
+    """Correlated inputs with a decaying spectrum, as a layer's are: (n, tokens)."""
+    gen = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))[0]
+    spectrum = torch.logspace(0, -2, n, dtype=torch.float64)
+    return basis @ (spectrum[:, None] * torch.randn(n, tokens, generator=gen, dtype=torch.float64))
+
+
+def _output_error(W, Q, X) -> float:
+    return float(((W - Q) @ X).norm() ** 2)
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, False), (4, True), (3, False), (8, False)])
+def test_gptq_lowers_the_output_error_against_round_to_nearest(bits, symmetric):
+    gen = torch.Generator().manual_seed(1)
+    W = torch.randn(48, 128, generator=gen, dtype=torch.float64) * 0.05
+    X = _inputs(128, 2048)
+    H = X @ X.T
+    rtn = round_to_nearest(W, bits, 32, symmetric)
+    opt = gptq(W, H, bits, 32, symmetric)
+    for q in (rtn, opt):
+        assert int(q.codes.min()) >= 0 and int(q.codes.max()) <= 2**bits - 1
+    assert _output_error(W, opt.dequantize(), X) < 0.5 * _output_error(W, rtn.dequantize(), X)
+
+
+def test_both_factors_of_a_low_rank_pair_gain_from_their_own_hessians():
+    """B (rank × in) sees x: its Hessian is G = X Xᵀ. A (out × rank) sees B·x: B G Bᵀ."""
+    gen = torch.Generator().manual_seed(2)
+    W = torch.randn(96, 128, generator=gen, dtype=torch.float64) * 0.05
+    X = _inputs(128, 2048, seed=3)
+    A, B = plain_svd(W, None, 32)
+    A, B = A.to(torch.float64), B.to(torch.float64)
+    G = X @ X.T
+    Bq = gptq(B, G, 4, 32).dequantize()
+    assert _output_error(B, Bq, X) < 0.5 * _output_error(B, round_to_nearest(B, 4, 32, False)
+                                                        .dequantize(), X)  # fmt: skip
+    BX = Bq @ X  # A's inputs once B is quantized
+    Aq = gptq(A, BX @ BX.T, 4, 32).dequantize()
+    Ar = round_to_nearest(A, 4, 32, False).dequantize()
+    # B·x is whiter than x (B's rows are the top singular directions): less to gain, 0.6 here
+    assert _output_error(A, Aq, BX) < 0.8 * _output_error(A, Ar, BX)
+
+
+def test_stored_codes_scales_and_zeros_give_back_the_quantized_weight():
+    W = torch.randn(16, 64, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    q = gptq(W, torch.eye(64, dtype=torch.float64), 4, 16)
+    # each dequantized value is scale·(code − zero) exactly, and on the group's grid
+    grid = (q.dequantize() / q.scales.repeat_interleave(16, 1)) + q.zeros.repeat_interleave(16, 1)
+    assert torch.allclose(grid, grid.round(), atol=1e-9)
+    # with H = I there is nothing to trade between columns: GPTQ is round-to-nearest
+    assert torch.equal(q.codes, round_to_nearest(W, 4, 16, False).codes)
