@@ -26,8 +26,15 @@ SINGLE_NAME = "model.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
+PACKED_PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+
+
 class CheckpointReader(Mapping):
-    """Lazy name -> tensor view of a Hugging Face safetensors checkpoint directory."""
+    """Lazy name -> tensor view of a Hugging Face safetensors checkpoint directory.
+
+    A compressed-tensors pack-quantized linear (its config.json's quantization_config: a
+    quantized streamsvd output, or one llm-compressor wrote) is seen as its dequantized
+    `weight`, computed by compressed-tensors itself when read."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -56,10 +63,46 @@ class CheckpointReader(Mapping):
                     f"shard {self.path / shard} lacks {len(missing)} tensor(s) its index puts "
                     f"there, e.g. {missing[0]}: the checkpoint is incomplete or mixed up"
                 )
+        self.stored = dict(self.weight_map)  # the names in the files
+        self.packed: dict[str, tuple[str, object]] = {}  # weight name -> (module, its scheme)
+        self._packed_views()
+
+    def _packed_views(self) -> None:
+        """Put each pack-quantized linear's `weight` in the name map in place of its parts."""
+        config_path = self.path / "config.json"
+        if not config_path.exists():
+            return
+        qconfig = json.loads(config_path.read_text()).get("quantization_config")
+        modules = [n[: -len(".weight_packed")] for n in self.stored if n.endswith(".weight_packed")]
+        if not modules or not qconfig:
+            return
+        from .quantize import scheme_for
+
+        for module in modules:
+            scheme = scheme_for(qconfig, module)
+            if scheme is None:
+                raise StreamSVDError(
+                    f"{self.path}: {module} is stored packed, but config.json's "
+                    "quantization_config gives it no pack-quantized scheme"
+                )
+            for part in PACKED_PARTS:
+                self.weight_map.pop(f"{module}.{part}", None)
+            self.weight_map[f"{module}.weight"] = self.stored[f"{module}.weight_packed"]
+            self.packed[f"{module}.weight"] = (module, scheme)
+
+    def _raw_names(self, names: list[str]) -> list[str]:
+        """The stored tensors the names are read from."""
+        out = []
+        for name in names:
+            if name in self.packed:
+                module = self.packed[name][0]
+                out += [f"{module}.{p}" for p in PACKED_PARTS if f"{module}.{p}" in self.stored]
+            else:
+                out.append(name)
+        return out
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        with safe_open(self.path / self.weight_map[name], "pt") as f:
-            return f.get_tensor(name)
+        return self.tensors([name])[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.weight_map)
@@ -70,13 +113,21 @@ class CheckpointReader(Mapping):
     def tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Read the named tensors, opening each shard once."""
         by_shard: dict[str, list[str]] = {}
-        for name in names:
-            by_shard.setdefault(self.weight_map[name], []).append(name)
+        for name in self._raw_names(names):
+            by_shard.setdefault(self.stored[name], []).append(name)
         out = {}
         for shard, shard_names in sorted(by_shard.items()):
             with safe_open(self.path / shard, "pt") as f:
                 for name in shard_names:
                     out[name] = f.get_tensor(name)
+        for name in names:
+            if name in self.packed:
+                from .quantize import unpacked_weight
+
+                module, scheme = self.packed[name]
+                parts = {p: out.pop(f"{module}.{p}") for p in PACKED_PARTS
+                         if f"{module}.{p}" in out}  # fmt: skip
+                out[name] = unpacked_weight(parts, scheme)
         return {name: out[name] for name in names}
 
     def prefetch(self, names: list[str]) -> None:
@@ -86,8 +137,8 @@ class CheckpointReader(Mapping):
         if not hasattr(os, "posix_fadvise"):
             return
         by_shard: dict[str, list[str]] = {}
-        for name in names:
-            by_shard.setdefault(self.weight_map[name], []).append(name)
+        for name in self._raw_names(names):
+            by_shard.setdefault(self.stored[name], []).append(name)
         for shard, shard_names in sorted(by_shard.items()):
             ranges = data_ranges(self.path / shard)
             fd = os.open(self.path / shard, os.O_RDONLY)
@@ -106,6 +157,11 @@ class CheckpointReader(Mapping):
         out = {}
         for shard in sorted(set(self.weight_map.values())):
             out.update(shard_shapes(self.path / shard))
+        for name, (module, _) in self.packed.items():
+            for part in PACKED_PARTS:
+                out.pop(f"{module}.{part}", None)
+            with safe_open(self.path / self.stored[f"{module}.weight_shape"], "pt") as f:
+                out[name] = f.get_tensor(f"{module}.weight_shape").tolist()
         return out
 
     def dtype(self) -> torch.dtype:

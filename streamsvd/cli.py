@@ -18,6 +18,7 @@ from .errors import EXIT_INTERRUPTED, EXIT_RESOURCES, StreamSVDError
 from .factorize import METHODS
 from .memory import return_freed_memory
 from .pipeline import DEFAULT_ALLOCATION, DEFAULT_METHOD
+from .quantize import BITS, GROUP_SIZES
 from .refine import DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_TARGET
 from .synth import DTYPES, SHAPES
 from .world import DEFAULT_TIMEOUT, World
@@ -174,6 +175,29 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="refinement also trains the block's norms and the factorised linears' biases "
         "(default: factors only)",
+    )
+    c.add_argument(
+        "--bits",
+        type=int,
+        choices=BITS,
+        help="store the factors in this many bits: GPTQ on each factor pair, in the stream, "
+        "after the block is factorised (and refined); written as compressed-tensors "
+        "pack-quantized, which transformers (with compressed-tensors) and vLLM load "
+        "(default: unquantized)",
+    )
+    c.add_argument(
+        "--group-size",
+        type=int,
+        metavar="N",
+        help="one scale per N input columns of each factor row (default: the largest of "
+        f"{', '.join(map(str, GROUP_SIZES))} dividing every layer's input width and no "
+        "larger than any rank; ranks are rounded to whole groups)",
+    )
+    c.add_argument(
+        "--asymmetric",
+        action="store_true",
+        help="with --bits, a zero point per group besides its scale (default symmetric: "
+        "compressed-tensors 0.20 loads asymmetric packed weights in streamsvd only)",
     )
     c.add_argument(
         "--calib",
@@ -404,6 +428,9 @@ def cmd_compress(args) -> dict:
         refine_lr=args.refine_lr,
         refine_norms=args.refine_norms,
         refine_target=args.refine_target,
+        bits=args.bits,
+        group_size=args.group_size,
+        quant_symmetric=not args.asymmetric,
     )
     if args.dry_run:
         from .plan import format_plan, make_plan

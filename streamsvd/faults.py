@@ -22,6 +22,7 @@ Points of the compression pass, in the order a block meets them:
   activations       block i's outputs on the original stream (i+1's inputs) half written
   svd               block i's linears half factorised
   refine            block i's refinement after its first epoch (with --refine-epochs)
+  quantize          block i's first factor pair quantized, the rest not (with --bits)
   comp-activations  block i's outputs on the compressed stream half written
   shard-write       block i's shard written under its temporary name, not renamed yet
   before-journal    block i's shard and activations complete, the journal not updated
@@ -49,6 +50,7 @@ POINTS = (
     "activations",
     "svd",
     "refine",
+    "quantize",
     "comp-activations",
     "shard-write",
     "before-journal",

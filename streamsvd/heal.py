@@ -122,6 +122,11 @@ def heal(cfg: HealConfig) -> dict:
     section = read_section(source)
     if section.get("dense"):
         raise StreamSVDError(f"{source} is a dense export; heal takes a low-rank output")
+    if section.get("quantization"):
+        raise StreamSVDError(
+            f"{source} holds quantized factors, which LoRA cannot be merged into; heal the "
+            "unquantized output (compress without --bits)"
+        )
     if out.exists():
         raise StreamSVDError(f"output {out} already exists; remove it or choose another --out")
     start = time.perf_counter()

@@ -137,6 +137,7 @@ def export_dense(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     config = json.loads((path / "config.json").read_text())
     config["model_type"] = section.get("base_model_type", config["model_type"])  # stock again
     config.pop("auto_map", None)
+    config.pop("quantization_config", None)  # factors read dequantized, written dense
     config[SECTION] = {**section, "dense": True, "complete": False}  # until the end
     atomic_write_bytes(tmp / "config.json", json.dumps(config, indent=2).encode())
     # factor tensor name -> dense tensor name, or None for B (folded into A's entry)

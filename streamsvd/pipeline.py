@@ -43,6 +43,7 @@ from .model import (
 )
 from .modeling import linear_shape
 from .prepare import prepare
+from .quantize import QuantSettings, quantized_rank
 from .refine import DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_TARGET, RefineSettings
 from .rundir import RunDir, shard_file
 from .step import BlockStep
@@ -82,6 +83,9 @@ class CompressConfig:
     refine_lr: float = DEFAULT_LR
     refine_norms: bool = False  # refinement also trains norms and the factors' biases
     refine_target: float = DEFAULT_TARGET  # λ: the original outputs' share of its target
+    bits: int | None = None  # GPTQ on the factors (quantize.py); None: unquantized
+    group_size: int | None = None  # None: quantize.default_group_size of the model's widths
+    quant_symmetric: bool = True  # asymmetric: a zero point per group too
 
     def __post_init__(self):
         if not 0 < self.ratio < 1:
@@ -108,6 +112,13 @@ class CompressConfig:
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise StreamSVDError(f"device must be cpu or cuda, got {self.device!r}")
         _ = self.refine  # checks the refinement settings
+        if self.bits is not None:
+            QuantSettings(self.bits, self.group_size or 128, self.quant_symmetric)  # checks
+            if self.dense:
+                raise StreamSVDError(
+                    "--dense writes each layer as one dense matrix, --bits quantizes the "
+                    "factors: choose one (streamsvd export-dense dequantizes a quantized output)"
+                )
 
     @property
     def refine(self) -> RefineSettings:
@@ -119,7 +130,8 @@ class CompressConfig:
         """The activation streams the run carries: the method's, and both when blocks are
         refined (the original stream's outputs are the target, the compressed stream's
         inputs what the refined block is fed)."""
-        return ("orig", "comp") if self.refine_epochs else METHODS[self.method].streams
+        both = self.refine_epochs or self.bits  # quantization reads the compressed stream
+        return ("orig", "comp") if both else METHODS[self.method].streams
 
     @property
     def run_dir(self) -> Path:
@@ -129,7 +141,17 @@ class CompressConfig:
 # The work any compressor must do: read the checkpoint, run the blocks, accumulate the
 # statistics, factorise, write the output. The other stages (activation I/O, dtype
 # conversions) and untimed time (setup, journal, idle) are overhead.
-WORK_STAGES = ("load", "forward", "stats", "cholesky", "svd", "update", "refine", "write")
+WORK_STAGES = (
+    "load",
+    "forward",
+    "stats",
+    "cholesky",
+    "svd",
+    "update",
+    "refine",
+    "quantize",
+    "write",
+)
 
 
 class StageTimer:
@@ -338,6 +360,10 @@ class Compressor:
             else rank_for(*linear_shape(linear), self.cfg.ratio)
             for name, linear in linears.items()
         }
+        quant = self.setup.quant
+        if quant:  # A's input width is the rank: whole groups
+            ranks = {name: quantized_rank(rank, quant.group_size, linear_shape(linears[name]))
+                     for name, rank in ranks.items()}  # fmt: skip
         digests = {stream: hashlib.sha256() for stream in self.streams}
         if self.streams:
             with self.rundir.writing(self.store.root):
@@ -353,6 +379,10 @@ class Compressor:
             with self._phase("refine"):
                 refined = step.refine(refine, self.rundir.reader(i), self.rundir.reader(i + 1),
                                       self.dtype)  # fmt: skip
+        quantized = {}
+        if quant:
+            with self._phase("quantize"):
+                quantized = step.quantize(quant, self.rundir.reader(i), stages, self.dtype)
         expert_tokens = {  # expert -> calibration tokens routed to it
             f"{block_prefix}.{expert_index(name)}": count
             for name, count in tokens.items()
@@ -372,6 +402,11 @@ class Compressor:
         for name in refined.get("trained", []):  # factors (and norms, biases) as trained
             value = block.get_parameter(name).detach().to(self.dtype).cpu()
             out_tensors[f"{block_prefix}.{name}"] = value
+        for name, factors_packed in quantized.items():  # in place of the factors' weights
+            for factor, packed in factors_packed.items():
+                full = f"{block_prefix}.{name}.{factor}"
+                del out_tensors[f"{full}.weight"]
+                out_tensors |= {f"{full}.{k}": v for k, v in packed.items()}
         out_tensors = fuse_dense_experts(self.model, out_tensors)  # experts left dense, if any
         if "comp" in self.streams:
             with self.rundir.writing(self.store.root):
@@ -566,6 +601,7 @@ class Compressor:
             "allocation": self.cfg.allocation,
             "sequential": self.cfg.sequential,
             "refine": dataclasses.asdict(self.cfg.refine),
+            "quantization": self.setup.manifest["quantization"],
             "spectra_seconds": round(self.spectra_seconds, 2),  # the allocation's first pass
             "params_before": before,
             "params_after": after,

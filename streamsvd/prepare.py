@@ -18,19 +18,22 @@ from . import __version__
 from .calib import calibration_windows, load_text, text_sha256, tokenize
 from .checkpoint import CheckpointReader
 from .errors import NotEnoughResources, StreamSVDError
-from .factorize import METHODS, Method
+from .factorize import METHODS, Method, rank_for
 from .journal import read_manifest
 from .model import (
     build_skeleton,
     check_supported,
     compute_dtype,
+    factorised_linears,
     find_blocks,
     load_config,
     max_positions,
 )
+from .modeling import linear_shape
 from .names import ModelTensors
 from .plan import disk_bytes, disk_needs, size_text
 from .preflight import check_locations, check_shapes
+from .quantize import QuantSettings, default_group_size
 from .world import World
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,7 @@ class Prepared:
     threads: int | None  # CPU intra-op threads; None on a GPU
     disk: dict[str, int]  # bytes the run writes, by kind
     manifest: dict  # the settings a resumed run must match
+    quant: QuantSettings | None  # --bits: how the factors are quantized
 
     @property
     def hidden(self) -> int:
@@ -88,6 +92,7 @@ def prepare(cfg, world: World) -> Prepared:
     prefix, blocks = find_blocks(model)
     tensors.check_blocks(prefix)
     check_supported(blocks)
+    quant = _quant_settings(cfg, blocks)
     windows, calibration = _calibration(cfg, config)
     batches = _share(cfg, world)
     threads = _cpu_threads(cfg, device)
@@ -116,10 +121,32 @@ def prepare(cfg, world: World) -> Prepared:
         # each process's activations hold its share of the windows: another number of
         # processes cannot take them over
         "processes": world.size,
+        "quantization": dataclasses.asdict(quant) if quant else None,
     }
     return Prepared(reader, config, dtype, compute, model, tensors, prefix, blocks,
                     METHODS[cfg.method], device, windows, batches, threads, disk,
-                    manifest)  # fmt: skip
+                    manifest, quant)  # fmt: skip
+
+
+def _quant_settings(cfg, blocks: nn.ModuleList) -> QuantSettings | None:
+    """--bits, --group-size: the group size checked against (or, by default, chosen from)
+    every factorised linear's input width, and the compressed-tensors package found."""
+    if cfg.bits is None:
+        return None
+    shapes = {linear_shape(linear) for block in blocks
+              for linear in factorised_linears(block, cfg.ratio).values()}  # fmt: skip
+    widths = sorted({n for _, n in shapes})
+    ranks = [rank_for(m, n, cfg.ratio) for m, n in shapes]
+    size = cfg.group_size or default_group_size(widths, ranks)
+    uneven = [w for w in widths if w % size]
+    if uneven:
+        raise StreamSVDError(
+            f"--group-size {size} does not divide the input width of every layer ({uneven}): "
+            f"groups must not straddle rows; --group-size {default_group_size(widths, ranks)} does"
+        )
+    quant = QuantSettings(cfg.bits, size, cfg.quant_symmetric)
+    quant.scheme()  # the compressed-tensors package is there
+    return quant
 
 
 def _calibration(cfg, config) -> tuple[torch.Tensor | None, dict]:

@@ -7,17 +7,92 @@ H = Σ x xᵀ, so that ‖(W − Q)X‖ and not ‖W − Q‖ is what is kept sm
 A·B the stream already holds what both need: B reads the layer's inputs (H is their Gram),
 A reads B·x (H_A = B·H·Bᵀ, rank × rank).
 
-Not yet wired into compress (issue 22): this module is the quantizer alone.
+compress --bits runs it on every factor pair after the block is factorised (and refined),
+from the compressed stream's Gram (step.BlockStep.quantize); the codes are written in
+compressed-tensors' pack-quantized format (`packed_tensors`), which stock transformers
+(with the compressed-tensors package) and vLLM read, and read back by `unpacked_weight`,
+the same library call every loader makes, so that the block streamsvd runs is the block
+they load.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
 
+from .errors import StreamSVDError
+
 DAMP = 0.01  # GPTQ's damping: 1% of H's mean diagonal, as the reference code
 BLOCK = 128  # columns updated at a time (the reference code's lazy batch)
+BITS = (4, 8)  # what compress offers (the quantizer itself takes 2 to 8)
+GROUP_SIZES = (128, 64, 32, 16)  # the default: the first that divides every input width
+FACTOR_PATTERN = r"re:.*\.(down|up)$"  # compressed-tensors target: LowRankLinear's factors
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """How compress quantizes the factors: `bits` per value, one scale (and, asymmetric,
+    one zero point) per `group_size` consecutive input columns of each row."""
+
+    bits: int
+    group_size: int
+    symmetric: bool = False
+
+    def __post_init__(self):
+        if self.bits not in BITS:
+            raise StreamSVDError(f"--bits must be one of {BITS}, got {self.bits}")
+        if self.group_size < 1 or self.group_size & (self.group_size - 1):
+            raise StreamSVDError(f"--group-size must be a power of two, got {self.group_size}")
+
+    def scheme(self):
+        """The compressed-tensors scheme this describes (the package is needed from here)."""
+        try:
+            from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+        except ImportError as exc:
+            raise StreamSVDError(
+                "quantized factors are written and read with the compressed-tensors package: "
+                "pip install 'streamsvd[quant]' (or compressed-tensors)"
+            ) from exc
+        args = QuantizationArgs(num_bits=self.bits, type="int", symmetric=self.symmetric,
+                                strategy="group", group_size=self.group_size)  # fmt: skip
+        return QuantizationScheme(targets=[FACTOR_PATTERN], weights=args)
+
+    def config(self) -> dict:
+        """config.json's `quantization_config`: what transformers and vLLM read."""
+        from compressed_tensors.quantization import QuantizationConfig
+
+        config = QuantizationConfig(config_groups={"group_0": self.scheme()},
+                                    format="pack-quantized",
+                                    quantization_status="compressed")  # fmt: skip
+        return {"quant_method": "compressed-tensors", **config.to_dict()}
+
+
+def default_group_size(widths: list[int], ranks: list[int]) -> int:
+    """The largest of GROUP_SIZES that divides every factorised linear's input width (a
+    group never straddles rows: compressed-tensors requires it) and is no larger than any
+    layer's rank (which is rounded to whole groups: `quantized_rank`)."""
+    for size in GROUP_SIZES:
+        if all(w % size == 0 for w in widths) and size <= min(ranks):
+            return size
+    raise StreamSVDError(
+        f"no group size of {GROUP_SIZES} divides every input width {sorted(set(widths))} "
+        f"and fits in the smallest rank, {min(ranks)}: give --group-size, or a lower --ratio"
+    )
+
+
+def quantized_rank(rank: int, group_size: int, shape: tuple[int, int]) -> int:
+    """A factor pair's rank rounded to the nearest whole number of groups (A's input width
+    is the rank), never above what the layer allows: serving kernels need whole groups."""
+    most = min(shape) // group_size * group_size
+    rounded = min(max(group_size, round(rank / group_size) * group_size), most)
+    if rounded < group_size:
+        raise StreamSVDError(
+            f"a {shape[0]}×{shape[1]} layer is narrower than one group of {group_size}: "
+            "choose a smaller --group-size"
+        )
+    return rounded
 
 
 @dataclass
@@ -34,6 +109,49 @@ class Quantized:
         scales = self.scales.repeat_interleave(self.group_size, dim=1)
         zeros = self.zeros.repeat_interleave(self.group_size, dim=1)
         return scales * (self.codes.to(scales.dtype) - zeros)
+
+
+def packed_tensors(q: Quantized, settings: QuantSettings, dtype: torch.dtype) -> dict:
+    """One linear's tensors in compressed-tensors' pack-quantized layout (names relative to
+    the linear): codes and zero points as signed integers (code − 2^(bits−1)) packed into
+    int32, scales in the output's dtype, and the weight's shape."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    offset = 2 ** (q.bits - 1)
+    out = {"weight_packed": pack_to_int32((q.codes - offset).to(torch.int8), q.bits),
+           "weight_scale": q.scales.to(dtype).contiguous(),
+           "weight_shape": torch.tensor(list(q.codes.shape))}  # fmt: skip
+    if not settings.symmetric:
+        zeros = (q.zeros.to(torch.int32) - offset).to(torch.int8)
+        out["weight_zero_point"] = pack_to_int32(zeros, q.bits, packed_dim=0).contiguous()
+    return out
+
+
+def unpacked_weight(tensors: dict, scheme) -> torch.Tensor:
+    """The weight a pack-quantized linear's tensors stand for, computed by compressed-tensors'
+    own decompressor (as transformers and vLLM compute it)."""
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+
+    return PackedQuantizationCompressor.decompress(tensors, scheme)["weight"]
+
+
+def scheme_for(config: dict | None, module: str):
+    """The compressed-tensors scheme config.json's quantization_config gives `module`, or
+    None when it is not pack-quantized. Targets are matched as compressed-tensors does for
+    names ("re:" patterns, or a full name); a class-name target ("Linear") matches any."""
+    if not config or config.get("quant_method") != "compressed-tensors":
+        return None
+    from compressed_tensors.quantization import QuantizationScheme
+
+    fmt = config.get("format")
+    for group in config.get("config_groups", {}).values():
+        if (group.get("format") or fmt) != "pack-quantized":
+            continue
+        for target in group.get("targets", []):
+            if (target.startswith("re:") and re.match(target[3:], module)) or target == module \
+                    or target[:1].isupper():  # fmt: skip
+                return QuantizationScheme.model_validate(group)
+    return None
 
 
 def group_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,23 +194,48 @@ def round_to_nearest(W: torch.Tensor, bits: int, group_size: int, symmetric: boo
                      torch.stack(zeros, 1), bits, group_size)  # fmt: skip
 
 
-def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int,
-         symmetric: bool = False) -> Quantized:  # fmt: skip
-    """GPTQ of W (out × in) against the inputs' Gram H (in × in), in float64. Columns the
-    inputs never excite (H's diagonal zero) are quantized as they are; each group's scale is
-    set from its columns as updated when the group is reached, as the reference code does."""
-    W = W.to(torch.float64).clone()
-    H = H.to(torch.float64).clone()
+def inverse_factor(H: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The upper Cholesky factor of (H + δI)⁻¹, in `dtype`, leaving H as it is: row i holds
+    what column i's rounding error does to the columns after it. δ is GPTQ's 1% of the mean
+    diagonal, raised tenfold while a factorisation fails (never a crash, never a NaN).
+    Columns the inputs never excite (H's diagonal zero) get a unit diagonal, so that they
+    are quantized as they are. Holds two n×n matrices of `dtype` besides H: in float32
+    (compress's choice, as the reference code's), 13 GiB at 70B's widest input with H."""
+    diagonal = H.diagonal().to(dtype)
+    dead = (diagonal == 0).to(dtype)
+    mean = float(diagonal.mean()) or 1.0
+    for damp in (DAMP, DAMP * 10, DAMP * 100, 1.0, 10.0):
+        damped = H.to(dtype, copy=True)
+        damped.diagonal().add_(dead + damp * mean)
+        factor, info = torch.linalg.cholesky_ex(damped)
+        del damped
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(factor)
+            del factor
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
+            if int(info) == 0 and bool(torch.isfinite(upper.diagonal()).all()):
+                return upper
+    raise StreamSVDError("GPTQ: the inputs' Gram has NaN or inf entries")
+
+
+def gptq(W: torch.Tensor, H: torch.Tensor | None, bits: int, group_size: int,
+         symmetric: bool = False, Hinv: torch.Tensor | None = None,
+         scale_dtype: torch.dtype | None = None) -> Quantized:  # fmt: skip
+    """GPTQ of W (out × in) against the inputs' Gram H (in × in), or its `inverse_factor`
+    Hinv computed once for every linear reading the same inputs; in Hinv's dtype (float64
+    from H). Each group's scale is set from its columns as updated when the group is
+    reached, as the reference code does, and rounded to `scale_dtype` (the one written)
+    before any code is chosen with it, so the error fed forward is the one stored."""
+    if Hinv is None:
+        Hinv = inverse_factor(H)
+    work = Hinv.dtype
+    W = W.to(work, copy=True)
     m, n = W.shape
     if n % group_size:
         raise ValueError(f"{n} input columns are not a whole number of groups of {group_size}")
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1
-    H.diagonal().add_(DAMP * H.diagonal().mean())
-    # the upper Cholesky factor of H⁻¹: row i holds what column i's error does to the rest
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    codes = torch.zeros(m, n, dtype=torch.float64)
-    scales = torch.zeros(m, n // group_size, dtype=torch.float64)
+    codes = torch.zeros(m, n, dtype=torch.int32, device=W.device)
+    scales = torch.zeros(m, n // group_size, dtype=work, device=W.device)
     zeros = torch.zeros_like(scales)
     for b1 in range(0, n, BLOCK):
         b2 = min(b1 + BLOCK, n)
@@ -103,12 +246,16 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int,
             if col % group_size == 0:
                 g = col // group_size
                 current = torch.cat([block[:, i:], W[:, b2:]], 1)[:, :group_size]
-                scales[:, g], zeros[:, g] = group_params(current, bits, symmetric)
+                scale, zero = group_params(current, bits, symmetric)
+                if scale_dtype is not None:
+                    scale = scale.to(scale_dtype).to(work)
+                    zero = torch.clamp(zero, 0, 2**bits - 1)
+                scales[:, g], zeros[:, g] = scale, zero
             g = col // group_size
             code, q = _quantize_column(block[:, i], scales[:, g], zeros[:, g], bits)
-            codes[:, col] = code
+            codes[:, col] = code.to(torch.int32)
             err = (block[:, i] - q) / Hinv[col, col]
             block[:, i:] -= err[:, None] * Hinv[col, col:b2][None, :]
             errors[:, i] = err
         W[:, b2:] -= errors @ Hinv[b1:b2, b2:]
-    return Quantized(codes.to(torch.int32), scales, zeros, bits, group_size)
+    return Quantized(codes, scales, zeros, bits, group_size)

@@ -40,6 +40,7 @@ from .journal import JOURNAL, Journal, RunLock, record_error
 from .lowrank import export_dense, self_describing
 from .modeling import SECTION
 from .plan import disk_needs, existing, size_text
+from .quantize import QuantSettings
 from .world import World
 
 log = logging.getLogger(__name__)
@@ -239,6 +240,10 @@ class RunDir:
         ranks = {}
         for i in range(self.n_blocks):
             ranks.update(self.journal.entry(f"block.{i}")["ranks"])
+        config.pop("quantization_config", None)  # an input's own: read dequantized
+        quantization = self.journal.manifest.get("quantization")
+        if quantization:  # compressed-tensors' description, which transformers and vLLM read
+            config["quantization_config"] = QuantSettings(**quantization).config()
         config[SECTION] = {
             "version": __version__,
             "method": cfg.method,
@@ -248,6 +253,7 @@ class RunDir:
             "refine": dataclasses.asdict(cfg.refine),
             "calibration": self.journal.manifest["calibration"],
             "ranks": ranks,
+            "quantization": self.journal.manifest.get("quantization"),
             "complete": False,  # whoever loads this directory now is told it is incomplete
         }
         with self.writing(staging):

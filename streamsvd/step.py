@@ -29,6 +29,7 @@ from .experts import same_routing
 from .factorize import METHODS, Clock, Method, untimed
 from .model import capture_inputs, run_block, shared_input_groups
 from .modeling import LowRankLinear, linear_shape, linear_weight, replace_module
+from .quantize import QuantSettings, gptq, inverse_factor, packed_tensors, unpacked_weight
 from .refine import RefineSettings, refine_block
 from .stats import InputStats, release_points
 from .world import World
@@ -241,6 +242,85 @@ class BlockStep:
                                 lambda start, stop: read("comp", start, stop), target,
                                 settings, self.index, dtype, self.world)  # fmt: skip
 
+    def quantize(self, settings: QuantSettings, read: Read, stages: list[list[str]] | None,
+                 dtype: torch.dtype) -> dict[str, dict]:  # fmt: skip
+        """GPTQ on every factor pair, stage by stage (as GPTQ's true-sequential mode): a
+        stage's Hessians come from the compressed stream run through the block with the
+        stages before it already quantized. B (rank × in) reads the layer's inputs: its
+        Hessian is their Gram G; A (out × rank) reads B·x with B as quantized: B G Bᵀ. The
+        block then holds the values loaders compute from what is written (`unpacked_weight`),
+        in the compute dtype. Returns each linear's packed tensors, {"down": ..., "up": ...}.
+
+        Every rank quantizes every linear from the same all-reduced sums, so the ranks hold
+        the same block without exchanging factors."""
+        scheme = settings.scheme()
+        bits, size, symmetric = settings.bits, settings.group_size, settings.symmetric
+        packed = {}
+        for names in stages or [list(self.linears)]:
+            grams = self._compressed_grams(read, names)
+            release = release_points(names, grams)
+            inverses = {}  # group -> the inverse factor of its Gram, shared by its linears
+            for name in names:
+                low = self.block.get_submodule(name)
+                group = grams.get(name)
+                with self.clock("quantize"):
+                    G = group.Gc if group is not None else None
+                    B = low.down.weight.detach()
+                    if G is None:  # no calibration token reached it (an expert): rounding
+                        inverses[None] = torch.eye(B.shape[1], device=self.device)
+                    elif id(group) not in inverses:
+                        inverses[id(group)] = inverse_factor(G, torch.float32)
+                    qB = gptq(B, None, bits, size, symmetric, inverses[id(group) if G is not None
+                              else None], dtype)  # fmt: skip
+                    down = packed_tensors(qB, settings, dtype)
+                    Bq = unpacked_weight(down, scheme).to(self.device)
+                    if G is None:
+                        HA = torch.eye(Bq.shape[0], dtype=torch.float64, device=self.device)
+                    else:
+                        BqG = Bq.to(torch.float64) @ G
+                        HA = BqG @ Bq.to(torch.float64).T
+                        del BqG
+                    qA = gptq(low.up.weight.detach(), None, bits, size, symmetric,
+                              inverse_factor(HA, torch.float32), dtype)  # fmt: skip
+                    up = packed_tensors(qA, settings, dtype)
+                    Aq = unpacked_weight(up, scheme).to(self.device)
+                    bias = low.up.bias.detach() if low.up.bias is not None else None
+                    new = LowRankLinear.from_factors(Aq, Bq, bias, Aq.dtype)
+                    replace_module(self.block, name, new.to(low.up.weight.dtype))
+                    packed[name] = {"down": _host(down), "up": _host(up)}
+                    faults.point("quantize", self.index)
+                    del qA, qB, HA, Aq, Bq
+                    if release.get(name) is not None:  # the group's last linear
+                        inverses.pop(id(group), None)
+                        for member in release[name]:
+                            grams.pop(member, None)
+            del grams, inverses
+        return packed
+
+    def _compressed_grams(self, read: Read, names: list[str]) -> dict[str, InputStats]:
+        """Float64 Grams of `names`' inputs on the compressed stream, through the block as it
+        is now (its own routing), summed over every rank's share."""
+        needs = frozenset({"comp"})
+        stats: dict[str, InputStats] = {}
+        for start, stop in self.batches:
+            with self.clock("forward"):
+                xc = read("comp", start, stop)
+                with capture_inputs(self.block, names) as seen:
+                    _run_until_seen(self.block, xc, self.arguments, names, seen)
+                del xc
+            with self.clock("stats"):
+                new = {name: x for name, x in seen.items() if name not in stats}
+                for group in shared_input_groups(new):
+                    shared = InputStats(seen[group[0]].shape[-1], needs, self.device)
+                    stats.update({name: shared for name in group})
+                for group in {id(stats[n]): (stats[n], n) for n in seen}.values():
+                    group[0].add(None, seen[group[1]])
+            del seen
+        if self.world.distributed:
+            with self.clock("communicate"):
+                self._add_up(stats, needs)
+        return stats
+
     def advance(self, read: Read, write: Write) -> None:
         """Run the (compressed) block on the compressed stream: the next block's input."""
         with self.clock("forward"):
@@ -274,6 +354,10 @@ class BlockStep:
                 for member in release[name]:
                     stats.pop(member, None)
         return out, tokens
+
+
+def _host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.cpu() for k, v in tensors.items()}
 
 
 class _Enough(Exception):

