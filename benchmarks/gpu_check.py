@@ -1,17 +1,18 @@
 """The CUDA path on synthetic checkpoints, as one prepared script for a lent GPU (a session
 gets about 15 minutes of one): CUDA against CPU on the same checkpoint, and the plan
-against measured runs at 7B width, with block refinement on and off.
+against measured runs at 7B width: the closed form, block refinement, and 4-bit factors.
 
     python benchmarks/gpu_check.py --results DIR    # on the GPU machine; DIR: its $OUT
 
 1. Equivalence: a 1B-width checkpoint (TinyLlama-1.1B's shape, 2 blocks, float32, random
    weights with decaying spectra) compressed with svdllm-a at ratio 0.4 on CUDA and on the
-   CPU, closed form and refined: the ranks must agree, and the logit error of each output
-   against the original model says whether both devices compress equally well. (On random
-   weights near-tied singular values make the truncation ill-determined, so the two
-   outputs are not compared value for value; refinement's steps differ in rounding too.)
+   CPU, closed form, refined and with 4-bit factors: the ranks must agree, and the logit
+   error of each output against the original model says whether both devices compress
+   equally well. (On random weights near-tied singular values make the truncation
+   ill-determined, so the two outputs are not compared value for value; refinement's steps
+   and GPTQ's rounding decisions differ in rounding too.)
 2. Scale: a 7B-width checkpoint (Llama-2-7B's shape, 2 blocks, bfloat16) with the compress
-   defaults (64×512 calibration), `--dry-run` then the run, refinement off and on: seconds
+   defaults (64×512 calibration), `--dry-run` then the run, each variant: seconds
    per block and peak device and host memory by phase, measured against the plan.
 
 Each run is its own `streamsvd compress` process. Writes gpu_check.json and gpu_check.md
@@ -105,7 +106,9 @@ def main() -> None:
         "equivalence": [],
         "scale": [],
     }
-    refine = ["--refine-epochs", args.refine_epochs]
+    variants = {"closed form": ["--refine-epochs", "0"],
+                "refined": ["--refine-epochs", args.refine_epochs],
+                "4-bit": ["--refine-epochs", "0", "--bits", "4"]}  # fmt: skip
 
     if "equivalence" not in args.skip:
         model = args.work / "1b"
@@ -125,16 +128,14 @@ def main() -> None:
             "--compute-dtype",
             "float32",
         ]
-        for refined in (False, True):
+        for variant, options in variants.items():
             for device in ("cuda", "cpu"):
-                out = args.work / f"1b-{device}-{'refined' if refined else 'closed'}"
-                _, summary, wall = compress(
-                    model, out, device, *common, *(refine if refined else ["--refine-epochs", "0"])
-                )
+                out = args.work / f"1b-{device}-{variant.replace(' ', '-')}"
+                _, summary, wall = compress(model, out, device, *common, *options)
                 result["equivalence"].append(
                     {
                         "device": device,
-                        "refined": refined,
+                        "variant": variant,
                         "wall_seconds": round(wall, 1),
                         "seconds": summary["seconds"],
                         "stage_seconds": summary["stage_seconds"],
@@ -149,19 +150,12 @@ def main() -> None:
         model = args.work / "7b"
         if not model.exists():
             synthesize(model, "7b", 2, dtype=torch.bfloat16)
-        for refined in (False, True):
-            out = args.work / f"7b-{'refined' if refined else 'closed'}"
-            plan, summary, wall = compress(
-                model,
-                out,
-                "cuda",
-                "--calib",
-                str(calib),
-                *(refine if refined else ["--refine-epochs", "0"]),
-            )
+        for variant, options in variants.items():
+            out = args.work / f"7b-{variant.replace(' ', '-')}"
+            plan, summary, wall = compress(model, out, "cuda", "--calib", str(calib), *options)
             result["scale"].append(
                 {
-                    "refined": refined,
+                    "variant": variant,
                     "wall_seconds": round(wall, 1),
                     "plan_seconds_per_block": plan["seconds_per_block"],
                     "block_seconds": summary["block_seconds"],
@@ -193,21 +187,20 @@ def save(results: Path, result: dict) -> None:
         lines += [
             "## CUDA against CPU: 1B width, 2 blocks, float32, svdllm-a 0.4, 16×256",
             "",
-            "| device | refined | seconds | refine (s) | logit error vs original | "
+            "| device | variant | seconds | refine (s) | logit error vs original | "
             "peak CUDA (MiB) |",
             "|---|---|---|---|---|---|",
         ]
         for r in result["equivalence"]:
             lines.append(
-                f"| {r['device']} | {'yes' if r['refined'] else 'no'} | {r['seconds']} | "
+                f"| {r['device']} | {r['variant']} | {r['seconds']} | "
                 f"{r['stage_seconds'].get('refine', 0)} | {r['logit_error']:.4f} | "
                 f"{r['peak_cuda_mb'] or '–'} |"
             )
         lines.append("")
     for r in result["scale"]:
         lines += [
-            "## 7B width, 2 blocks, bfloat16, defaults, refinement "
-            + ("on" if r["refined"] else "off"),
+            f"## 7B width, 2 blocks, bfloat16, defaults, {r['variant']}",
             "",
             f"Wall {r['wall_seconds']} s; peak CUDA {r['peak_cuda_mb']} MiB, peak RSS "
             f"{r['peak_rss_mb']} MiB.",
@@ -228,7 +221,8 @@ def save(results: Path, result: dict) -> None:
             stages = ", ".join(f"{k} {v}" for k, v in b.items() if k not in ("block", "total"))
             lines.append(
                 f"| {b['block']} | {b['total']} ({stages}) | "
-                f"{planned.get('total', 0):.1f} (refine {planned.get('refine', 0):.1f}) |"
+                f"{planned.get('total', 0):.1f} (refine {planned.get('refine', 0):.1f}, "
+                f"quantize {planned.get('quantize', 0):.1f}) |"
             )
         lines.append("")
     (results / "gpu_check.md").write_text("\n".join(lines) + "\n")

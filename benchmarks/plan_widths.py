@@ -1,5 +1,6 @@
-"""What the default run plans at real widths, with block refinement off and on: peak host
-memory of a CPU run, and peak device (and host) memory of a run on one 24 GiB GPU.
+"""What the default run plans at real widths, with block refinement off and on, and with
+4-bit factors (--bits 4): peak host memory of a CPU run, and peak device (and host) memory
+of a run on one 24 GiB GPU.
 
     .venv/bin/python benchmarks/plan_widths.py
 
@@ -28,6 +29,7 @@ GiB = 2**30
 WIDTHS = ["7b", "13b", "70b", "405b"]
 RATIOS = [0.2, 0.4]
 REFINE_EPOCHS = [0, 2]
+BITS = [None, 4]
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "benchmarks" / "runs"
 CALIB = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
@@ -41,34 +43,38 @@ def main() -> None:
             synthesize(ckpt, width, 1, values=False)
         fixed = None
         for ratio in RATIOS:
-            for epochs in REFINE_EPOCHS:
+            for epochs, bits in [(e, b) for b in BITS for e in REFINE_EPOCHS]:
                 cfg = {"model": str(ckpt), "out": str(RUNS / "plan-out-unused"),
-                       "calib": str(CALIB), "ratio": ratio, "refine_epochs": epochs}  # fmt: skip
+                       "calib": str(CALIB), "ratio": ratio, "refine_epochs": epochs,
+                       "bits": bits}  # fmt: skip
                 cpu = CompressConfig(device="cpu", **cfg)
                 gpu = CompressConfig(device="cuda", **cfg)
                 fixed = fixed or measure_baseline(cpu)
                 on_cpu = make_plan(cpu, fixed, timing=False)
                 on_gpu = make_plan(gpu, fixed, device_memory=24 * GiB, timing=False)
                 rows.append({"width": width, "ratio": ratio, "refine_epochs": epochs,
+                             "bits": bits,
                              "cpu_host": on_cpu.host_peak_bytes,
                              "gpu_device": on_gpu.device_peak_bytes,
                              "gpu_host": on_gpu.host_peak_bytes,
                              "cpu_host_phases": on_cpu.host_phases,
                              "gpu_device_phases": on_gpu.device_phases})  # fmt: skip
-                print(f"{width} ratio {ratio} refine {epochs}: CPU host "
+                print(f"{width} ratio {ratio} refine {epochs} bits {bits}: CPU host "
                       f"{on_cpu.host_peak_bytes / GiB:.1f} GiB, GPU device "
                       f"{on_gpu.device_peak_bytes / GiB:.1f} GiB", flush=True)  # fmt: skip
     command = "python benchmarks/plan_widths.py"
     RESULTS.joinpath("plan_widths.json").write_text(
         json.dumps({"command": command, "rows": rows}, indent=2) + "\n"
     )
-    lines = ["# The default run's plan at real widths, refinement off and on", "",
+    lines = ["# The default run's plan at real widths, refinement off and on, 4-bit factors",
+             "",
              f"Command: `{command}`. svdllm-a, sequential statistics, 64×512 calibration, "
              "batch 8; shape-only checkpoints; the GPU is one of 24 GiB, planned without it.",
-             "", "| width | ratio | refine epochs | CPU run: host | GPU run: device | "
-             "GPU run: host |", "|---|---|---|---|---|---|"]  # fmt: skip
+             "", "| width | ratio | refine epochs | bits | CPU run: host | GPU run: device | "
+             "GPU run: host |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
-        lines.append(f"| {r['width']} | {r['ratio']} | {r['refine_epochs']} | "
+        bits = r.get("bits") or "–"
+        lines.append(f"| {r['width']} | {r['ratio']} | {r['refine_epochs']} | {bits} | "
                      f"{r['cpu_host'] / GiB:.1f} GiB | {r['gpu_device'] / GiB:.1f} GiB | "
                      f"{r['gpu_host'] / GiB:.1f} GiB |")  # fmt: skip
     RESULTS.joinpath("plan_widths.md").write_text("\n".join(lines) + "\n")

@@ -104,7 +104,8 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
 MODELING_FILE = "modeling_streamsvd.py"
 
 
-def self_describing(config: dict, out: Path, config_class: str, model_class: str) -> dict:
+def self_describing(config: dict, out: Path, config_class: str, model_class: str,
+                    base_class: str) -> dict:  # fmt: skip
     """Make a low-rank output load with stock transformers: write its modeling code (this
     package's modeling.py, self-contained, plus its two classes) beside it and point
     config.json's auto_map at them. Its own model_type makes loading without
@@ -112,12 +113,13 @@ def self_describing(config: dict, out: Path, config_class: str, model_class: str
     architecture with random weights where the factors are. Returns the new config."""
     base = config["model_type"]
     code = Path(modeling.__file__).read_text() + remote_code_footer(config_class, model_class,
-                                                                    base)  # fmt: skip
+                                                                    base, base_class)  # fmt: skip
     atomic_write_bytes(out / MODELING_FILE, code.encode())
     config = {**config, "model_type": f"streamsvd_{base}"}
     config["auto_map"] = {
         "AutoConfig": f"{MODELING_FILE[:-3]}.StreamSVDConfig",
         "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.StreamSVDForCausalLM",
+        "AutoModel": f"{MODELING_FILE[:-3]}.StreamSVDModel",
     }
     config[SECTION] = {**config[SECTION], "base_model_type": base}
     return config

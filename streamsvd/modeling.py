@@ -218,15 +218,18 @@ def compressed_structure(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
     return model
 
 
-def remote_code_footer(config_class: str, model_class: str, base_type: str) -> str:
+def remote_code_footer(config_class: str, model_class: str, base_type: str,
+                       base_class: str) -> str:  # fmt: skip
     """The lines that, appended to this file, make it the modeling code of one compressed
     checkpoint: its config and model classes, the original ones with the compressed
-    structure the config's section records."""
+    structure the config's section records; and its base model (`base_class`, what
+    AutoModel and vLLM's Transformers backend load) likewise."""
     return f'''
 
 # ---- written by streamsvd compress for this checkpoint ------------------------------------
 from transformers import {config_class} as _OriginalConfig  # noqa: E402
 from transformers import {model_class} as _OriginalModel  # noqa: E402
+from transformers import {base_class} as _OriginalBase  # noqa: E402
 
 
 class StreamSVDConfig(_OriginalConfig):
@@ -243,4 +246,18 @@ class StreamSVDForCausalLM(_OriginalModel):
         unfuse_experts(self)
         section = getattr(config, SECTION)
         compressed_structure(self, {{}} if section.get("dense") else section["ranks"])
+
+
+class StreamSVDModel(_OriginalBase):
+    """{base_class} with each factorised layer as a LowRankLinear: the base model alone."""
+
+    config_class = StreamSVDConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        unfuse_experts(self)
+        section = getattr(config, SECTION)
+        prefix = _OriginalModel.base_model_prefix + "."
+        ranks = {{}} if section.get("dense") else section["ranks"]
+        compressed_structure(self, {{k.removeprefix(prefix): r for k, r in ranks.items()}})
 '''

@@ -267,7 +267,8 @@ class Compressor:
         self._write_rest()
         ranks_summaries = self.world.gather(self._rank_summary())
         source = json.loads((Path(self.cfg.model) / "config.json").read_text())
-        classes = (type(self.config).__name__, type(self.model).__name__)
+        base = self.model.get_submodule(self.model.base_model_prefix)
+        classes = (type(self.config).__name__, type(self.model).__name__, type(base).__name__)
         ranks = self.rundir.assemble(source, classes)
         summary = self._summary(time.perf_counter() - start, ranks)
         if self.world.distributed:

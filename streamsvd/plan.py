@@ -19,6 +19,8 @@ Peak memory is the largest of the run's phases, each a sum of what is alive in i
     refine     with block refinement: the factors in float32 with their gradients and
                AdamW's two moments (`refine.trainable_bytes`), and one micro-batch's
                float32 activations kept for the backward pass
+    quantize   with --bits: the compressed stream's float64 Grams of one stage's input
+               groups, and GPTQ's working set for the worst linear (`quantize_workspace`)
     rest       embedding, final norm and head, read whole to be copied through
 
 The coefficients of the method temporaries were measured with `torch.linalg` on CPU;
@@ -67,6 +69,7 @@ from .model import (
 from .modeling import linear_shape
 from .names import ModelTensors
 from .preflight import check_locations, check_shapes
+from .quantize import QuantSettings, factor_bytes, quantized_rank, settings_for
 from .refine import saved_values_per_token, trainable_bytes
 from .stats import CHUNK_VALUES, cross_as_product, release_points, sums_bytes
 
@@ -132,12 +135,24 @@ class Plan:
         return out
 
 
-def linear_plans(block, ratio: float) -> list[LinearPlan]:
-    """A block's linears with their shapes and the ranks `ratio` gives them, in module order."""
-    return [
-        LinearPlan(name, linear_shape(layer), rank_for(*linear_shape(layer), ratio))
-        for name, layer in factorised_linears(block, ratio).items()
-    ]
+def linear_plans(block, ratio: float, quant: QuantSettings | None = None) -> list[LinearPlan]:
+    """A block's linears with their shapes and the ranks `ratio` gives them (rounded to
+    whole groups with `quant`, as the run does), in module order."""
+    plans = []
+    for name, layer in factorised_linears(block, ratio).items():
+        shape = linear_shape(layer)
+        rank = rank_for(*shape, ratio)
+        if quant:
+            rank = quantized_rank(rank, quant.group_size, shape)
+        plans.append(LinearPlan(name, shape, rank))
+    return plans
+
+
+def quant_plan(cfg, blocks) -> QuantSettings | None:
+    """The run's quantization settings (quantize.settings_for), from the skeleton."""
+    shapes = {linear_shape(layer) for block in blocks
+              for layer in factorised_linears(block, cfg.ratio).values()}  # fmt: skip
+    return settings_for(cfg, shapes) if getattr(cfg, "bits", None) else None
 
 
 def input_groups(model, block, ratio: float) -> list[list[str]]:
@@ -249,12 +264,13 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
     text = config.get_text_config()
 
     largest, largest_params = largest_block(shapes, prefix, len(blocks))
-    linears = linear_plans(blocks[largest], cfg.ratio)
+    quant = quant_plan(cfg, blocks)
+    linears = linear_plans(blocks[largest], cfg.ratio, quant)
     groups = input_groups(model, blocks[largest], cfg.ratio) if method.needs else []
 
     # parameters and bytes
     before = sum(math.prod(s) for s in shapes.values())
-    every_linear = [lp for block in blocks for lp in linear_plans(block, cfg.ratio)]
+    every_linear = [lp for block in blocks for lp in linear_plans(block, cfg.ratio, quant)]
     linear_before = sum(math.prod(lp.shape) for lp in every_linear)
     linear_after = sum(lp.rank * sum(lp.shape) for lp in every_linear)
     after = before - linear_before + linear_after
@@ -420,6 +436,12 @@ def block_memory(cfg, text, linears: list[LinearPlan], groups: list[list[str]],
         host["statistics"] = base + block_bytes + worst_sums + forward
         host["factorise"] = base + block_bytes + worst_host
         host["write"] = base + block_bytes + compressed + WRITE_BUFFER
+    if getattr(cfg, "bits", None):
+        quantizing = quantize_memory(linears, groups, stages)
+        if on_gpu:
+            device["quantize"] = block_bytes + quantizing + compressed
+        else:
+            host["quantize"] = base + block_bytes + compressed + max(quantizing, forward)
     if getattr(cfg, "refine_epochs", 0):
         training = refine_memory(cfg, text, linears, item)
         if on_gpu:  # the original linears stay on the device for the target
@@ -427,6 +449,31 @@ def block_memory(cfg, text, linears: list[LinearPlan], groups: list[list[str]],
         else:
             host["refine"] = base + block_bytes + compressed + training
     return host, device
+
+
+def quantize_workspace(m: int, n: int, r: int) -> int:
+    """Bytes GPTQ on one factor pair holds besides the Gram (step.BlockStep.quantize):
+    building the inverse factor of an n-wide Gram (three float32 n×n: measured 2.8, as
+    LAPACK works on a copy), or the factor kept
+    with B's float32 copy and codes, B·G in float64, A's r×r Hessian and its factor, and
+    A's float32 copy and codes."""
+    building = 3 * 4 * n * n
+    sweeping = 4 * n * n + 8 * r * n + 8 * r * n + 3 * 8 * r * r + 8 * m * r
+    return max(building, sweeping)
+
+
+def quantize_memory(linears: list[LinearPlan], groups: list[list[str]],
+                    stages: list[list[str]] | None) -> int:  # fmt: skip
+    """Peak bytes of the quantize phase: a stage's float64 Grams (every input group of the
+    stage, all taken before any is used), plus the worst linear's workspace."""
+    by_name = {lp.name: lp for lp in linears}
+    group_of = {name: tuple(g) for g in groups for name in g}
+    worst = 0
+    for stage in stages or [list(by_name)]:
+        grams = {group_of.get(n, (n,)): by_name[n].shape[1] ** 2 * F64 for n in stage}
+        work = max(quantize_workspace(*by_name[n].shape, by_name[n].rank) for n in stage)
+        worst = max(worst, sum(grams.values()) + work)
+    return worst
 
 
 def refine_memory(cfg, text, linears: list[LinearPlan], item: int) -> int:
@@ -518,17 +565,18 @@ def disk_bytes(cfg, reader, prefix: str, blocks, hidden: int, n_streams: int) ->
     linears as factors at their ranks, every other tensor as is, and the side files) and
     "dense export" when asked for. The plan shows it; the run checks the disk with it."""
     item = reader.dtype().itemsize
+    quant = quant_plan(cfg, blocks)
     low_rank = {
-        f"{prefix}.{i}.{name}.weight": linear_shape(layer)
+        f"{prefix}.{i}.{lp.name}.weight": lp
         for i, block in enumerate(blocks)
-        for name, layer in factorised_linears(block, cfg.ratio).items()
+        for lp in linear_plans(block, cfg.ratio, quant)
     }
     shards = dense = 0
     for name, shape in reader.shapes().items():
         dense += math.prod(shape) * item
         if name in low_rank:
-            m, n = low_rank[name]
-            shards += rank_for(m, n, cfg.ratio) * (m + n) * item
+            lp = low_rank[name]
+            shards += factor_bytes(*lp.shape, lp.rank, item, quant)
         else:
             shards += math.prod(shape) * item
     per_chunk = cfg.seqlen * hidden * compute_dtype(cfg.compute_dtype, reader.dtype()).itemsize

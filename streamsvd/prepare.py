@@ -18,7 +18,7 @@ from . import __version__
 from .calib import calibration_windows, load_text, text_sha256, tokenize
 from .checkpoint import CheckpointReader
 from .errors import NotEnoughResources, StreamSVDError
-from .factorize import METHODS, Method, rank_for
+from .factorize import METHODS, Method
 from .journal import read_manifest
 from .model import (
     build_skeleton,
@@ -33,7 +33,7 @@ from .modeling import linear_shape
 from .names import ModelTensors
 from .plan import disk_bytes, disk_needs, size_text
 from .preflight import check_locations, check_shapes
-from .quantize import QuantSettings, default_group_size
+from .quantize import QuantSettings, settings_for
 from .world import World
 
 log = logging.getLogger(__name__)
@@ -129,23 +129,13 @@ def prepare(cfg, world: World) -> Prepared:
 
 
 def _quant_settings(cfg, blocks: nn.ModuleList) -> QuantSettings | None:
-    """--bits, --group-size: the group size checked against (or, by default, chosen from)
-    every factorised linear's input width, and the compressed-tensors package found."""
-    if cfg.bits is None:
-        return None
+    """--bits, --group-size: checked against the model's widths, and the compressed-tensors
+    package found."""
     shapes = {linear_shape(linear) for block in blocks
               for linear in factorised_linears(block, cfg.ratio).values()}  # fmt: skip
-    widths = sorted({n for _, n in shapes})
-    ranks = [rank_for(m, n, cfg.ratio) for m, n in shapes]
-    size = cfg.group_size or default_group_size(widths, ranks)
-    uneven = [w for w in widths if w % size]
-    if uneven:
-        raise StreamSVDError(
-            f"--group-size {size} does not divide the input width of every layer ({uneven}): "
-            f"groups must not straddle rows; --group-size {default_group_size(widths, ranks)} does"
-        )
-    quant = QuantSettings(cfg.bits, size, cfg.quant_symmetric)
-    quant.scheme()  # the compressed-tensors package is there
+    quant = settings_for(cfg, shapes)
+    if quant:
+        quant.scheme()  # the compressed-tensors package is there
     return quant
 
 

@@ -82,6 +82,37 @@ def default_group_size(widths: list[int], ranks: list[int]) -> int:
     )
 
 
+def settings_for(cfg, shapes: set[tuple[int, int]]) -> QuantSettings | None:
+    """compress's --bits, --group-size and --asymmetric for a model whose factorised
+    linears have these (out, in) shapes: the group size checked against (or, by default,
+    chosen from) every input width and rank. None without --bits."""
+    if cfg.bits is None:
+        return None
+    from .factorize import rank_for
+
+    widths = sorted({n for _, n in shapes})
+    ranks = [rank_for(m, n, cfg.ratio) for m, n in shapes]
+    size = cfg.group_size or default_group_size(widths, ranks)
+    uneven = [w for w in widths if w % size]
+    if uneven:
+        raise StreamSVDError(
+            f"--group-size {size} does not divide the input width of every layer ({uneven}): "
+            f"groups must not straddle rows; --group-size {default_group_size(widths, ranks)} does"
+        )
+    return QuantSettings(cfg.bits, size, cfg.quant_symmetric)
+
+
+def factor_bytes(m: int, n: int, rank: int, item: int, quant: QuantSettings | None) -> int:
+    """Bytes of one factor pair on disk: A (m × rank) and B (rank × n), in `item`-byte
+    values, or quantized: packed codes, scales (and zero points) per group, shapes."""
+    values = rank * (m + n)
+    if quant is None:
+        return values * item
+    groups = values // quant.group_size
+    zeros = 0 if quant.symmetric else groups * quant.bits / 8
+    return int(values * quant.bits / 8 + groups * item + zeros) + 2 * 2 * 8
+
+
 def quantized_rank(rank: int, group_size: int, shape: tuple[int, int]) -> int:
     """A factor pair's rank rounded to the nearest whole number of groups (A's input width
     is the rank), never above what the layer allows: serving kernels need whole groups."""
@@ -199,8 +230,9 @@ def inverse_factor(H: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch
     what column i's rounding error does to the columns after it. δ is GPTQ's 1% of the mean
     diagonal, raised tenfold while a factorisation fails (never a crash, never a NaN).
     Columns the inputs never excite (H's diagonal zero) get a unit diagonal, so that they
-    are quantized as they are. Holds two n×n matrices of `dtype` besides H: in float32
-    (compress's choice, as the reference code's), 13 GiB at 70B's widest input with H."""
+    are quantized as they are. Holds about three n×n matrices of `dtype` besides H (two,
+    and LAPACK's copy): in float32 (compress's choice, as the reference code's), 9 GiB at
+    70B's widest input, and H's 6 GiB."""
     diagonal = H.diagonal().to(dtype)
     dead = (diagonal == 0).to(dtype)
     mean = float(diagonal.mean()) or 1.0

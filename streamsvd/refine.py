@@ -119,19 +119,18 @@ def refine_block(block: nn.Module, arguments: dict[int, dict], batches: list[tup
         arguments = {size: _clone_tree(a) for size, a in arguments.items()}
         params = [block.get_parameter(n) for n in names]
         optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-        schedule = warmup_cosine(optimizer, settings.epochs * len(batches))
+        steps = max(world.gather(len(batches)))  # per epoch, on every rank alike
+        schedule = warmup_cosine(optimizer, settings.epochs * steps)
         gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)
         epoch_loss = []
-        steps = max(world.gather(len(batches)))
+        step_with = (params, optimizer, schedule, world)
+
         for _ in range(settings.epochs):
             total = tokens = 0
             order = torch.randperm(len(batches), generator=gen).tolist()
             for step in range(steps):
-                if step >= len(order):  # this rank's share is a batch short
-                    _average_gradients(params, 0, world)
-                    optimizer.step()
-                    schedule.step()
-                    optimizer.zero_grad(set_to_none=True)
+                if step >= len(order):  # this rank's share is a batch short: adds nothing
+                    _take_step(*step_with, windows=0)
                     continue
                 start, stop = batches[order[step]]
                 x = read_inputs(start, stop).to(torch.float32)
@@ -140,11 +139,7 @@ def refine_block(block: nn.Module, arguments: dict[int, dict], batches: list[tup
                 out = out[0] if isinstance(out, tuple) else out
                 loss = nn.functional.mse_loss(out, y)
                 loss.backward()
-                _average_gradients(params, stop - start, world)
-                nn.utils.clip_grad_norm_(params, CLIP)
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
+                _take_step(*step_with, windows=stop - start)
                 total += loss.item() * (stop - start)
                 tokens += stop - start
                 del x, y, out, loss
@@ -156,7 +151,7 @@ def refine_block(block: nn.Module, arguments: dict[int, dict], batches: list[tup
             faults.point("refine", index)
         for p in params:  # the same on every rank already; rank 0's, to be sure
             world.broadcast_(p.data, 0)
-        del optimizer, params
+        del optimizer, params, step_with
         if not all(math.isfinite(v) for v in epoch_loss):
             raise StreamSVDError(
                 f"block {index + 1}: refinement diverged (loss {epoch_loss}); run with a lower "
@@ -168,20 +163,31 @@ def refine_block(block: nn.Module, arguments: dict[int, dict], batches: list[tup
             "trained": names}  # fmt: skip
 
 
+def _take_step(params, optimizer, schedule, world: World, windows: int) -> None:
+    """One optimiser step on the gradients averaged over every rank's `windows`."""
+    _average_gradients(params, windows, world)
+    nn.utils.clip_grad_norm_(params, CLIP)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def _average_gradients(params: list[nn.Parameter], windows: int, world: World) -> None:
     """Gradients of the mean loss over the step's windows on every rank (this rank's
     weighted by its `windows`); one process: as they are."""
     if not world.distributed:
         return
-    count = torch.tensor([float(windows)], dtype=torch.float64)
-    world.sum_([count])
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        else:
-            p.grad.mul_(windows)
-        world.sum_([p.grad])
-        p.grad.div_(float(count))
+    # every gradient and the window count in one buffer: one collective a step
+    flat = torch.cat([p.grad.reshape(-1) * windows for p in params]
+                     + [torch.tensor([float(windows)], device=params[0].device)])  # fmt: skip
+    world.sum_([flat])
+    count, offset = flat[-1], 0
+    for p in params:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p) / count)
+        offset += p.numel()
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int):

@@ -227,12 +227,13 @@ class RunDir:
                 tensor_digest(digest, values, self.compute)
 
     # -- the output ------------------------------------------------------------------------
-    def assemble(self, config: dict, classes: tuple[str, str]) -> dict[str, int]:
+    def assemble(self, config: dict, classes: tuple[str, str, str]) -> dict[str, int]:
         """Assemble the output beside its final name, marked incomplete in its config.json
         until every shard and the index are in, then rename it into place: an output
         directory that exists is a finished one. With --dense the factors are assembled in
         the run directory and exported from there. Rerun after a crash, this starts over.
-        `config`: the checkpoint's config.json; classes: its config and model class names.
+        `config`: the checkpoint's config.json; classes: its config, model and base model
+        class names.
         Returns every linear's rank."""
         cfg, out = self.cfg, Path(self.cfg.out)
         partial = out.with_name(out.name + ".partial")

@@ -253,49 +253,54 @@ class BlockStep:
 
         Every rank quantizes every linear from the same all-reduced sums, so the ranks hold
         the same block without exchanging factors."""
-        scheme = settings.scheme()
-        bits, size, symmetric = settings.bits, settings.group_size, settings.symmetric
         packed = {}
         for names in stages or [list(self.linears)]:
             grams = self._compressed_grams(read, names)
             release = release_points(names, grams)
-            inverses = {}  # group -> the inverse factor of its Gram, shared by its linears
+            inverses = {}  # group -> its Gram's inverse factor, shared by the group's linears
             for name in names:
-                low = self.block.get_submodule(name)
-                group = grams.get(name)
+                group = grams.get(name)  # None: no calibration token reached it (an expert)
                 with self.clock("quantize"):
                     G = group.Gc if group is not None else None
-                    B = low.down.weight.detach()
-                    if G is None:  # no calibration token reached it (an expert): rounding
-                        inverses[None] = torch.eye(B.shape[1], device=self.device)
-                    elif id(group) not in inverses:
+                    if G is not None and id(group) not in inverses:
                         inverses[id(group)] = inverse_factor(G, torch.float32)
-                    qB = gptq(B, None, bits, size, symmetric, inverses[id(group) if G is not None
-                              else None], dtype)  # fmt: skip
-                    down = packed_tensors(qB, settings, dtype)
-                    Bq = unpacked_weight(down, scheme).to(self.device)
-                    if G is None:
-                        HA = torch.eye(Bq.shape[0], dtype=torch.float64, device=self.device)
-                    else:
-                        BqG = Bq.to(torch.float64) @ G
-                        HA = BqG @ Bq.to(torch.float64).T
-                        del BqG
-                    qA = gptq(low.up.weight.detach(), None, bits, size, symmetric,
-                              inverse_factor(HA, torch.float32), dtype)  # fmt: skip
-                    up = packed_tensors(qA, settings, dtype)
-                    Aq = unpacked_weight(up, scheme).to(self.device)
-                    bias = low.up.bias.detach() if low.up.bias is not None else None
-                    new = LowRankLinear.from_factors(Aq, Bq, bias, Aq.dtype)
-                    replace_module(self.block, name, new.to(low.up.weight.dtype))
-                    packed[name] = {"down": _host(down), "up": _host(up)}
-                    faults.point("quantize", self.index)
-                    del qA, qB, HA, Aq, Bq
-                    if release.get(name) is not None:  # the group's last linear
-                        inverses.pop(id(group), None)
-                        for member in release[name]:
-                            grams.pop(member, None)
-            del grams, inverses
+                    low = self.block.get_submodule(name)
+                    packed[name], new = self._quantize_pair(low, G, inverses.get(id(group)),
+                                                            settings, dtype)  # fmt: skip
+                    replace_module(self.block, name, new)
+                faults.point("quantize", self.index)
+                if release.get(name) is not None:  # the group's last linear
+                    inverses.pop(id(group), None)
+                    for member in release[name]:
+                        grams.pop(member, None)
         return packed
+
+    def _quantize_pair(self, low: LowRankLinear, G: torch.Tensor | None,
+                       Hinv: torch.Tensor | None, settings: QuantSettings,
+                       dtype: torch.dtype) -> tuple[dict, LowRankLinear]:  # fmt: skip
+        """GPTQ of one factor pair: B against G (through Hinv, its inverse factor), then A
+        against B G Bᵀ with B as quantized; without G, each value rounded to its nearest
+        code (an identity Hinv spreads no error). Returns the packed tensors (host memory)
+        and the pair as loaders compute it from them, in the block's dtype."""
+        scheme = settings.scheme()
+        args = (settings.bits, settings.group_size, settings.symmetric)
+        B, A = low.down.weight.detach(), low.up.weight.detach()
+        if Hinv is None:
+            Hinv = torch.eye(B.shape[1], device=B.device)
+        down = packed_tensors(gptq(B, None, *args, Hinv=Hinv, scale_dtype=dtype), settings, dtype)
+        Bq = unpacked_weight(down, scheme).to(B.device)
+        if G is None:
+            A_inverse = torch.eye(B.shape[0], device=B.device)
+        else:
+            Bq64 = Bq.to(torch.float64)
+            A_inverse = inverse_factor((Bq64 @ G) @ Bq64.T, torch.float32)
+            del Bq64
+        up = packed_tensors(gptq(A, None, *args, Hinv=A_inverse, scale_dtype=dtype), settings,
+                            dtype)  # fmt: skip
+        Aq = unpacked_weight(up, scheme).to(B.device)
+        bias = low.up.bias.detach() if low.up.bias is not None else None
+        new = LowRankLinear.from_factors(Aq, Bq, bias, Aq.dtype).to(A.dtype)
+        return {"down": _host(down), "up": _host(up)}, new
 
     def _compressed_grams(self, read: Read, names: list[str]) -> dict[str, InputStats]:
         """Float64 Grams of `names`' inputs on the compressed stream, through the block as it

@@ -84,7 +84,7 @@ STOCK_ALL = r"""
 import json, sys
 sys.modules["streamsvd"] = None  # as where streamsvd is not installed
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM
 outs, ids = json.loads(sys.argv[1]), torch.tensor(json.loads(sys.argv[2]))
 result = {}
 for family, path in outs.items():
@@ -95,10 +95,13 @@ for family, path in outs.items():
         refused = "trust_remote_code=True" in str(exc)
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True,
                                                  dtype=torch.float32)
+    base = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch.float32)
     with torch.no_grad():
         logits = model.eval()(ids).logits
+        hidden = base.eval()(ids).last_hidden_state
     result[family] = {"refused": refused, "class": type(model).__name__,
-                      "logits": logits.tolist()}
+                      "logits": logits.tolist(), "base": type(base).__name__,
+                      "hidden": hidden.tolist()}
 print("\nRESULT", json.dumps(result))
 """
 
@@ -106,20 +109,24 @@ print("\nRESULT", json.dumps(result))
 def test_every_family_loads_through_its_own_code(calib, tmp_path):
     """Every family streamsvd compresses (synth.FAMILIES), in one process that cannot import
     streamsvd: each output is refused without trust_remote_code and, with it, gives
-    `load_compressed`'s logits. In float32, as models are run: in float64 GPT-J's logits
+    `load_compressed`'s logits; its base model alone (AutoModel, what vLLM's Transformers
+    backend loads) gives its hidden states. In float32, as models are run: in float64 GPT-J's logits
     differ by 1e-8 of their scale (the 35 others within 1e-9); the cause is not pinned
     down, a buffer one loader computes in float32 being the likely one. The bound, 1e-5 of
     the scale (about 100 float32 roundings), is far below any error of substance (O(1): a
     wrong or randomly initialised layer)."""
     ids = torch.randint(2, 500, (1, 12), generator=torch.Generator().manual_seed(3))
-    outs, ours = {}, {}
+    outs, ours, hidden = {}, {}, {}
     for family in FAMILIES:
         model = write_family(family, tmp_path / family, dtype=torch.float32, layers=2)
         outs[family] = str(tmp_path / f"{family}-out")
         compress(CompressConfig(model=str(model), out=outs[family], calib=str(calib),
                                 ratio=0.3, nsamples=4, seqlen=16, batch_size=4))  # fmt: skip
+        loaded = load_compressed(outs[family])
         with torch.no_grad():
-            ours[family] = load_compressed(outs[family])(ids).logits
+            ours[family] = loaded(ids).logits
+            base = loaded.get_submodule(loaded.base_model_prefix)
+            hidden[family] = base(ids).last_hidden_state
     result, _ = run_stock(STOCK_ALL, [json.dumps(outs), json.dumps(ids.tolist())], tmp_path, 900)
     assert set(result) == set(FAMILIES)
     for family, got in result.items():
@@ -128,3 +135,7 @@ def test_every_family_loads_through_its_own_code(calib, tmp_path):
         stock = torch.tensor(got["logits"], dtype=torch.float32)
         scale = float(ours[family].abs().max())
         assert float((stock - ours[family]).abs().max()) <= 1e-5 * scale, family
+        assert got["base"] == "StreamSVDModel", family
+        stock = torch.tensor(got["hidden"], dtype=torch.float32)
+        scale = float(hidden[family].abs().max())
+        assert float((stock - hidden[family]).abs().max()) <= 1e-5 * scale, family

@@ -145,13 +145,15 @@ def run_measured_from_outside(cmd: list[str]) -> tuple[subprocess.CompletedProce
     return run, maxrss * 1024
 
 
-@pytest.mark.parametrize("statistics", ["--sequential", "--no-sequential", "--refine-epochs=1"])
+@pytest.mark.parametrize(
+    "statistics", ["--sequential", "--no-sequential", "--refine-epochs=1", "--bits=4"]
+)
 def test_plan_is_within_25_percent_of_a_real_run(tmp_path, small_calib_text, statistics):
     """`compress --dry-run`, then the run itself, each in its own process so that each
     measures its own memory. The run directory's disk is measured at its fullest by a run
     killed as it writes its last shard (the resume tests' fault injection). Sequential
     statistics hold one stage's sums at a time, and the plan says so; block refinement
-    adds a phase of its own, planned and measured."""
+    and quantization add a phase each, planned and measured."""
     ckpt = synthesize(tmp_path / "model", PLAN_SHAPE, 2, dtype=torch.float32)
     out, plan_json, summary_json = tmp_path / "out", tmp_path / "plan.json", tmp_path / "s.json"
     args = ["--model", str(ckpt), "--out", str(out), "--method", "svdllm-a", "--ratio", "0.3",
@@ -203,6 +205,10 @@ def test_plan_is_within_25_percent_of_a_real_run(tmp_path, small_calib_text, sta
         measured = summary["phase_peaks"]["refine"]["host_mb"] * 2**20
         assert plan["host_phases"]["refine"] == pytest.approx(measured, rel=0.25)
         assert plan["seconds_per_block"]["refine"] > 0
+    if "bits" in statistics:
+        measured = summary["phase_peaks"]["quantize"]["host_mb"] * 2**20
+        assert plan["host_phases"]["quantize"] == pytest.approx(measured, rel=0.25)
+        assert plan["seconds_per_block"]["quantize"] > 0
     assert [b["block"] for b in summary["block_seconds"]] == [0, 1]
     assert "time" in dry.stdout and plan["seconds_per_block"]["total"] > 0
 
@@ -319,6 +325,14 @@ def test_a_70b_block_fits_in_20_gib_of_host_and_24_gib_of_gpu_by_the_plan(tmp_pa
     assert gpu.checks[1]["what"] == "device memory (--device-memory)"
     # the sums are the bulk: down_proj's G' (28672²) and W·C (8192×28672) in float64
     assert cpu.host_phases["statistics"] > (28672**2 + 8192 * 28672) * 8
+    # with 4-bit factors: GPTQ holds down_proj's G' and its float32 inverse factor besides
+    for device, plan in (("cpu", None), ("cuda", None)):
+        cfg = CompressConfig(model=str(ckpt), out=str(tmp_path / "o"), device=device, bits=4)
+        plan = make_plan(cfg, fixed, device_memory=24 * 2**30, timing=False)
+        peak = plan.host_peak_bytes if device == "cpu" else plan.device_peak_bytes
+        assert peak <= (20 if device == "cpu" else 24) * 2**30, device
+        phases = plan.host_phases if device == "cpu" else plan.device_phases
+        assert phases["quantize"] > 28672**2 * (8 + 4)
 
 
 def test_out_of_memory_names_the_phase(tiny_synth, tmp_path):
