@@ -458,8 +458,11 @@ def cmd_compress(args) -> dict:
 
 
 def format_summary(s: dict) -> str:
+    quant = s.get("quantization")
+    bits = (f", factors in {quant['bits']} bits (groups of {quant['group_size']}, "
+            f"{'symmetric' if quant['symmetric'] else 'asymmetric'})" if quant else "")  # fmt: skip
     lines = [
-        f"compressed with {s['method']} at ratio {s['ratio']} in {s['seconds']:.1f}s",
+        f"compressed with {s['method']} at ratio {s['ratio']}{bits} in {s['seconds']:.1f}s",
         f"  parameters   {s['params_before']:,} -> {s['params_after']:,} "
         f"({s['params_after'] / s['params_before']:.1%})",
         f"  linear params {s['linear_params_before']:,} -> {s['linear_params_after']:,} "
