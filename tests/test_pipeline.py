@@ -255,6 +255,7 @@ def test_output_is_a_sharded_checkpoint_with_streamsvd_config(
     assert config.pop("auto_map") == {
         "AutoConfig": "modeling_streamsvd.StreamSVDConfig",
         "AutoModelForCausalLM": "modeling_streamsvd.StreamSVDForCausalLM",
+        "AutoModel": "modeling_streamsvd.StreamSVDModel",  # the base model, for vLLM
     }
     base = original.pop("model_type")
     assert config.pop("model_type") == f"streamsvd_{base}" and section["base_model_type"] == base
