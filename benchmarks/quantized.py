@@ -7,8 +7,10 @@ perplexity of SmolLM2-135M against the bytes its decoder blocks take on disk.
 - streamsvd cells RATIO:BITS: `streamsvd compress --ratio RATIO --bits BITS` (default
   method, symmetric, the default group size), each in its own process.
 - GPTQ cells: the dense model quantized by llm-compressor (benchmarks/gptq_baseline.py),
-  in an environment of its own (it pins its own transformers), every block linear at BITS,
-  symmetric, the same group size, the same 64 calibration windows.
+  in an environment of its own, as it pins its own transformers (made with `python -m venv
+  LC && LC/bin/pip install torch==2.13.0 llmcompressor==0.14.0.1`; measured with
+  transformers 5.17.0 there): every block linear at BITS, symmetric, the same group size,
+  the same 64 calibration windows.
 - Bytes: every tensor of the decoder blocks as stored (codes, scales in the checkpoint's
   float32, norms); the embedding and LM head, the same in all, are left out.
 
