@@ -64,7 +64,8 @@ class CheckpointReader(Mapping):
                     f"there, e.g. {missing[0]}: the checkpoint is incomplete or mixed up"
                 )
         self.stored = dict(self.weight_map)  # the names in the files
-        self.packed: dict[str, tuple[str, object]] = {}  # weight name -> (module, its scheme)
+        # weight name -> (module, its scheme, the weight's shape)
+        self.packed: dict[str, tuple[str, object, list[int]]] = {}
         self._packed_views()
 
     def _packed_views(self) -> None:
@@ -78,6 +79,14 @@ class CheckpointReader(Mapping):
             return
         from .quantize import scheme_for
 
+        shapes = {}  # each module's weight_shape, read a shard at a time
+        by_shard: dict[str, list[str]] = {}
+        for module in modules:
+            by_shard.setdefault(self.stored[f"{module}.weight_shape"], []).append(module)
+        for shard, shard_modules in sorted(by_shard.items()):
+            with safe_open(self.path / shard, "pt") as f:
+                for module in shard_modules:
+                    shapes[module] = f.get_tensor(f"{module}.weight_shape").tolist()
         for module in modules:
             scheme = scheme_for(qconfig, module)
             if scheme is None:
@@ -88,7 +97,7 @@ class CheckpointReader(Mapping):
             for part in PACKED_PARTS:
                 self.weight_map.pop(f"{module}.{part}", None)
             self.weight_map[f"{module}.weight"] = self.stored[f"{module}.weight_packed"]
-            self.packed[f"{module}.weight"] = (module, scheme)
+            self.packed[f"{module}.weight"] = (module, scheme, shapes[module])
 
     def _raw_names(self, names: list[str]) -> list[str]:
         """The stored tensors the names are read from."""
@@ -124,7 +133,7 @@ class CheckpointReader(Mapping):
             if name in self.packed:
                 from .quantize import unpacked_weight
 
-                module, scheme = self.packed[name]
+                module, scheme, _ = self.packed[name]
                 parts = {p: out.pop(f"{module}.{p}") for p in PACKED_PARTS
                          if f"{module}.{p}" in out}  # fmt: skip
                 out[name] = unpacked_weight(parts, scheme)
@@ -157,11 +166,10 @@ class CheckpointReader(Mapping):
         out = {}
         for shard in sorted(set(self.weight_map.values())):
             out.update(shard_shapes(self.path / shard))
-        for name, (module, _) in self.packed.items():
+        for name, (module, _, shape) in self.packed.items():
             for part in PACKED_PARTS:
                 out.pop(f"{module}.{part}", None)
-            with safe_open(self.path / self.stored[f"{module}.weight_shape"], "pt") as f:
-                out[name] = f.get_tensor(f"{module}.weight_shape").tolist()
+            out[name] = shape
         return out
 
     def dtype(self) -> torch.dtype:

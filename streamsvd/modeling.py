@@ -218,6 +218,16 @@ def compressed_structure(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
     return model
 
 
+def low_rank_structure(model: nn.Module, section: dict, prefix: str = "") -> nn.Module:
+    """A freshly built original model (or, with the whole model's `prefix`, its base model)
+    turned into the compressed one that config.json's streamsvd `section` records."""
+    unfuse_experts(model)
+    ranks = {} if section.get("dense") else section["ranks"]
+    if prefix:
+        ranks = {name.removeprefix(prefix + "."): rank for name, rank in ranks.items()}
+    return compressed_structure(model, ranks)
+
+
 def remote_code_footer(config_class: str, model_class: str, base_type: str,
                        base_class: str) -> str:  # fmt: skip
     """The lines that, appended to this file, make it the modeling code of one compressed
@@ -243,9 +253,7 @@ class StreamSVDForCausalLM(_OriginalModel):
 
     def __init__(self, config):
         super().__init__(config)
-        unfuse_experts(self)
-        section = getattr(config, SECTION)
-        compressed_structure(self, {{}} if section.get("dense") else section["ranks"])
+        low_rank_structure(self, getattr(config, SECTION))
 
 
 class StreamSVDModel(_OriginalBase):
@@ -255,9 +263,5 @@ class StreamSVDModel(_OriginalBase):
 
     def __init__(self, config):
         super().__init__(config)
-        unfuse_experts(self)
-        section = getattr(config, SECTION)
-        prefix = _OriginalModel.base_model_prefix + "."
-        ranks = {{}} if section.get("dense") else section["ranks"]
-        compressed_structure(self, {{k.removeprefix(prefix): r for k, r in ranks.items()}})
+        low_rank_structure(self, getattr(config, SECTION), _OriginalModel.base_model_prefix)
 '''

@@ -24,16 +24,14 @@ from .model import (
     build_skeleton,
     check_supported,
     compute_dtype,
-    factorised_linears,
     find_blocks,
     load_config,
     max_positions,
 )
-from .modeling import linear_shape
 from .names import ModelTensors
-from .plan import disk_bytes, disk_needs, size_text
+from .plan import disk_bytes, disk_needs, quant_plan, size_text
 from .preflight import check_locations, check_shapes
-from .quantize import QuantSettings, settings_for
+from .quantize import QuantSettings
 from .world import World
 
 log = logging.getLogger(__name__)
@@ -131,9 +129,7 @@ def prepare(cfg, world: World) -> Prepared:
 def _quant_settings(cfg, blocks: nn.ModuleList) -> QuantSettings | None:
     """--bits, --group-size: checked against the model's widths, and the compressed-tensors
     package found."""
-    shapes = {linear_shape(linear) for block in blocks
-              for linear in factorised_linears(block, cfg.ratio).values()}  # fmt: skip
-    quant = settings_for(cfg, shapes)
+    quant = quant_plan(cfg, blocks)
     if quant:
         quant.scheme()  # the compressed-tensors package is there
     return quant

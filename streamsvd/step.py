@@ -84,25 +84,31 @@ class BlockStep:
                         _run_until_seen(self.block, xc, self.arguments, names, seen_c)
                     del xc
             with self.clock("stats"):
-                # an expert's linears appear in the first batch that routes a token to it
-                new = {name: x for name, x in seen.items() if name not in stats}
-                for group in shared_input_groups(new):
-                    weights = {name: linear_weight(self.linears[name]) for name in group}
-                    shared = InputStats(seen[group[0]].shape[-1], needs, self.device, weights)
-                    stats.update({name: shared for name in group})
-                first = {}  # each group's first linear seen in this batch
-                for name in seen:
-                    first.setdefault(id(stats[name]), name)
-                for name in first.values():
-                    stats[name].add(
-                        seen[name] if "orig" in needs or "cross" in needs else None,
-                        seen_c.get(name),
-                    )
+                self._add_batch(stats, needs, seen, seen_c)
             del seen, seen_c
         if self.world.distributed:
             with self.clock("communicate"):
                 self._add_up(stats, needs)
         return stats
+
+    def _add_batch(self, stats: dict[str, InputStats], needs: frozenset[str], seen: dict,
+                   seen_c: dict) -> None:  # fmt: skip
+        """Add one batch's captured inputs to the sums: `seen` on the original stream (or,
+        where only the compressed stream is summed, the compressed one), `seen_c` on the
+        compressed stream. Linears reading the same tensor share one group, made the first
+        time they appear (an expert's, in the first batch that routes a token to it), and
+        each group takes its inputs once."""
+        new = {name: x for name, x in seen.items() if name not in stats}
+        for group in shared_input_groups(new):
+            weights = {name: linear_weight(self.linears[name]) for name in group}
+            shared = InputStats(seen[group[0]].shape[-1], needs, self.device, weights)
+            stats.update({name: shared for name in group})
+        first = {}  # each group's first linear seen in this batch
+        for name in seen:
+            first.setdefault(id(stats[name]), name)
+        for name in first.values():
+            stats[name].add(seen[name] if "orig" in needs or "cross" in needs else None,
+                            seen_c.get(name))  # fmt: skip
 
     def _add_up(self, stats: dict[str, InputStats], needs: frozenset[str]) -> None:
         """Every rank's sums added up, so that each holds the whole calibration set's. A
@@ -314,12 +320,7 @@ class BlockStep:
                     _run_until_seen(self.block, xc, self.arguments, names, seen)
                 del xc
             with self.clock("stats"):
-                new = {name: x for name, x in seen.items() if name not in stats}
-                for group in shared_input_groups(new):
-                    shared = InputStats(seen[group[0]].shape[-1], needs, self.device)
-                    stats.update({name: shared for name in group})
-                for group in {id(stats[n]): (stats[n], n) for n in seen}.values():
-                    group[0].add(None, seen[group[1]])
+                self._add_batch(stats, needs, seen, seen)
             del seen
         if self.world.distributed:
             with self.clock("communicate"):
