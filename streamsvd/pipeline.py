@@ -43,7 +43,7 @@ from .model import (
 )
 from .modeling import linear_shape
 from .prepare import prepare
-from .quantize import QuantSettings, quantized_rank
+from .quantize import DAMP, QuantSettings, quantized_rank
 from .refine import DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_TARGET, RefineSettings
 from .rundir import RunDir, shard_file
 from .step import BlockStep
@@ -353,15 +353,16 @@ class Compressor:
             stages = sequential_stages(list(factorised_linears(block, self.cfg.ratio)), groups)
         original = self._load_block(i)
         linears = factorised_linears(block, self.cfg.ratio)
+        quant = self.setup.quant
         step = BlockStep(block, linears, block_kwargs, self._batches(), self.device,
-                         self.timer, i, world=self.world)  # fmt: skip
+                         self.timer, i, world=self.world,
+                         whitening_damping=DAMP if quant else 0.0)  # fmt: skip
         ranks = {  # the allocation's, or the uniform rule's
             name: self.ranks[f"{block_prefix}.{name}"]
             if self.ranks
             else rank_for(*linear_shape(linear), self.cfg.ratio)
             for name, linear in linears.items()
         }
-        quant = self.setup.quant
         if quant:  # A's input width is the rank: whole groups
             ranks = {name: quantized_rank(rank, quant.group_size, linear_shape(linears[name]))
                      for name, rank in ranks.items()}  # fmt: skip

@@ -456,9 +456,10 @@ def quantize_workspace(m: int, n: int, r: int) -> int:
     building the inverse factor of an n-wide Gram (three float32 n×n: measured 2.8, as
     LAPACK works on a copy), or the factor kept
     with B's float32 copy and codes, B·G in float64, A's r×r Hessian and its factor, and
-    A's float32 copy and codes."""
+    A's float32 copy and codes, and both factors rotated (`quantize.rank_rotation`) in
+    float32."""
     building = 3 * 4 * n * n
-    sweeping = 4 * n * n + 8 * r * n + 8 * r * n + 3 * 8 * r * r + 8 * m * r
+    sweeping = 4 * n * n + 8 * r * n + 8 * r * n + 3 * 8 * r * r + 8 * m * r + 4 * r * (m + n)
     return max(building, sweeping)
 
 

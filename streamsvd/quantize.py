@@ -17,6 +17,7 @@ they load.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -183,6 +184,25 @@ def scheme_for(config: dict | None, module: str):
                     or target[:1].isupper():  # fmt: skip
                 return QuantizationScheme.model_validate(group)
     return None
+
+
+def rank_rotation(rank: int) -> torch.Tensor:
+    """An orthogonal rank × rank matrix R (float64, CPU, seeded): a DCT-II basis with random
+    signs. A pair is quantized as (A·R)(Rᵀ·B), the same product.
+
+    Why: the whitened factors put each singular direction in a column of A of its own (A =
+    U Σ^½), so A's Hessian B G Bᵀ is diagonal (Σ): GPTQ has no correlated column to push an
+    error onto and rounds A as round-to-nearest would. R mixes the directions, so the
+    Hessian has off-diagonal terms GPTQ uses, and a group's values share one range (QuIP's
+    incoherence, Chee et al. 2023, here free: R stays inside the pair, nothing is added
+    to the model). On SmolLM2's layers at ratio 0.4 and 4 bits it removes about half of
+    the error quantization adds (docs/quantization.md)."""
+    k = torch.arange(rank, dtype=torch.float64)
+    basis = torch.cos(math.pi * (2 * k[None, :] + 1) * k[:, None] / (2 * rank))
+    basis *= math.sqrt(2 / rank)
+    basis[0] /= math.sqrt(2)  # rows: the orthonormal DCT-II basis
+    signs = torch.randint(0, 2, (rank,), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    return signs[:, None] * basis.T
 
 
 def group_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -79,6 +79,9 @@ class InputStats:
         self._weights = weights if self.WC else None
         self._factors: dict[str, torch.Tensor] = {}
         self.tokens = 0
+        # A ridge for `whitener`, a fraction of the Gram's mean diagonal: set by compress
+        # --bits, whose factors must stay quantizable (BlockStep.whitening_damping).
+        self.damping = 0.0
 
     def add(self, x: torch.Tensor | None, xc: torch.Tensor | None) -> None:
         """x, xc: (..., n) inputs of the same tokens from the original / compressed stream."""
@@ -110,7 +113,8 @@ class InputStats:
             if gram is None:
                 raise StreamSVDError(f"no {which} Gram was accumulated for this layer")
             gram = gram.to(torch.float64)  # a copy only where the sums are not float64
-            self._factors[which] = damped_cholesky_(gram, "G" if which == "orig" else "G'")
+            self._factors[which] = damped_cholesky_(gram, "G" if which == "orig" else "G'",
+                                                    self.damping)  # fmt: skip
         return self._factors[which]
 
     def weighted_cross(self, W: torch.Tensor, name: str | None = None) -> torch.Tensor:
@@ -181,9 +185,10 @@ def damped_cholesky(gram: torch.Tensor, what: str = "Gram") -> torch.Tensor:
     return damped_cholesky_(gram.to(torch.float64, copy=True), what)
 
 
-def damped_cholesky_(gram: torch.Tensor, what: str = "Gram") -> torch.Tensor:
+def damped_cholesky_(gram: torch.Tensor, what: str = "Gram", least: float = 0.0) -> torch.Tensor:
     """Overwrite a float64 Gram G (n×n, contiguous) with lower-triangular L, L Lᵀ = G + δI,
-    δ as small as works, and return it. No n×n copy is taken.
+    δ as small as works (at least `least` times the mean diagonal), and return it. No n×n
+    copy is taken.
 
     A Gram can be singular (dead channels, fewer tokens than dimensions) or so
     ill-conditioned that its factor is useless. Dead channels (zero diagonal) get a unit
@@ -206,6 +211,8 @@ def damped_cholesky_(gram: torch.Tensor, what: str = "Gram") -> torch.Tensor:
         diag[dead] = 1.0
         log.info("%s: %d dead input channels given unit variance", what, int(dead.sum()))
     scale, biggest = float(diag.mean()), float(diag.max())
+    if least:
+        diag.add_(least * scale)
     n, b = gram.shape[0], CHOLESKY_BLOCK
     # What an attempt overwrites and the strict upper triangle cannot give back.
     diagonal_blocks = [gram[c : c + b, c : c + b].clone() for c in range(0, n, b)]

@@ -29,7 +29,14 @@ from .experts import same_routing
 from .factorize import METHODS, Clock, Method, untimed
 from .model import capture_inputs, run_block, shared_input_groups
 from .modeling import LowRankLinear, linear_shape, linear_weight, replace_module
-from .quantize import QuantSettings, gptq, inverse_factor, packed_tensors, unpacked_weight
+from .quantize import (
+    QuantSettings,
+    gptq,
+    inverse_factor,
+    packed_tensors,
+    rank_rotation,
+    unpacked_weight,
+)
 from .refine import RefineSettings, refine_block
 from .stats import InputStats, release_points
 from .world import World
@@ -54,6 +61,11 @@ class BlockStep:
     index: int = 0  # the block's index, for fault points
     dense: dict[str, nn.Module] = field(default_factory=dict)  # kept for refine's target
     world: World = field(default_factory=World)  # `batches` are this rank's share
+    # The whitening's ridge, a fraction of each Gram's mean diagonal (stats.damped_cholesky_).
+    # compress --bits sets GPTQ's 1%: a nearly singular compressed-stream Gram (as after a
+    # low-rank v_proj, the o_proj inputs) otherwise gives B = Σ^½ Vᵀ L⁻¹ entries thousands
+    # of times the rest, and their rounding error swamps the layer (docs/quantization.md).
+    whitening_damping: float = 0.0
 
     # -- statistics ------------------------------------------------------------------------
     def statistics(self, needs: frozenset[str], read: Read, write: Write | None,
@@ -149,6 +161,8 @@ class BlockStep:
             if group is not None and self.device.type == "cuda":
                 for other in {id(g): g for g in stats.values()}.values():  # park the rest
                     other.to(self.device if other is group else "cpu")
+            if group is not None:
+                group.damping = self.whitening_damping
             own = group.for_linear(name) if group is not None else None
             how = method if own is not None or not method.needs else PLAIN
             A, B = how.factorize(linear_weight(linear), own, ranks[name], self.clock)
@@ -284,13 +298,17 @@ class BlockStep:
     def _quantize_pair(self, low: LowRankLinear, G: torch.Tensor | None,
                        Hinv: torch.Tensor | None, settings: QuantSettings,
                        dtype: torch.dtype) -> tuple[dict, LowRankLinear]:  # fmt: skip
-        """GPTQ of one factor pair: B against G (through Hinv, its inverse factor), then A
-        against B G Bᵀ with B as quantized; without G, each value rounded to its nearest
-        code (an identity Hinv spreads no error). Returns the packed tensors (host memory)
+        """GPTQ of one factor pair, rotated in its rank space first (`rank_rotation`): B
+        against G (through Hinv, its inverse factor), then A against B G Bᵀ with B as
+        quantized; without G, each value rounded to its nearest code (an identity Hinv
+        spreads no error). Returns the packed tensors (host memory)
         and the pair as loaders compute it from them, in the block's dtype."""
         scheme = settings.scheme()
         args = (settings.bits, settings.group_size, settings.symmetric)
         B, A = low.down.weight.detach(), low.up.weight.detach()
+        R = rank_rotation(B.shape[0]).to(B.device, torch.float32)
+        B, A = R.T @ B.float(), A.float() @ R  # the same product, easier to quantize
+        del R
         if Hinv is None:
             Hinv = torch.eye(B.shape[1], device=B.device)
         down = packed_tensors(gptq(B, None, *args, Hinv=Hinv, scale_dtype=dtype), settings, dtype)
@@ -305,7 +323,7 @@ class BlockStep:
                             dtype)  # fmt: skip
         Aq = unpacked_weight(up, scheme).to(B.device)
         bias = low.up.bias.detach() if low.up.bias is not None else None
-        new = LowRankLinear.from_factors(Aq, Bq, bias, Aq.dtype).to(A.dtype)
+        new = LowRankLinear.from_factors(Aq, Bq, bias, Aq.dtype).to(low.up.weight.dtype)
         return {"down": _host(down), "up": _host(up)}, new
 
     def _compressed_grams(self, read: Read, names: list[str]) -> dict[str, InputStats]:
