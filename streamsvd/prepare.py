@@ -77,7 +77,7 @@ def prepare(cfg, world: World) -> Prepared:
             "here, use --dry-run with --device-memory)"
         )
     device = torch.device(world.device(cfg.device))
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:  # a rank's own GPU (torchrun)
         torch.cuda.set_device(device)
     reader = CheckpointReader(cfg.model)
     config = load_config(cfg.model)

@@ -195,8 +195,8 @@ def rank_rotation(rank: int) -> torch.Tensor:
     error onto and rounds A as round-to-nearest would. R mixes the directions, so the
     Hessian has off-diagonal terms GPTQ uses, and a group's values share one range (QuIP's
     incoherence, Chee et al. 2023, here free: R stays inside the pair, nothing is added
-    to the model). On SmolLM2's layers at ratio 0.4 and 4 bits it removes about half of
-    the error quantization adds (docs/quantization.md)."""
+    to the model). On 28 of SmolLM2's layers at ratio 0.4 and 4 bits, the error that
+    quantization adds falls to 0.58 of itself (median; 0.15-0.88; docs/quantization.md)."""
     k = torch.arange(rank, dtype=torch.float64)
     basis = torch.cos(math.pi * (2 * k[None, :] + 1) * k[:, None] / (2 * rank))
     basis *= math.sqrt(2 / rank)

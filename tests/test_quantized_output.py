@@ -19,7 +19,7 @@ from streamsvd import CompressConfig, compress, load_compressed
 from streamsvd.calib import stdlib_docstrings
 from streamsvd.checkpoint import CheckpointReader
 from streamsvd.errors import StreamSVDError
-from streamsvd.quantize import QuantSettings, gptq, packed_tensors, unpacked_weight
+from streamsvd.quantize import DAMP, QuantSettings, gptq, packed_tensors, unpacked_weight
 
 QUANT = ("--bits", "4", "--group-size", "16")  # the tiny model's k/v ranks hold one group
 
@@ -120,3 +120,26 @@ def test_what_quantized_factors_cannot_be_combined_with_is_refused(calib, tmp_pa
         compress(CompressConfig(model=str(model), out=str(tmp_path / "o"), calib=str(calib),
                                 bits=4, group_size=128, nsamples=4, seqlen=32))  # fmt: skip
     assert not (tmp_path / "o").exists()
+
+
+def test_bits_whiten_with_gptqs_damping(calib, tmp_path, monkeypatch):
+    """With --bits the whitening's Cholesky gets GPTQ's ridge (step.whitening_damping),
+    without it none: unquantized outputs are as before."""
+    import streamsvd.stats as stats_module
+
+    model = write_checkpoint(tmp_path / "model", tiny_config(layers=1))
+    seen = []
+    plain = stats_module.damped_cholesky_
+
+    def spy(gram, what="Gram", least=0.0):
+        seen.append((what, least))
+        return plain(gram, what, least)
+
+    monkeypatch.setattr(stats_module, "damped_cholesky_", spy)
+    for bits in (None, 4):
+        seen.clear()
+        compress(CompressConfig(model=str(model), out=str(tmp_path / f"out{bits}"),
+                                calib=str(calib), ratio=0.2, nsamples=4, seqlen=32,
+                                batch_size=4, bits=bits))  # fmt: skip
+        whitened = [least for what, least in seen if what == "G'"]
+        assert whitened and set(whitened) == {DAMP if bits else 0.0}
