@@ -65,7 +65,8 @@ class InputStats:
     `weighted_cross` hands over the W·C buffer."""
 
     def __init__(self, dim: int, needs: frozenset[str], device: torch.device | str,
-                 weights: dict[str, torch.Tensor] | None = None):  # fmt: skip
+                 weights: dict[str, torch.Tensor] | None = None,
+                 damping: float = 0.0):  # fmt: skip
         outs = {name: w.shape[0] for name, w in (weights or {}).items()}
         shapes = sum_shapes(dim, outs, needs)
         zeros = lambda s: torch.zeros(s, dtype=SUM_DTYPE, device=device)  # noqa: E731
@@ -81,7 +82,7 @@ class InputStats:
         self.tokens = 0
         # A ridge for `whitener`, a fraction of the Gram's mean diagonal: set by compress
         # --bits, whose factors must stay quantizable (BlockStep.whitening_damping).
-        self.damping = 0.0
+        self.damping = damping
 
     def add(self, x: torch.Tensor | None, xc: torch.Tensor | None) -> None:
         """x, xc: (..., n) inputs of the same tokens from the original / compressed stream."""

@@ -113,7 +113,8 @@ class BlockStep:
         new = {name: x for name, x in seen.items() if name not in stats}
         for group in shared_input_groups(new):
             weights = {name: linear_weight(self.linears[name]) for name in group}
-            shared = InputStats(seen[group[0]].shape[-1], needs, self.device, weights)
+            shared = InputStats(seen[group[0]].shape[-1], needs, self.device, weights,
+                                self.whitening_damping)  # fmt: skip
             stats.update({name: shared for name in group})
         first = {}  # each group's first linear seen in this batch
         for name in seen:
@@ -133,7 +134,7 @@ class BlockStep:
         for members, dim in everyone:
             if members[0] not in stats:
                 weights = {name: linear_weight(self.linears[name]) for name in members}
-                shared = InputStats(dim, needs, self.device, weights)
+                shared = InputStats(dim, needs, self.device, weights, self.whitening_damping)
                 stats.update({name: shared for name in members})
             group = stats[members[0]]
             tokens = torch.tensor([group.tokens], dtype=torch.float64, device=group.G.device
@@ -161,8 +162,6 @@ class BlockStep:
             if group is not None and self.device.type == "cuda":
                 for other in {id(g): g for g in stats.values()}.values():  # park the rest
                     other.to(self.device if other is group else "cpu")
-            if group is not None:
-                group.damping = self.whitening_damping
             own = group.for_linear(name) if group is not None else None
             how = method if own is not None or not method.needs else PLAIN
             A, B = how.factorize(linear_weight(linear), own, ranks[name], self.clock)
@@ -301,8 +300,8 @@ class BlockStep:
         """GPTQ of one factor pair, rotated in its rank space first (`rank_rotation`): B
         against G (through Hinv, its inverse factor), then A against B G Bᵀ with B as
         quantized; without G, each value rounded to its nearest code (an identity Hinv
-        spreads no error). Returns the packed tensors (host memory)
-        and the pair as loaders compute it from them, in the block's dtype."""
+        spreads no error). Returns the packed tensors (host memory) and the pair as loaders
+        compute it from them, in the block's dtype."""
         scheme = settings.scheme()
         args = (settings.bits, settings.group_size, settings.symmetric)
         B, A = low.down.weight.detach(), low.up.weight.detach()
