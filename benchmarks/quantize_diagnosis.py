@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -32,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from streamsvd import load_compressed  # noqa: E402
 from streamsvd.calib import calibration_windows, eval_windows, tokenize  # noqa: E402
 from streamsvd.default_model import default_model_path  # noqa: E402
+from streamsvd.evaluate import perplexity  # noqa: E402
 from streamsvd.factorize import rank_for, whitened_truncation  # noqa: E402
 from streamsvd.quantize import gptq, inverse_factor, quantized_rank, rank_rotation  # noqa: E402
 from streamsvd.stats import damped_cholesky  # noqa: E402
@@ -108,8 +108,7 @@ def outputs(args, model, tok) -> dict:
             got = m(test[:4], output_hidden_states=True).hidden_states
             errors = [float(torch.linalg.norm(g - w) / torch.linalg.norm(w))
                       for g, w in zip(got, want, strict=True)]  # fmt: skip
-            nll = sum(float(m(x, labels=x).loss) * x.numel() for x in test.split(4))
-        rows.append({"output": str(path), "perplexity": math.exp(nll / test.numel()),
+        rows.append({"output": str(path), "perplexity": perplexity(path, test, progress=False),
                      "hidden_state_errors": errors})  # fmt: skip
         print(rows[-1], flush=True)
     lines = ["| output | perplexity (24 windows) | hidden-state error after blocks 1, 2, … |",
