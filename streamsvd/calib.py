@@ -141,8 +141,23 @@ def tokenize(tokenizer, text: str, special_tokens: bool = False) -> torch.Tensor
     return torch.tensor(ids["input_ids"], dtype=torch.long)
 
 
-def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """(nsamples, seqlen) windows at offsets uniform from random.Random(seed) (P1)."""
+def leading_bos(tokenizer) -> int | None:
+    """The BOS id the tokenizer puts before every text it encodes (Llama, Gemma, Mistral),
+    or None where it adds none (SmolLM2, Qwen, GPT-2)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
+def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int,
+                        bos: int | None = None) -> torch.Tensor:  # fmt: skip
+    """(nsamples, seqlen) windows at offsets uniform from random.Random(seed) (P1).
+
+    With `bos`, each window is that token and the seqlen − 1 tokens of text at the same
+    offset: a model whose tokenizer adds BOS sees it first in every real input, and treats
+    the first position very differently (benchmarks/results/bos_windows.md)."""
     if len(ids) < nsamples * seqlen:
         raise StreamSVDError(
             f"calibration text is too short: {len(ids)} tokens, need at least nsamples × seqlen "
@@ -151,7 +166,10 @@ def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int
         )
     rng = random.Random(seed)
     starts = [rng.randint(0, len(ids) - seqlen - 1) for _ in range(nsamples)]
-    return torch.stack([ids[s : s + seqlen] for s in starts])
+    if bos is None:
+        return torch.stack([ids[s : s + seqlen] for s in starts])
+    lead = torch.tensor([bos], dtype=ids.dtype)
+    return torch.stack([torch.cat([lead, ids[s : s + seqlen - 1]]) for s in starts])
 
 
 def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None) -> torch.Tensor:

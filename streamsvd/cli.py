@@ -208,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--nsamples", type=int, default=64, help="calibration windows (default 64)")
     c.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     c.add_argument("--seed", type=int, default=0, help="seed for drawing windows (default 0)")
+    c.add_argument(
+        "--bos-windows",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="start every calibration window with the tokenizer's BOS token (default: when "
+        "the tokenizer adds one to every text, as Llama, Gemma and Mistral do, so that "
+        "calibration sees the first position as the model does)",
+    )
     c.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
     c.add_argument(
         "--device",
@@ -416,6 +424,7 @@ def cmd_compress(args) -> dict:
         nsamples=args.nsamples,
         seqlen=args.seqlen,
         seed=args.seed,
+        bos_windows=args.bos_windows,
         batch_size=args.batch_size,
         device=args.device or _default_device(),
         workdir=args.workdir,

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .calib import calibration_windows, load_text, text_sha256, tokenize
+from .calib import calibration_windows, leading_bos, load_text, text_sha256, tokenize
 from .checkpoint import (
     CheckpointReader,
     atomic_write_bytes,
@@ -107,7 +107,8 @@ def heal_windows(cfg: HealConfig, tokenizer) -> tuple[torch.Tensor, dict]:
         source = str(path)
     else:
         text, source = load_text(cfg.data)
-    windows = calibration_windows(tokenize(tokenizer, text), cfg.nsamples, cfg.seqlen, cfg.seed)
+    ids = tokenize(tokenizer, text)  # BOS-led windows where the tokenizer adds BOS, as compress
+    windows = calibration_windows(ids, cfg.nsamples, cfg.seqlen, cfg.seed, leading_bos(tokenizer))
     return windows, {"source": source, "text_sha256": text_sha256(text)}
 
 

@@ -66,6 +66,8 @@ class CompressConfig:
     nsamples: int = 64
     seqlen: int = 512
     seed: int = 0
+    # BOS-led calibration windows: None as the tokenizer does (calib.leading_bos)
+    bos_windows: bool | None = None
     batch_size: int = 8  # calibration windows per forward
     device: str = "cpu"
     workdir: str | None = None  # default: <out>.work

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .calib import calibration_windows, load_text, text_sha256, tokenize
+from .calib import calibration_windows, leading_bos, load_text, text_sha256, tokenize
 from .checkpoint import CheckpointReader
 from .errors import NotEnoughResources, StreamSVDError
 from .factorize import METHODS, Method
@@ -150,9 +150,17 @@ def _calibration(cfg, config) -> tuple[torch.Tensor | None, dict]:
     except (OSError, ValueError) as exc:
         raise StreamSVDError(f"{cfg.model} has no usable tokenizer: {exc}") from exc
     text, source = load_text(cfg.calib)
-    windows = calibration_windows(tokenize(tokenizer, text), cfg.nsamples, cfg.seqlen, cfg.seed)
+    bos = leading_bos(tokenizer) if cfg.bos_windows is None else None
+    if cfg.bos_windows:
+        bos = tokenizer.bos_token_id
+        if bos is None:
+            raise StreamSVDError(f"--bos-windows: the tokenizer of {cfg.model} has no BOS token")
+    windows = calibration_windows(tokenize(tokenizer, text), cfg.nsamples, cfg.seqlen, cfg.seed,
+                                  bos)  # fmt: skip
     info = {"source": source, "text_sha256": text_sha256(text), "nsamples": cfg.nsamples,
             "seqlen": cfg.seqlen, "seed": cfg.seed}  # fmt: skip
+    if bos is not None:
+        info["bos"] = bos
     return windows, info
 
 
