@@ -216,6 +216,10 @@ def save(results: Path, name: str, result: dict) -> None:
                f"{r['heal_peak_rss_mb']:.0f} |" if healed else "– | – | – |")
             + f" {r['cells_at_once']} |"
         )  # fmt: skip
+    notes = [r for r in result["rows"] if r.get("note")]
+    lines += [""] * bool(notes) + [f"- ratio {r['ratio']}, {r['epochs']} refine epochs"
+                                   f"{', healed' if 'healed_perplexity' in r else ''}: "
+                                   f"{r['note']}" for r in notes]  # fmt: skip
     (results / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
