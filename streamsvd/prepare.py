@@ -150,11 +150,14 @@ def _calibration(cfg, config) -> tuple[torch.Tensor | None, dict]:
     except (OSError, ValueError) as exc:
         raise StreamSVDError(f"{cfg.model} has no usable tokenizer: {exc}") from exc
     text, source = load_text(cfg.calib)
-    bos = leading_bos(tokenizer) if cfg.bos_windows is None else None
-    if cfg.bos_windows:
+    if cfg.bos_windows is None:  # as the tokenizer starts every text
+        bos = leading_bos(tokenizer)
+    elif cfg.bos_windows:
         bos = tokenizer.bos_token_id
         if bos is None:
             raise StreamSVDError(f"--bos-windows: the tokenizer of {cfg.model} has no BOS token")
+    else:
+        bos = None
     windows = calibration_windows(tokenize(tokenizer, text), cfg.nsamples, cfg.seqlen, cfg.seed,
                                   bos)  # fmt: skip
     info = {"source": source, "text_sha256": text_sha256(text), "nsamples": cfg.nsamples,
