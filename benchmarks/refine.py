@@ -42,12 +42,15 @@ from streamsvd.refine import DEFAULT_TARGET  # noqa: E402
 
 
 def parse_cell(text: str) -> dict:
-    """ratio:epochs:lr[:λ][:norms][:heal] (λ: --refine-target, default the library's;
-    heal: also `streamsvd heal` the output on the calibration text, and score both)."""
+    """ratio:epochs:lr[:λ][:bN][:norms][:heal] (λ: --refine-target, default the library's;
+    bN: --refine-batch N, default the calibration batch of 8; heal: also `streamsvd heal`
+    the output on the calibration text, and score both)."""
     ratio, epochs, lr, *rest = text.split(":")
-    target = next((float(x) for x in rest if x not in ("norms", "heal")), DEFAULT_TARGET)
+    flags = {x for x in rest if x in ("norms", "heal") or x.startswith("b")}
+    target = next((float(x) for x in rest if x not in flags), DEFAULT_TARGET)
+    batch = next((int(x[1:]) for x in flags if x.startswith("b")), None)
     return {"ratio": float(ratio), "epochs": int(epochs), "lr": float(lr), "target": target,
-            "norms": "norms" in rest, "heal": "heal" in rest}  # fmt: skip
+            "batch": batch, "norms": "norms" in rest, "heal": "heal" in rest}  # fmt: skip
 
 
 def main() -> None:
@@ -132,6 +135,7 @@ def main() -> None:
                 if cell["epochs"]
                 else []
             ),
+            *(["--refine-batch", str(cell["batch"])] if cell["batch"] else []),
             *(["--refine-norms"] if cell["norms"] else []),
         ]
         env = dict(os.environ, OMP_NUM_THREADS="1") if args.jobs > 1 else None
@@ -196,19 +200,21 @@ def save(results: Path, name: str, result: dict) -> None:
         f"over runs; {os.cpu_count()} cores). Refinement: AdamW, 10% warm-up, cosine decay, "
         "clip 1.0, float32.",
         "",
-        "| method | ratio | refine epochs | peak lr | target λ | norms too | perplexity "
+        "| method | ratio | refine epochs | peak lr | refine batch | target λ | norms too "
+        "| perplexity "
         "| compress time (s) | of which refinement (s) | peak RSS (MiB) | healed perplexity "
         "| heal time (s) | heal peak RSS (MiB) | cells at once |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         if r["method"] == "original":
-            lines.append("| original |" + " – |" * 5 + f" {r['perplexity']:.2f} |" + " – |" * 7)
+            lines.append("| original |" + " – |" * 6 + f" {r['perplexity']:.2f} |" + " – |" * 7)
             continue
         refined = r["epochs"] > 0
         healed = "healed_perplexity" in r
         lines.append(
             f"| {r['method']} | {r['ratio']} | {r['epochs']} | {r['lr'] if refined else '–'} | "
+            f"{r.get('batch') or 8 if refined else '–'} | "
             f"{r.get('target', 1.0) if refined else '–'} | {'yes' if r['norms'] else 'no'} | "
             f"{r['perplexity']:.2f} | {r['compress_seconds']:.0f} | {r['refine_seconds']:.0f} "
             f"| {r['peak_rss_mb']:.0f} | "

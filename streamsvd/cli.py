@@ -171,6 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
         f"layer (default {DEFAULT_TARGET:g})",
     )
     c.add_argument(
+        "--refine-batch",
+        type=int,
+        default=None,
+        metavar="N",
+        help="windows per refinement step, cut from the calibration batches (at most "
+        "--batch-size; default: --batch-size). Smaller steps, more of them, trained a "
+        "block further on held-out text (benchmarks/results/refine_probe.md)",
+    )
+    c.add_argument(
         "--refine-norms",
         action="store_true",
         help="refinement also trains the block's norms and the factorised linears' biases "
@@ -437,6 +446,7 @@ def cmd_compress(args) -> dict:
         refine_lr=args.refine_lr,
         refine_norms=args.refine_norms,
         refine_target=args.refine_target,
+        refine_batch=args.refine_batch,
         bits=args.bits,
         group_size=args.group_size,
         quant_symmetric=not args.asymmetric,

@@ -44,7 +44,7 @@ from .model import (
 from .modeling import linear_shape
 from .prepare import prepare
 from .quantize import DAMP, QuantSettings, quantized_rank
-from .refine import DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_TARGET, RefineSettings
+from .refine import DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_TARGET, RefineSettings, micro_batches
 from .rundir import RunDir, shard_file
 from .step import BlockStep
 from .world import World
@@ -85,6 +85,7 @@ class CompressConfig:
     refine_lr: float = DEFAULT_LR
     refine_norms: bool = False  # refinement also trains norms and the factors' biases
     refine_target: float = DEFAULT_TARGET  # λ: the original outputs' share of its target
+    refine_batch: int | None = None  # windows per refinement step; None: batch_size
     bits: int | None = None  # GPTQ on the factors (quantize.py); None: unquantized
     group_size: int | None = None  # None: quantize.default_group_size of the model's widths
     quant_symmetric: bool = True  # asymmetric: a zero point per group too
@@ -114,6 +115,11 @@ class CompressConfig:
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise StreamSVDError(f"device must be cpu or cuda, got {self.device!r}")
         _ = self.refine  # checks the refinement settings
+        if self.refine_batch is not None and not 1 <= self.refine_batch <= self.batch_size:
+            raise StreamSVDError(
+                f"--refine-batch must be 1 to --batch-size ({self.batch_size}) windows, got "
+                f"{self.refine_batch}: refinement's steps are cut from the calibration batches"
+            )
         if self.bits is not None:
             QuantSettings(self.bits, self.group_size or 128, self.quant_symmetric)  # checks
             if self.dense:
@@ -125,7 +131,7 @@ class CompressConfig:
     @property
     def refine(self) -> RefineSettings:
         return RefineSettings(self.refine_epochs, self.refine_lr, self.refine_norms, self.seed,
-                              self.refine_target)  # fmt: skip
+                              self.refine_target, self.refine_batch or self.batch_size)  # fmt: skip
 
     @property
     def streams(self) -> tuple[str, ...]:
@@ -316,6 +322,9 @@ class Compressor:
         first = self.blocks[0]
         with torch.inference_mode():
             sizes = {stop - start for start, stop in self._batches()}
+            if self.cfg.refine_epochs:  # refinement's steps, cut from the batches
+                steps = micro_batches(self._batches(), self.cfg.refine.batch)
+                sizes |= {stop - start for start, stop in steps}
             arguments = block_arguments(self.model, self.blocks, sizes, self.cfg.seqlen,
                                         self.device)  # fmt: skip
             if streams and not self.journal.done(stage):
@@ -624,6 +633,17 @@ class Compressor:
             "phase_peaks": self.phase_peaks,
             "block_seconds": self.block_seconds,
         }
+        refined = [self.journal.entry(f"block.{i}").get("refine") for i in range(len(self.blocks))]
+        if any(refined):  # each block's mean training loss, first and last epoch
+            summary["refine_losses"] = [
+                {
+                    "block": i,
+                    "first_epoch": r["loss_first_epoch"],
+                    "last_epoch": r["loss_last_epoch"],
+                }
+                for i, r in enumerate(refined)
+                if r
+            ]
         if expert_tokens:  # calibration tokens the router sent each expert (top-k counted)
             summary["expert_tokens"] = expert_tokens
             summary["experts_without_tokens"] = [e for e, n in expert_tokens.items() if n == 0]

@@ -390,7 +390,8 @@ def block_memory(cfg, text, linears: list[LinearPlan], groups: list[list[str]],
     order = [name for stage in stages for name in stage] if stages else list(shape)
     release = release_points(order, group_of)
 
-    tokens = min(cfg.batch_size, cfg.nsamples) * cfg.seqlen
+    batch = min(getattr(cfg, "refine_batch", None) or cfg.batch_size, cfg.nsamples)
+    tokens = batch * cfg.seqlen  # one refinement step's windows
     wide = max(lp.shape[1] for lp in linears)
     inter = getattr(text, "intermediate_size", None) or wide
     forward = tokens * (8 * text.hidden_size + 5 * inter) * item  # the block's activations
@@ -484,13 +485,13 @@ def refine_memory(cfg, text, linears: list[LinearPlan], item: int) -> int:
     backward pass (`refine.saved_values_per_token`); attention scores where they are
     materialised (masked SDPA on a GPU)."""
     params = sum(lp.rank * sum(lp.shape) for lp in linears)
-    tokens = min(cfg.batch_size, cfg.nsamples) * cfg.seqlen
+    batch = min(getattr(cfg, "refine_batch", None) or cfg.batch_size, cfg.nsamples)
+    tokens = batch * cfg.seqlen  # one refinement step's windows
     wide = max(lp.shape[1] for lp in linears)
     inter = getattr(text, "intermediate_size", None) or wide
     ranks = sum(lp.rank for lp in linears)
     saved = tokens * saved_values_per_token(text.hidden_size, inter, ranks) * 4
     if cfg.device.startswith("cuda"):
-        batch = min(cfg.batch_size, cfg.nsamples)
         saved += 3 * batch * text.num_attention_heads * cfg.seqlen**2 * 4
     local = cfg.nsamples * cfg.seqlen * text.hidden_size * item if cfg.refine_target < 1 else 0
     return trainable_bytes(params) + local + saved

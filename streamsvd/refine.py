@@ -57,6 +57,7 @@ class RefineSettings:
     norms: bool = False  # also train the block's norms and the factorised linears' biases
     seed: int = 0
     target: float = DEFAULT_TARGET  # λ: the original outputs' share of the target
+    batch: int = 8  # windows per optimiser step; at most the run's calibration batch
 
     def __post_init__(self):
         if self.epochs < 0:
@@ -65,6 +66,16 @@ class RefineSettings:
             raise StreamSVDError(f"refine learning rate must be positive, got {self.lr}")
         if not 0 <= self.target <= 1:
             raise StreamSVDError(f"refine target λ must be in [0, 1], got {self.target}")
+        if self.batch < 1:
+            raise StreamSVDError(f"refine batch must be at least 1 window, got {self.batch}")
+
+
+def micro_batches(batches: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """Each calibration batch (start, stop) cut into pieces of at most `size` windows:
+    refinement's steps. Smaller steps, more of them: on held-out text a block's error fell
+    further with more, smaller steps at the same epochs (benchmarks/results/
+    refine_probe.md). At the calibration batch size or more, the batches as they are."""
+    return [(a, min(a + size, stop)) for start, stop in batches for a in range(start, stop, size)]
 
 
 def trainable_names(block: nn.Module, norms: bool) -> list[str]:

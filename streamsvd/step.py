@@ -37,7 +37,7 @@ from .quantize import (
     rank_rotation,
     unpacked_weight,
 )
-from .refine import RefineSettings, refine_block
+from .refine import RefineSettings, micro_batches, refine_block
 from .stats import InputStats, release_points
 from .world import World
 
@@ -242,10 +242,11 @@ class BlockStep:
         to the next block's inputs (`read_next`), plus 1 − λ times the dense block's outputs
         on the compressed stream, computed here first. Trained values are rounded to
         `dtype`, as written."""
+        steps = micro_batches(self.batches, settings.batch)
         local = {}
         if settings.target < 1:
             with self.clock("forward"), _swapped(self.block, self.dense):
-                for start, stop in self.batches:
+                for start, stop in steps:
                     local[start] = run_block(self.block, read("comp", start, stop),
                                              self.arguments)  # fmt: skip
             self.dense = {}  # not needed for training
@@ -257,7 +258,7 @@ class BlockStep:
             return torch.lerp(local[start].float(), y.float(), settings.target)
 
         with self.clock("refine"):
-            return refine_block(self.block, self.arguments, self.batches,
+            return refine_block(self.block, self.arguments, steps,
                                 lambda start, stop: read("comp", start, stop), target,
                                 settings, self.index, dtype, self.world)  # fmt: skip
 

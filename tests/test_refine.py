@@ -5,6 +5,7 @@ resumes to the same bytes after a kill mid-refinement, and it works from any met
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from streamsvd import CompressConfig, compress, load_compressed
 from streamsvd.errors import StreamSVDError
 from streamsvd.factorize import plain_svd, rank_for
 from streamsvd.modeling import LowRankLinear, replace_module
-from streamsvd.refine import RefineSettings, refine_block, trainable_names
+from streamsvd.refine import RefineSettings, micro_batches, refine_block, trainable_names
 
 SETTINGS = dict(nsamples=8, seqlen=32, batch_size=4, ratio=0.4, seed=3, device="cpu")
 
@@ -115,8 +116,25 @@ def test_trained_values_are_rounded_to_the_output_dtype():
         assert torch.equal(value, value.to(torch.bfloat16).float()), name
 
 
+def test_micro_batches_cut_every_batch_into_steps_covering_it_once():
+    batches = [(0, 8), (8, 16), (16, 19)]
+    assert micro_batches(batches, 8) == batches
+    assert micro_batches(batches, 20) == batches
+    assert micro_batches(batches, 3) == [(0, 3), (3, 6), (6, 8), (8, 11), (11, 14), (14, 16),
+                                         (16, 19)]  # fmt: skip
+    one = micro_batches(batches, 1)
+    assert one == [(k, k + 1) for k in range(19)]
+
+
 def test_bad_refinement_settings_are_refused(tmp_path):
-    for bad in (dict(refine_epochs=-1), dict(refine_lr=0.0), dict(refine_lr=float("nan"))):
+    bad_settings = (
+        dict(refine_epochs=-1),
+        dict(refine_lr=0.0),
+        dict(refine_lr=float("nan")),
+        dict(refine_epochs=1, refine_batch=0),
+        dict(refine_epochs=1, refine_batch=9),  # more windows than a calibration batch
+    )
+    for bad in bad_settings:
         with pytest.raises(StreamSVDError, match="refine"):
             CompressConfig(model="m", out=str(tmp_path / "o"), **bad)
 
@@ -148,19 +166,9 @@ def _logit_error(model_dir, reference, windows):
         return float((got(windows).logits - reference).pow(2).mean())
 
 
-def test_refined_compression_is_closer_to_the_original_and_deterministic(setup):
-    """On the calibration windows the refined model's logits are closer to the original's
-    than the closed form's; two CPU runs give the same bytes."""
-    from transformers import AutoModelForCausalLM
-
-    root, model, calib = setup
-    closed = _compress(model, calib, root / "closed", refine_epochs=0)
-    refined = _compress(model, calib, root / "refined", refine_epochs=8, refine_lr=3e-3)
-    again = _compress(model, calib, root / "again", refine_epochs=8, refine_lr=3e-3)
-    assert output_hashes(root / "refined") == output_hashes(root / "again")
-    assert refined["refine"]["epochs"] == 8 and closed["refine"]["epochs"] == 0
-    assert refined["stage_seconds"]["refine"] > 0
-    from transformers import AutoTokenizer
+def _calibration_reference(model, calib):
+    """The run's calibration windows and the original model's float64 logits on them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from streamsvd.calib import calibration_windows, tokenize
 
@@ -168,11 +176,53 @@ def test_refined_compression_is_closer_to_the_original_and_deterministic(setup):
     windows = calibration_windows(ids, SETTINGS["nsamples"], SETTINGS["seqlen"], SETTINGS["seed"])
     original = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float64)
     with torch.no_grad():
-        reference = original(windows).logits
+        return windows, original(windows).logits
+
+
+def test_refined_compression_is_closer_to_the_original_and_deterministic(setup):
+    """On the calibration windows the refined model's logits are closer to the original's
+    than the closed form's; two CPU runs give the same bytes."""
+    root, model, calib = setup
+    closed = _compress(model, calib, root / "closed", refine_epochs=0)
+    refined = _compress(model, calib, root / "refined", refine_epochs=8, refine_lr=3e-3)
+    again = _compress(model, calib, root / "again", refine_epochs=8, refine_lr=3e-3)
+    assert output_hashes(root / "refined") == output_hashes(root / "again")
+    assert refined["refine"]["epochs"] == 8 and closed["refine"]["epochs"] == 0
+    assert refined["stage_seconds"]["refine"] > 0
+    windows, reference = _calibration_reference(model, calib)
     assert _logit_error(root / "refined", reference, windows) < _logit_error(
         root / "closed", reference, windows
     )
     assert again["seconds"] > 0
+
+
+def test_refinement_steps_are_cut_from_the_batches_as_asked(setup, monkeypatch):
+    """--refine-batch 2 from batches of 4: twice the optimiser steps, each of 2 windows,
+    every block's training loss falls, and the output's config and the summary say what
+    was run. (Whether smaller steps beat the closed form is a question of settings,
+    measured on held-out text in benchmarks/, not a property to test.)"""
+    import streamsvd.refine as refine
+
+    root, model, calib = setup
+    steps = []
+    take_step = refine._take_step
+
+    def counted(*args, windows):
+        steps.append(windows)
+        take_step(*args, windows=windows)
+
+    monkeypatch.setattr(refine, "_take_step", counted)
+    settings = dict(refine_epochs=8, refine_lr=3e-3)
+    closed = _compress(model, calib, root / "closed-2", refine_epochs=0)
+    small = _compress(model, calib, root / "steps-2", refine_batch=2, **settings)
+    blocks, nsamples = 3, SETTINGS["nsamples"]
+    assert steps == [2] * (blocks * settings["refine_epochs"] * nsamples // 2)
+    assert small["refine"]["batch"] == 2 and closed["refine"]["batch"] == SETTINGS["batch_size"]
+    config = json.loads((root / "steps-2" / "config.json").read_text())
+    assert config["streamsvd"]["refine"]["batch"] == 2
+    losses = small["refine_losses"]
+    assert [r["block"] for r in losses] == [0, 1, 2]
+    assert all(r["last_epoch"] < r["first_epoch"] for r in losses), losses
 
 
 def test_refinement_from_plain_svd_carries_both_streams(setup):

@@ -150,7 +150,7 @@ def run_measured_from_outside(cmd: list[str]) -> tuple[subprocess.CompletedProce
     [
         "--sequential",
         "--no-sequential",
-        "--refine-epochs=1",
+        "--refine-epochs=1 --refine-batch=2",  # steps of 2 windows, from batches of 4
         pytest.param(
             "--bits=4",
             marks=pytest.mark.xfail(
@@ -171,7 +171,7 @@ def test_plan_is_within_25_percent_of_a_real_run(tmp_path, small_calib_text, sta
     out, plan_json, summary_json = tmp_path / "out", tmp_path / "plan.json", tmp_path / "s.json"
     args = ["--model", str(ckpt), "--out", str(out), "--method", "svdllm-a", "--ratio", "0.3",
             "--nsamples", "8", "--seqlen", "64", "--batch-size", "4", "--device", "cpu",
-            "--calib", str(small_calib_text), statistics]  # fmt: skip
+            "--calib", str(small_calib_text), *statistics.split()]  # fmt: skip
     cli = [sys.executable, "-m", "streamsvd.cli", "-q", "compress", *args]
     dry = subprocess.run([*cli, "--dry-run", "--summary-json", str(plan_json)],
                          capture_output=True, text=True)  # fmt: skip
