@@ -63,9 +63,10 @@ class _PhaseSampler:
 
     def _sample(self):
         while True:
-            rss = self.process.memory_info().rss
+            # read and recorded under the lock: a sample read before a `reset` and recorded
+            # after it would give the new phase the last one's memory (seen on a loaded CPU)
             with self.lock:
-                self.peak = max(self.peak, rss)
+                self.peak = max(self.peak, self.process.memory_info().rss)
             time.sleep(self.interval)
 
     def reset(self) -> None:
