@@ -390,8 +390,7 @@ def block_memory(cfg, text, linears: list[LinearPlan], groups: list[list[str]],
     order = [name for stage in stages for name in stage] if stages else list(shape)
     release = release_points(order, group_of)
 
-    batch = min(getattr(cfg, "refine_batch", None) or cfg.batch_size, cfg.nsamples)
-    tokens = batch * cfg.seqlen  # one refinement step's windows
+    tokens = min(cfg.batch_size, cfg.nsamples) * cfg.seqlen
     wide = max(lp.shape[1] for lp in linears)
     inter = getattr(text, "intermediate_size", None) or wide
     forward = tokens * (8 * text.hidden_size + 5 * inter) * item  # the block's activations

@@ -151,16 +151,7 @@ def run_measured_from_outside(cmd: list[str]) -> tuple[subprocess.CompletedProce
         "--sequential",
         "--no-sequential",
         "--refine-epochs=1",
-        pytest.param(
-            "--refine-epochs=1 --refine-batch=2",  # steps of 2 windows, from batches of 4
-            marks=pytest.mark.xfail(
-                reason="known, intermittent: in some runs (3 of 6 so far, none on 1 thread) "
-                "the statistics phase after a block refined in 2-window steps measures "
-                "113-129 MB over the interpreter against 56 MB planned: memory refinement "
-                "freed looks kept resident; open",
-                strict=False,
-            ),
-        ),
+        "--refine-epochs=1 --refine-batch=2",  # steps of 2 windows, from batches of 4
         pytest.param(
             "--bits=4",
             marks=pytest.mark.xfail(
