@@ -5,9 +5,10 @@ of a run on one 24 GiB GPU.
     .venv/bin/python benchmarks/plan_widths.py
 
 Plans use the compress defaults (svdllm-a, sequential statistics, 64 windows of 512,
-batch 8) at ratios 0.2 and 0.4, on shape-only checkpoints (`synth --shape-only`: sparse
-files, no disk); the GPU is planned here without one (`--device-memory 24`). How close a
-plan comes to a measured run: benchmarks/scale.py and tests/test_scale.py.
+batch 8, block refinement's 2-window steps) at ratios 0.2 and 0.4, on shape-only
+checkpoints (`synth --shape-only`: sparse files, no disk); the GPU is planned here
+without one (`--device-memory 24`). How close a plan comes to a measured run:
+benchmarks/scale.py and tests/test_scale.py.
 
 Writes benchmarks/results/plan_widths.json and plan_widths.md.
 """
@@ -23,12 +24,13 @@ sys.path.insert(0, str(ROOT))
 
 from streamsvd.pipeline import CompressConfig  # noqa: E402
 from streamsvd.plan import make_plan, measure_baseline  # noqa: E402
+from streamsvd.refine import DEFAULT_BATCH, DEFAULT_EPOCHS  # noqa: E402
 from streamsvd.synth import synthesize  # noqa: E402
 
 GiB = 2**30
 WIDTHS = ["7b", "13b", "70b", "405b"]
 RATIOS = [0.2, 0.4]
-REFINE_EPOCHS = [0, 2]
+REFINE_EPOCHS = [0, DEFAULT_EPOCHS]  # the closed form alone, and the default
 BITS = [None, 4]
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "benchmarks" / "runs"
@@ -69,7 +71,8 @@ def main() -> None:
     lines = ["# The default run's plan at real widths, refinement off and on, 4-bit factors",
              "",
              f"Command: `{command}`. svdllm-a, sequential statistics, 64×512 calibration, "
-             "batch 8; shape-only checkpoints; the GPU is one of 24 GiB, planned without it.",
+             f"batch 8, refinement steps of {DEFAULT_BATCH} windows; shape-only checkpoints; "
+             "the GPU is one of 24 GiB, planned without it.",
              "", "| width | ratio | refine epochs | bits | CPU run: host | GPU run: device | "
              "GPU run: host |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:

@@ -44,7 +44,14 @@ from .model import (
 from .modeling import linear_shape
 from .prepare import prepare
 from .quantize import DAMP, QuantSettings, quantized_rank
-from .refine import DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_TARGET, RefineSettings, micro_batches
+from .refine import (
+    DEFAULT_EPOCHS,
+    DEFAULT_LR,
+    DEFAULT_TARGET,
+    RefineSettings,
+    micro_batches,
+    step_windows,
+)
 from .rundir import RunDir, shard_file
 from .step import BlockStep
 from .world import World
@@ -85,7 +92,7 @@ class CompressConfig:
     refine_lr: float = DEFAULT_LR
     refine_norms: bool = False  # refinement also trains norms and the factors' biases
     refine_target: float = DEFAULT_TARGET  # λ: the original outputs' share of its target
-    refine_batch: int | None = None  # windows per refinement step; None: batch_size
+    refine_batch: int | None = None  # windows per refinement step; None: refine.step_windows
     bits: int | None = None  # GPTQ on the factors (quantize.py); None: unquantized
     group_size: int | None = None  # None: quantize.default_group_size of the model's widths
     quant_symmetric: bool = True  # asymmetric: a zero point per group too
@@ -130,8 +137,9 @@ class CompressConfig:
 
     @property
     def refine(self) -> RefineSettings:
+        batch = step_windows(self.refine_batch, self.batch_size)
         return RefineSettings(self.refine_epochs, self.refine_lr, self.refine_norms, self.seed,
-                              self.refine_target, self.refine_batch or self.batch_size)  # fmt: skip
+                              self.refine_target, batch)  # fmt: skip
 
     @property
     def streams(self) -> tuple[str, ...]:

@@ -70,7 +70,7 @@ from .modeling import linear_shape
 from .names import ModelTensors
 from .preflight import check_locations, check_shapes
 from .quantize import QuantSettings, factor_bytes, quantized_rank, settings_for
-from .refine import saved_values_per_token, trainable_bytes
+from .refine import saved_values_per_token, step_windows, trainable_bytes
 from .stats import CHUNK_VALUES, cross_as_product, release_points, sums_bytes
 
 F64 = 8
@@ -484,7 +484,7 @@ def refine_memory(cfg, text, linears: list[LinearPlan], item: int) -> int:
     backward pass (`refine.saved_values_per_token`); attention scores where they are
     materialised (masked SDPA on a GPU)."""
     params = sum(lp.rank * sum(lp.shape) for lp in linears)
-    batch = min(getattr(cfg, "refine_batch", None) or cfg.batch_size, cfg.nsamples)
+    batch = min(step_windows(getattr(cfg, "refine_batch", None), cfg.batch_size), cfg.nsamples)
     tokens = batch * cfg.seqlen  # one refinement step's windows
     wide = max(lp.shape[1] for lp in linears)
     inter = getattr(text, "intermediate_size", None) or wide

@@ -17,7 +17,13 @@ from streamsvd import CompressConfig, compress, load_compressed
 from streamsvd.errors import StreamSVDError
 from streamsvd.factorize import plain_svd, rank_for
 from streamsvd.modeling import LowRankLinear, replace_module
-from streamsvd.refine import RefineSettings, micro_batches, refine_block, trainable_names
+from streamsvd.refine import (
+    DEFAULT_BATCH,
+    RefineSettings,
+    micro_batches,
+    refine_block,
+    trainable_names,
+)
 
 SETTINGS = dict(nsamples=8, seqlen=32, batch_size=4, ratio=0.4, seed=3, device="cpu")
 
@@ -184,8 +190,9 @@ def test_refined_compression_is_closer_to_the_original_and_deterministic(setup):
     than the closed form's; two CPU runs give the same bytes."""
     root, model, calib = setup
     closed = _compress(model, calib, root / "closed", refine_epochs=0)
-    refined = _compress(model, calib, root / "refined", refine_epochs=8, refine_lr=3e-3)
-    again = _compress(model, calib, root / "again", refine_epochs=8, refine_lr=3e-3)
+    settings = dict(refine_epochs=8, refine_lr=3e-3, refine_batch=4)  # 16 steps a block
+    refined = _compress(model, calib, root / "refined", **settings)
+    again = _compress(model, calib, root / "again", **settings)
     assert output_hashes(root / "refined") == output_hashes(root / "again")
     assert refined["refine"]["epochs"] == 8 and closed["refine"]["epochs"] == 0
     assert refined["stage_seconds"]["refine"] > 0
@@ -197,7 +204,7 @@ def test_refined_compression_is_closer_to_the_original_and_deterministic(setup):
 
 
 def test_refinement_steps_are_cut_from_the_batches_as_asked(setup, monkeypatch):
-    """--refine-batch 2 from batches of 4: twice the optimiser steps, each of 2 windows,
+    """--refine-batch 1 from batches of 4: four times the optimiser steps, each of 1 window,
     every block's training loss falls, and the output's config and the summary say what
     was run. (Whether smaller steps beat the closed form is a question of settings,
     measured on held-out text in benchmarks/, not a property to test.)"""
@@ -214,12 +221,13 @@ def test_refinement_steps_are_cut_from_the_batches_as_asked(setup, monkeypatch):
     monkeypatch.setattr(refine, "_take_step", counted)
     settings = dict(refine_epochs=8, refine_lr=3e-3)
     closed = _compress(model, calib, root / "closed-2", refine_epochs=0)
-    small = _compress(model, calib, root / "steps-2", refine_batch=2, **settings)
+    small = _compress(model, calib, root / "steps-1", refine_batch=1, **settings)
     blocks, nsamples = 3, SETTINGS["nsamples"]
-    assert steps == [2] * (blocks * settings["refine_epochs"] * nsamples // 2)
-    assert small["refine"]["batch"] == 2 and closed["refine"]["batch"] == SETTINGS["batch_size"]
-    config = json.loads((root / "steps-2" / "config.json").read_text())
-    assert config["streamsvd"]["refine"]["batch"] == 2
+    assert steps == [1] * (blocks * settings["refine_epochs"] * nsamples)
+    assert small["refine"]["batch"] == 1
+    assert closed["refine"]["batch"] == min(DEFAULT_BATCH, SETTINGS["batch_size"])
+    config = json.loads((root / "steps-1" / "config.json").read_text())
+    assert config["streamsvd"]["refine"]["batch"] == 1
     losses = small["refine_losses"]
     assert [r["block"] for r in losses] == [0, 1, 2]
     assert all(r["last_epoch"] < r["first_epoch"] for r in losses), losses
