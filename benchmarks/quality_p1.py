@@ -37,6 +37,8 @@ def main() -> None:
         default=["svd", "svdllm-w", "svdllm-u", "svdllm-a"],
         choices=list(METHODS),
     )
+    parser.add_argument("--refine-epochs", type=int, default=0,
+                        help="block refinement after each closed form (default 0)")  # fmt: skip
     args = run_arguments(parser, "quality_p1", ratios=[0.2, 0.4], nsamples=64, windows=128)
 
     from transformers import AutoTokenizer
@@ -89,6 +91,8 @@ def main() -> None:
                     "0",
                     "--device",
                     "cpu",
+                    "--refine-epochs",  # each method's closed form; benchmarks/refine.py
+                    str(args.refine_epochs),  # measures block refinement on top
                     "--summary-json",
                     str(summary_path),
                 ]

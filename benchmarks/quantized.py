@@ -5,7 +5,8 @@ perplexity of SmolLM2-135M against the bytes its decoder blocks take on disk.
         --quantizer-python /path/to/llm-compressor/venv/bin/python
 
 - streamsvd cells RATIO:BITS: `streamsvd compress --ratio RATIO --bits BITS` (default
-  method, symmetric, the default group size), each in its own process.
+  method, symmetric, the default group size), each in its own process; `--refine-epochs`
+  (default 0, the compress default, with which every row so far was measured).
 - GPTQ cells: the dense model quantized by llm-compressor (benchmarks/gptq_baseline.py),
   in an environment of its own, as it pins its own transformers (made with `python -m venv
   LC && LC/bin/pip install torch==2.13.0 llmcompressor==0.14.0.1`; measured with
@@ -67,6 +68,8 @@ def main() -> None:
     parser.add_argument("--cells", nargs="*", default=[], metavar="RATIO:BITS")
     parser.add_argument("--gptq", nargs="*", type=int, default=[], metavar="BITS")
     parser.add_argument("--original", action="store_true", help="also the dense model's row")
+    parser.add_argument("--refine-epochs", default="0",
+                        help="block refinement in the streamsvd cells (default 0)")  # fmt: skip
     parser.add_argument("--quantizer-python", default=sys.executable,
                         help="the interpreter of an environment with llmcompressor")  # fmt: skip
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared/data/wikitext-2")
@@ -130,8 +133,8 @@ def main() -> None:
         out, summary = work / f"svd-{ratio}-{bits}", work / f"svd-{ratio}-{bits}.json"
         command = [sys.executable, "-m", "streamsvd", "compress", "--model", str(model),
                    "--out", str(out), "--ratio", ratio, "--calib", str(args.data_dir /
-                   "valid.txt"), "--nsamples", "64", "--seqlen", "512",
-                   "--summary-json", str(summary)]  # fmt: skip
+                   "valid.txt"), "--nsamples", "64", "--seqlen", "512", "--refine-epochs",
+                   args.refine_epochs, "--summary-json", str(summary)]  # fmt: skip
         if bits != "16":
             command += ["--bits", bits]
         start = time.perf_counter()

@@ -19,7 +19,7 @@ from .factorize import METHODS
 from .memory import return_freed_memory
 from .pipeline import DEFAULT_ALLOCATION, DEFAULT_METHOD
 from .quantize import BITS, GROUP_SIZES
-from .refine import DEFAULT_BATCH, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_TARGET
+from .refine import DEFAULT_BATCH, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_TARGET, HELD_OUT_EPOCHS
 from .synth import DTYPES, SHAPES
 from .world import DEFAULT_TIMEOUT, World
 
@@ -27,7 +27,7 @@ log = logging.getLogger("streamsvd")
 DEMO_PROMPTS = ["What is the capital of France?", "Name three colours.",
                 "Give me a tip for sleeping better."]  # fmt: skip
 DEMO_RATIO = 0.2  # P1's lightest ratio; the README shows what it prints
-DEMO_REFINE_EPOCHS = max(DEFAULT_EPOCHS, 2)
+DEMO_REFINE_EPOCHS = max(DEFAULT_EPOCHS, HELD_OUT_EPOCHS)
 
 EXAMPLES = """\
 examples:
@@ -150,10 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="after each block's closed form, train its low-rank factors for N epochs over "
         "the calibration batches so that the compressed block, fed the compressed model's "
-        "inputs, reproduces the original block's outputs; 0 turns refinement off (the "
-        f"closed form alone, in about half the time). Default {DEFAULT_EPOCHS}: with "
-        f"{DEFAULT_BATCH}-window steps at lr {DEFAULT_LR:g} it beat the closed form on held-out "
-        "text at ratios 0.2, 0.4 and 0.6 (docs/method.md)",
+        f"inputs, reproduces the original block's outputs (default {DEFAULT_EPOCHS}: off). "
+        f"{HELD_OUT_EPOCHS}, with {DEFAULT_BATCH}-window steps at lr {DEFAULT_LR:g}, beat the "
+        "closed form on held-out text at ratios 0.2, 0.4 and 0.6 and doubles the time; it is "
+        "not yet the default because torchrun changes its steps (docs/method.md)",
     )
     c.add_argument(
         "--refine-lr",

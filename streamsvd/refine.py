@@ -17,11 +17,12 @@ so the training memory is one block's trainable parameters, their gradients and 
 two moments, one micro-batch's activations for backward, and those outputs.
 
 Training runs in float32 whatever the compute dtype (no mixed precision: not measured to
-cost nothing), AdamW without weight decay, linear warm-up then cosine decay to zero,
-gradients clipped to norm 1. The micro-batch order is shuffled per epoch by a generator
-seeded from the run's seed and the block index, so a rerun of a block (resume) repeats it
-exactly. What the defaults are and how they were chosen on held-out text:
-benchmarks/refine.py and benchmarks/results/refine_heldout.md.
+cost nothing; float64 for a float64 checkpoint, whose values float32 would round), AdamW
+without weight decay, linear warm-up then cosine decay to zero, gradients clipped to norm 1.
+The micro-batch order is shuffled per epoch by a generator seeded from the run's seed and
+the block index, so a rerun of a block (resume) repeats it exactly. What the defaults are
+and how they were chosen on held-out text: benchmarks/refine.py and
+benchmarks/results/refine_heldout.md.
 """
 
 from __future__ import annotations
@@ -40,12 +41,16 @@ from .world import World
 
 Read = Callable[[int, int], torch.Tensor]  # (start, stop) -> a micro-batch on the device
 
-# On by default: 4 epochs of 2-window steps at lr 3e-4 beat the closed form on held-out text
-# at ratios 0.2, 0.4 and 0.6 (benchmarks/results/refine_heldout.md). 2 epochs of 8-window
-# steps at 1e-4 lost at 0.6, 8 epochs of 2-window steps at 1e-3 lost at 0.2. λ was chosen
-# at 0.4, the step size on single blocks first (refine_probe.md).
-DEFAULT_EPOCHS = 4
+# --refine-epochs 4 with these defaults (2-window steps, lr 3e-4) beat the closed form on
+# held-out text at ratios 0.2, 0.4 and 0.6 (benchmarks/results/refine_heldout.md); 2 epochs
+# of 8-window steps at 1e-4 lost at 0.6, 8 epochs of 2-window steps at 1e-3 lost at 0.2. λ
+# was chosen at 0.4, the step size on single blocks first (refine_probe.md). Still off by
+# default: under torchrun a step takes 2 windows on every rank, so N processes train
+# differently from one (tests/test_distributed.py), and on a small shape the plan's refine
+# phase was half the measured one at 4 epochs in one loaded run (tests/test_scale.py).
+DEFAULT_EPOCHS = 0
 DEFAULT_LR = 3e-4
+HELD_OUT_EPOCHS = 4  # the epochs of the setting that won held out (the demo's)
 DEFAULT_BATCH = 2  # windows per optimiser step, or the calibration batch where smaller
 DEFAULT_TARGET = 0.25  # λ, as svdllm-a's UPDATE_FRACTION
 WARMUP = 0.1  # share of the steps spent warming up (at least one step)
@@ -132,10 +137,14 @@ def refine_block(block: nn.Module, arguments: dict[int, dict], batches: list[tup
     world = world or World()
     names = trainable_names(block, settings.norms)
     before = {n: t.dtype for n, t in [*block.named_parameters(), *block.named_buffers()]}
+    # float32, unless a float64 block would be rounded by it (an idle expert's untrained
+    # factors must come back as they went in)
+    wide = any(before[n] == torch.float64 for n in names)
+    train = torch.float64 if wide else torch.float32
     with torch.inference_mode(False), torch.enable_grad():
         # the block and its arguments were made in inference mode; autograd needs copies
-        _retensor(block, lambda n, t: t.to(torch.float32, copy=True), set(names))
-        arguments = {size: _clone_tree(a) for size, a in arguments.items()}
+        _retensor(block, lambda n, t: t.to(train, copy=True), set(names))
+        arguments = {size: _clone_tree(a, train) for size, a in arguments.items()}
         params = [block.get_parameter(n) for n in names]
         optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
         steps = max(world.gather(len(batches)))  # per epoch, on every rank alike
@@ -143,6 +152,7 @@ def refine_block(block: nn.Module, arguments: dict[int, dict], batches: list[tup
         gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)
         epoch_loss = []
         step_with = (params, optimizer, schedule, world)
+        overflowed = False  # inputs or targets with NaN or inf: not the optimiser's doing
 
         for _ in range(settings.epochs):
             total = tokens = 0
@@ -152,11 +162,13 @@ def refine_block(block: nn.Module, arguments: dict[int, dict], batches: list[tup
                     _take_step(*step_with, windows=0)
                     continue
                 start, stop = batches[order[step]]
-                x = read_inputs(start, stop).to(torch.float32)
-                y = read_targets(start, stop).to(torch.float32)
+                x = read_inputs(start, stop).to(train)
+                y = read_targets(start, stop).to(train)
                 out = block(x, **arguments[stop - start])
                 out = out[0] if isinstance(out, tuple) else out
                 loss = nn.functional.mse_loss(out, y)
+                if not torch.isfinite(loss):
+                    overflowed |= not bool(torch.isfinite(x).all() and torch.isfinite(y).all())
                 loss.backward()
                 _take_step(*step_with, windows=stop - start)
                 total += loss.item() * (stop - start)
@@ -171,6 +183,11 @@ def refine_block(block: nn.Module, arguments: dict[int, dict], batches: list[tup
         for p in params:  # the same on every rank already; rank 0's, to be sure
             world.broadcast_(p.data, 0)
         del optimizer, params, step_with
+        if overflowed:
+            raise StreamSVDError(
+                f"block {index + 1}: its inputs or targets hold NaN or inf: the activations "
+                "overflowed; run the blocks in a wider dtype (compress --compute-dtype float32)"
+            )
         if not all(math.isfinite(v) for v in epoch_loss):
             raise StreamSVDError(
                 f"block {index + 1}: refinement diverged (loss {epoch_loss}); run with a lower "
@@ -238,13 +255,13 @@ def _retensor(block: nn.Module, convert, trainable: set[str]) -> None:
                 module._buffers[name] = convert(f"{prefix}{name}", b)
 
 
-def _clone_tree(value):
+def _clone_tree(value, dtype: torch.dtype):
     """Tensors in nested dicts/tuples/lists cloned (outside inference mode), float ones in
-    float32 to match the training block."""
+    `dtype` to match the training block."""
     if isinstance(value, torch.Tensor):
-        return value.to(torch.float32, copy=True) if value.is_floating_point() else value.clone()
+        return value.to(dtype, copy=True) if value.is_floating_point() else value.clone()
     if isinstance(value, dict):
-        return {k: _clone_tree(v) for k, v in value.items()}
+        return {k: _clone_tree(v, dtype) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
-        return type(value)(_clone_tree(v) for v in value)
+        return type(value)(_clone_tree(v, dtype) for v in value)
     return value
