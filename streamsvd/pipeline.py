@@ -42,7 +42,7 @@ from .model import (
     unfill,
 )
 from .modeling import linear_shape
-from .prepare import prepare
+from .prepare import calibration_batches, prepare
 from .quantize import DAMP, QuantSettings, quantized_rank
 from .refine import (
     DEFAULT_EPOCHS,
@@ -50,6 +50,7 @@ from .refine import (
     DEFAULT_TARGET,
     RefineSettings,
     micro_batches,
+    piece_sizes,
     step_windows,
 )
 from .rundir import RunDir, shard_file
@@ -330,9 +331,10 @@ class Compressor:
         first = self.blocks[0]
         with torch.inference_mode():
             sizes = {stop - start for start, stop in self._batches()}
-            if self.cfg.refine_epochs:  # refinement's steps, cut from the batches
-                steps = micro_batches(self._batches(), self.cfg.refine.batch)
+            if self.cfg.refine_epochs:  # refinement's steps, and every rank's piece of them
+                steps = micro_batches(calibration_batches(self.cfg), self.cfg.refine.batch)
                 sizes |= {stop - start for start, stop in steps}
+                sizes |= piece_sizes(steps, self.world.size)
             arguments = block_arguments(self.model, self.blocks, sizes, self.cfg.seqlen,
                                         self.device)  # fmt: skip
             if streams and not self.journal.done(stage):

@@ -105,7 +105,7 @@ class Plan:
     streams: tuple[str, ...]
     activation_bytes_per_stream: int  # two slots (block i's inputs, block i+1's)
     disk_bytes: dict[str, int]  # what the run writes, by kind
-    fixed_bytes: dict[str, int]  # measured: "peak" of setup, "after" setup
+    fixed_bytes: dict[str, int]  # measured: "peak" of setup, "after" setup, "after_timing"
     host_phases: dict[str, int]  # peak host memory of each phase, fixed part included
     device_phases: dict[str, int]  # CUDA runs only: peak device memory of each phase
     seconds_per_block: dict[str, float] | None = None  # by stage; None: device not here
@@ -202,6 +202,7 @@ if args["timing"]:
     fixed["rates"] = measure_speed(args["device"], getattr(torch, t["dtype"]), t["method"],
                                    t["width"])
     fixed["timing"] = phase_peak_bytes()
+    fixed["after_timing"] = psutil.Process().memory_info().rss
 print(json.dumps(fixed))
 """
 
@@ -211,8 +212,10 @@ def measure_baseline(cfg, timing: dict | None = None) -> dict:
     streamsvd, builds the skeleton and loads the calibration text and windows as compress
     does (and opens the CUDA context on a GPU run). `peak` is its high-water mark, `after`
     what stays resident. With `timing` (measure_speed's dtype name, method and width) it
-    then runs the speed micro-benchmark as the run does, and adds its `rates` and
-    `timing`, the high-water mark while it ran."""
+    then runs the speed micro-benchmark as the run does, and adds its `rates`, `timing`,
+    the high-water mark while it ran, and `after_timing`, what stays resident after it
+    (kernels' code and buffers the benchmark brought in: the run holds them too, through
+    every block)."""
     args = {
         "timing": timing,
         "model": str(cfg.model),
@@ -291,10 +294,11 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
         bench = {"dtype": str(compute).removeprefix("torch."), "method": cfg.method, "width": width}
         fixed = measure_baseline(cfg, bench if can_time else None)
     stages = sequential_stages([lp.name for lp in linears], groups) if cfg.sequential else None
+    resident = max(fixed["after"], fixed.get("after_timing", 0))  # the run times itself first
     host, device = block_memory(cfg, text, linears, groups, block_bytes, compute.itemsize,
-                                fixed["after"], stages)  # fmt: skip
+                                resident, stages)  # fmt: skip
     host["setup"] = fixed["peak"]
-    host["rest"] = fixed["after"] + rest_bytes + WRITE_BUFFER
+    host["rest"] = resident + rest_bytes + WRITE_BUFFER
     first = {"setup": host.pop("setup")}
     if "timing" in fixed:
         first["timing"] = fixed["timing"]
@@ -341,7 +345,7 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
         streams=streams,
         activation_bytes_per_stream=per_stream,
         disk_bytes=disk,
-        fixed_bytes={k: v for k, v in fixed.items() if k in ("peak", "after")},
+        fixed_bytes={k: v for k, v in fixed.items() if k in ("peak", "after", "after_timing")},
         host_phases={k: int(v) for k, v in host.items()},
         device_phases={k: int(v) for k, v in device.items()},
         seconds_per_block=seconds,

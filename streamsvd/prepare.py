@@ -167,10 +167,16 @@ def _calibration(cfg, config) -> tuple[torch.Tensor | None, dict]:
     return windows, info
 
 
+def calibration_batches(cfg) -> list[tuple[int, int]]:
+    """Every process's micro-batches, (start, stop) of the calibration windows."""
+    n, b = cfg.nsamples, cfg.batch_size
+    return [(s, min(s + b, n)) for s in range(0, n, b)]
+
+
 def _share(cfg, world: World) -> list[tuple[int, int]]:
     """This process's micro-batches, (start, stop) of the calibration windows."""
     n, b = cfg.nsamples, cfg.batch_size
-    batches = [(s, min(s + b, n)) for s in range(0, n, b)]
+    batches = calibration_batches(cfg)
     if len(batches) < world.size:
         raise StreamSVDError(
             f"{len(batches)} calibration micro-batches (--nsamples {n}, --batch-size {b}) "

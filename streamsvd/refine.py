@@ -45,9 +45,8 @@ Read = Callable[[int, int], torch.Tensor]  # (start, stop) -> a micro-batch on t
 # held-out text at ratios 0.2, 0.4 and 0.6 (benchmarks/results/refine_heldout.md); 2 epochs
 # of 8-window steps at 1e-4 lost at 0.6, 8 epochs of 2-window steps at 1e-3 lost at 0.2. λ
 # was chosen at 0.4, the step size on single blocks first (refine_probe.md). Still off by
-# default: under torchrun a step takes 2 windows on every rank, so N processes train
-# differently from one (tests/test_distributed.py), and on a small shape the plan's refine
-# phase was half the measured one at 4 epochs in one loaded run (tests/test_scale.py).
+# default: on a small shape the plan's refine phase was half the measured one at 4 epochs
+# in one loaded run (tests/test_scale.py).
 DEFAULT_EPOCHS = 0
 DEFAULT_LR = 3e-4
 HELD_OUT_EPOCHS = 4  # the epochs of the setting that won held out (the demo's)
@@ -91,6 +90,22 @@ def micro_batches(batches: list[tuple[int, int]], size: int) -> list[tuple[int, 
     return [(a, min(a + size, stop)) for start, stop in batches for a in range(start, stop, size)]
 
 
+def rank_piece(start: int, stop: int, rank: int, ranks: int) -> tuple[int, int]:
+    """The windows of a step (start, stop) that `rank` of `ranks` trains on, as offsets
+    into the step: contiguous pieces whose sizes differ by at most one (empty where the
+    step has fewer windows than there are ranks)."""
+    per, extra = divmod(stop - start, ranks)
+    a = rank * per + min(rank, extra)
+    return a, a + per + (rank < extra)
+
+
+def piece_sizes(steps: list[tuple[int, int]], ranks: int) -> set[int]:
+    """Every non-empty piece size the ranks train on: the block needs its arguments
+    (position embeddings, mask) for each."""
+    pieces = (rank_piece(a, b, r, ranks) for a, b in steps for r in range(ranks))
+    return {b - a for a, b in pieces if b > a}
+
+
 def trainable_names(block: nn.Module, norms: bool) -> list[str]:
     """The parameters refinement trains (relative names): every low-rank factor, and with
     `norms` the block's norm weights and the low-rank linears' biases. Dense linears that
@@ -131,9 +146,12 @@ def refine_block(block: nn.Module, arguments: dict[int, dict], batches: list[tup
     everything else ends as it was. Returns the mean loss of the first and the last epoch
     and the trained parameters' names.
 
-    With several ranks (world.py), data-parallel: every rank takes its j-th micro-batch
-    of the epoch, the gradients are averaged over the step's windows on all ranks, and
-    every rank takes the same optimiser step. A rank out of batches adds nothing."""
+    With several ranks (world.py), data-parallel over each step's windows: the ranks
+    take the steps one process would (every rank's micro-batches, in rank order, shuffled
+    by the same generator); the rank that holds a step's windows in its store broadcasts
+    them, each rank trains on its piece (rank_piece), and the gradients are averaged over
+    the step's windows before every rank takes the same optimiser step. N processes thus
+    take one process's steps, up to rounding."""
     world = world or World()
     names = trainable_names(block, settings.norms)
     before = {n: t.dtype for n, t in [*block.named_parameters(), *block.named_buffers()]}
@@ -147,8 +165,10 @@ def refine_block(block: nn.Module, arguments: dict[int, dict], batches: list[tup
         arguments = {size: _clone_tree(a, train) for size, a in arguments.items()}
         params = [block.get_parameter(n) for n in names]
         optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-        steps = max(world.gather(len(batches)))  # per epoch, on every rank alike
-        schedule = warmup_cosine(optimizer, settings.epochs * steps)
+        owners = [r for r, mine in enumerate(world.gather(batches)) for _ in mine]
+        steps = [b for mine in world.gather(batches) for b in mine]  # one process's list
+        schedule = warmup_cosine(optimizer, settings.epochs * len(steps))
+        fetch = _Fetch(read_inputs, read_targets, batches[0], train, world)
         gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)
         epoch_loss = []
         step_with = (params, optimizer, schedule, world)
@@ -156,23 +176,21 @@ def refine_block(block: nn.Module, arguments: dict[int, dict], batches: list[tup
 
         for _ in range(settings.epochs):
             total = tokens = 0
-            order = torch.randperm(len(batches), generator=gen).tolist()
-            for step in range(steps):
-                if step >= len(order):  # this rank's share is a batch short: adds nothing
+            for k in torch.randperm(len(steps), generator=gen).tolist():
+                start, stop = steps[k]
+                x, y = fetch(start, stop, owners[k])
+                if len(x) == 0:  # fewer windows in this step than ranks: adds nothing
                     _take_step(*step_with, windows=0)
                     continue
-                start, stop = batches[order[step]]
-                x = read_inputs(start, stop).to(train)
-                y = read_targets(start, stop).to(train)
-                out = block(x, **arguments[stop - start])
+                out = block(x, **arguments[len(x)])
                 out = out[0] if isinstance(out, tuple) else out
                 loss = nn.functional.mse_loss(out, y)
                 if not torch.isfinite(loss):
                     overflowed |= not bool(torch.isfinite(x).all() and torch.isfinite(y).all())
                 loss.backward()
-                _take_step(*step_with, windows=stop - start)
-                total += loss.item() * (stop - start)
-                tokens += stop - start
+                _take_step(*step_with, windows=len(x))
+                total += loss.item() * len(x)
+                tokens += len(x)
                 del x, y, out, loss
             if world.distributed:
                 sums = torch.tensor([total, tokens], dtype=torch.float64)
@@ -197,6 +215,38 @@ def refine_block(block: nn.Module, arguments: dict[int, dict], batches: list[tup
         _retensor(block, lambda n, t: (t.to(dtype) if n in trained else t).to(before[n]), set())
     return {"loss_first_epoch": epoch_loss[0], "loss_last_epoch": epoch_loss[-1],
             "trained": names}  # fmt: skip
+
+
+class _Fetch:
+    """A step's inputs and targets, in the training dtype: this rank's piece of them.
+    One process reads them; with several, the rank whose store holds them reads and
+    broadcasts them (the others learn their shape from their own first micro-batch)."""
+
+    def __init__(self, read_inputs: Read, read_targets: Read, first: tuple[int, int],
+                 dtype: torch.dtype, world: World):  # fmt: skip
+        self.read_inputs, self.read_targets, self.dtype, self.world = (
+            read_inputs, read_targets, dtype, world)  # fmt: skip
+        if world.distributed:
+            probe = read_inputs(*first)
+            self.window_shape, self.device = probe.shape[1:], probe.device
+
+    def __call__(self, start: int, stop: int, owner: int) -> tuple[torch.Tensor, torch.Tensor]:
+        world = self.world
+        if not world.distributed:
+            return self._read(start, stop)
+        if world.rank == owner:
+            x, y = self._read(start, stop)
+        else:
+            shape = (stop - start, *self.window_shape)
+            x, y = (torch.empty(shape, dtype=self.dtype, device=self.device) for _ in "xy")
+        world.broadcast_(x, owner, "refinement's windows")
+        world.broadcast_(y, owner, "refinement's windows")
+        a, b = rank_piece(start, stop, world.rank, world.size)
+        return x[a:b], y[a:b]
+
+    def _read(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.read_inputs(start, stop).to(self.dtype)
+        return x, self.read_targets(start, stop).to(self.dtype)
 
 
 def _take_step(params, optimizer, schedule, world: World, windows: int) -> None:

@@ -8,7 +8,9 @@ a compress run splits its work this way:
   rank holds the same sums a single process would, up to the order of the float64 additions;
 - factorisations: a block stage's linears are dealt out in turn, each rank factorises its
   own and broadcasts the factors as written, so every rank runs the same compressed block;
-- refinement: data-parallel, gradients summed across ranks before each step;
+- refinement: data-parallel over each step's windows: the rank that holds them broadcasts
+  them, each trains on its piece, gradients are averaged before each step, so N ranks take
+  the steps one process takes;
 - files: rank 0 alone writes shards, the journal and the output; every block ends at a
   barrier, so a block is journaled only once every rank's activations for the next one
   are durable, and no rank overwrites a block's inputs before it is journaled.
@@ -91,10 +93,10 @@ class World:
         for t in tensors if self.distributed else []:
             self._in_place(t, lambda x: self._call("adding statistics", _dist().all_reduce, x))
 
-    def broadcast_(self, tensor: torch.Tensor, src: int) -> None:
+    def broadcast_(self, tensor: torch.Tensor, src: int, what: str = "factors") -> None:
         """Rank `src`'s tensor, in place, on every rank."""
         if self.distributed:
-            what = f"exchanging factors (rank {src} sending)"
+            what = f"exchanging {what} (rank {src} sending)"
             self._in_place(tensor, lambda x: self._call(what, _dist().broadcast, x, src))
 
     def _in_place(self, tensor: torch.Tensor, collective) -> None:

@@ -152,23 +152,8 @@ def run_measured_from_outside(cmd: list[str]) -> tuple[subprocess.CompletedProce
         "--no-sequential",
         "--refine-epochs=1",  # steps of 2 windows, from batches of 4
         "--refine-epochs=1 --refine-batch=4",  # steps of a whole calibration batch
-        pytest.param(
-            "--refine-epochs=4",  # the setting that won held out
-            marks=pytest.mark.xfail(
-                reason="known, intermittent: at 4 epochs of 2-window steps the plan's refine "
-                "phase was half the measured one over the interpreter in a loaded run (63 MB "
-                "planned, 125-127 MB measured), within 25% in another; 1 epoch is within 25%",
-                strict=False,
-            ),
-        ),
-        pytest.param(
-            "--bits=4",
-            marks=pytest.mark.xfail(
-                reason="known: at this small shape the plan's quantize phase is half the "
-                "measured one over the interpreter (67 MB planned, 119-137 MB measured)",
-                strict=False,
-            ),
-        ),
+        "--refine-epochs=4",  # the setting that won held out
+        "--bits=4",
     ],  # fmt: skip
 )
 def test_plan_is_within_25_percent_of_a_real_run(tmp_path, small_calib_text, statistics):
