@@ -24,13 +24,13 @@ sys.path.insert(0, str(ROOT))
 
 from streamsvd.pipeline import CompressConfig  # noqa: E402
 from streamsvd.plan import make_plan, measure_baseline  # noqa: E402
-from streamsvd.refine import DEFAULT_BATCH, HELD_OUT_EPOCHS  # noqa: E402
+from streamsvd.refine import DEFAULT_BATCH, DEFAULT_EPOCHS  # noqa: E402
 from streamsvd.synth import synthesize  # noqa: E402
 
 GiB = 2**30
 WIDTHS = ["7b", "13b", "70b", "405b"]
 RATIOS = [0.2, 0.4]
-REFINE_EPOCHS = [0, HELD_OUT_EPOCHS]  # the default (closed form), and refined
+REFINE_EPOCHS = [0, DEFAULT_EPOCHS]  # the closed form, and refined (the default)
 BITS = [None, 4]
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "benchmarks" / "runs"

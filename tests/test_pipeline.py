@@ -84,6 +84,7 @@ def workspace(tmp_path_factory, small_calib_text):
                     seed=SEED,
                     batch_size=BATCH,
                     sequential=sequential,
+                    refine_epochs=0,  # the in-memory reference is the closed form
                 )  # fmt: skip
             )
             cache[key] = (out, summary)
