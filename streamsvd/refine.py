@@ -163,8 +163,9 @@ def refine_block(block: nn.Module, arguments: dict[int, dict], batches: list[tup
         arguments = {size: _clone_tree(a, train) for size, a in arguments.items()}
         params = [block.get_parameter(n) for n in names]
         optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-        owners = [r for r, mine in enumerate(world.gather(batches)) for _ in mine]
-        steps = [b for mine in world.gather(batches) for b in mine]  # one process's list
+        everyone = world.gather(batches)  # in rank order: one process's list, concatenated
+        steps = [b for mine in everyone for b in mine]
+        owners = [r for r, mine in enumerate(everyone) for _ in mine]
         schedule = warmup_cosine(optimizer, settings.epochs * len(steps))
         fetch = _Fetch(read_inputs, read_targets, batches[0], train, world)
         gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)
