@@ -42,7 +42,7 @@ P1_FILES = [
     "allocation_p1_sequential.json",  # 0.4, uniform, sequential (a repeat of allocation_p1's)
     "quality_p1_default.json",  # svdllm-a at 0.2 and 0.4, statistics together
     "quality_p1.json",  # every method at 0.2 and 0.4, statistics together
-    "refine_p1.json",  # svdllm-a at 0.4 with 2 epochs of block refinement
+    "refine_p1.json",  # svdllm-a with block refinement: 2 epochs at 0.4, the default's 4 at all
 ]
 # Rows whose command passes neither --sequential nor --no-sequential ran with the default of
 # the day: quality_p1*.json before sequential statistics existed, refine_p1.json after they
@@ -50,12 +50,15 @@ P1_FILES = [
 SEQUENTIAL_WHEN_UNSAID = {"quality_p1.json": False, "quality_p1_default.json": False,
                           "refine_p1.json": True}  # fmt: skip
 
-METHOD_LINES = [  # (label, method, allocation, sequential, refined), drawn in this order
-    ("svdllm-w: SVD-LLM whitening", "svdllm-w", "uniform", False, False),
-    ("svdllm-u: + its update", "svdllm-u", "uniform", False, False),
-    ("svdllm-a, together", "svdllm-a", "uniform", False, False),
-    ("svdllm-a, sequential: default", "svdllm-a", "uniform", True, False),
-    ("default, refined 2 epochs", "svdllm-a", "uniform", True, True),
+# (label, method, allocation, sequential, refinement: None or (epochs, windows a step)),
+# drawn in this order
+METHOD_LINES = [
+    ("svdllm-w: SVD-LLM whitening", "svdllm-w", "uniform", False, None),
+    ("svdllm-u: + its update", "svdllm-u", "uniform", False, None),
+    ("svdllm-a, together", "svdllm-a", "uniform", False, None),
+    ("svdllm-a, sequential: the closed form", "svdllm-a", "uniform", True, None),
+    ("refined 2 epochs of 8-window steps", "svdllm-a", "uniform", True, (2, 8)),
+    ("default: refined 4 epochs of 2-window steps", "svdllm-a", "uniform", True, (4, 2)),
 ]
 ALLOCATIONS = ["uniform", "grouped", "residual"]
 
@@ -65,7 +68,7 @@ def is_p1(data: dict) -> bool:
 
 
 def p1_points() -> tuple[dict, float, dict]:
-    """{(method, allocation, sequential, refined): {ratio: (perplexity, file)}}, the
+    """{(method, allocation, sequential, refinement): {ratio: (perplexity, file)}}, the
     original's perplexity, and plain SVD's {ratio: perplexity}."""
     points: dict = {}
     original = None
@@ -89,8 +92,9 @@ def p1_points() -> tuple[dict, float, dict]:
                 sequential = True
             else:
                 sequential = SEQUENTIAL_WHEN_UNSAID[name]
-            key = (method, row.get("allocation", "uniform"), sequential,
-                   row.get("epochs", 0) > 0)  # fmt: skip
+            epochs = row.get("epochs", 0)
+            refinement = (epochs, row.get("batch") or 8) if epochs else None
+            key = (method, row.get("allocation", "uniform"), sequential, refinement)
             points.setdefault(key, {}).setdefault(row["ratio"], (row["perplexity"], name))
     return points, original, plain_svd
 
@@ -114,7 +118,7 @@ def plot_p1() -> None:
                  fontsize=10)  # fmt: skip
     for allocation in ALLOCATIONS:
         for sequential, style in ((True, "-"), (False, "--")):
-            cells = sorted(points.get(("svdllm-a", allocation, sequential, False), {}).items())
+            cells = sorted(points.get(("svdllm-a", allocation, sequential, None), {}).items())
             label = f"{allocation}, {'sequential' if sequential else 'together'}"
             for ratio, (ppl, name) in cells:
                 print(f"svdllm-a {label:36s} ratio {ratio}: {ppl:8.2f}  from {name}")
@@ -122,7 +126,7 @@ def plot_p1() -> None:
                     label=label)  # fmt: skip
     bx.set_title("P1, SmolLM2-135M: svdllm-a's rank allocations,\n"
                  "statistics sequential (solid) or together (dashed)", fontsize=10)  # fmt: skip
-    for axis, corner in ((ax, "lower right"), (bx, "upper left")):
+    for axis, corner in ((ax, "upper left"), (bx, "upper left")):
         axis.axhline(original, color="gray", ls=":", label=f"original ({original:.2f})")
         axis.set_xlabel("ratio (fraction of the blocks' linear parameters removed)")
         axis.legend(fontsize=8, loc=corner)
