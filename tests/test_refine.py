@@ -5,6 +5,7 @@ resumes to the same bytes after a kill mid-refinement, and it works from any met
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 
 import pytest
@@ -21,6 +22,8 @@ from streamsvd.refine import (
     DEFAULT_BATCH,
     RefineSettings,
     micro_batches,
+    piece_sizes,
+    rank_piece,
     refine_block,
     trainable_names,
 )
@@ -264,3 +267,20 @@ def test_killed_during_refinement_resumes_to_identical_bytes(setup, tmp_path):
     assert "resuming at block 2/3" in resumed.stderr
     assert blocks_computed(resumed.stderr) == [2, 3]
     assert output_hashes(out) == output_hashes(reference)
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3, 5])
+def test_ranks_split_every_step_into_pieces_that_cover_it_once(ranks):
+    """Under torchrun each step's windows are dealt out to the ranks (refine_block): the
+    pieces tile the step, in rank order, with sizes that differ by at most one, so the
+    averaged gradient is the one process's mean over the same windows."""
+    steps = micro_batches([(0, 4), (4, 8), (8, 11)], 2) + [(20, 27)]
+    seen = set()
+    for start, stop in steps:
+        pieces = [rank_piece(start, stop, r, ranks) for r in range(ranks)]
+        assert pieces[0][0] == 0 and pieces[-1][1] == stop - start
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(pieces))
+        sizes = [b - a for a, b in pieces]
+        assert max(sizes) - min(sizes) <= 1
+        seen |= {n for n in sizes if n}
+    assert piece_sizes(steps, ranks) == seen  # the block gets arguments for each
