@@ -6,7 +6,9 @@ perplexity of SmolLM2-135M against the bytes its decoder blocks take on disk.
 
 - streamsvd cells RATIO:BITS: `streamsvd compress --ratio RATIO --bits BITS` (default
   method, symmetric, the default group size), each in its own process; `--refine-epochs`
-  (default 0, the compress default, with which every row so far was measured).
+  (default 0, the closed form, with which the first rows were measured before block
+  refinement became compress's default; `--refine-epochs 4`, the default now, names its
+  rows "refined").
 - GPTQ cells: the dense model quantized by llm-compressor (benchmarks/gptq_baseline.py),
   in an environment of its own, as it pins its own transformers (made with `python -m venv
   LC && LC/bin/pip install torch==2.13.0 llmcompressor==0.14.0.1`; measured with
@@ -142,9 +144,11 @@ def main() -> None:
         seconds = time.perf_counter() - start
         info = json.loads(summary.read_text())
         quant = info.get("quantization") or {}
-        add({"name": f"streamsvd {ratio}" + (f" + {bits}-bit g{quant['group_size']}"
-                                             if quant else " (unquantized)"),
+        refined = " refined" if int(args.refine_epochs) else ""
+        add({"name": f"streamsvd {ratio}{refined}" + (f" + {bits}-bit g{quant['group_size']}"
+                                                      if quant else " (unquantized)"),
              "kind": "streamsvd", "ratio": float(ratio), "bits": int(bits) if quant else None,
+             "refine_epochs": int(args.refine_epochs),
              "group_size": quant.get("group_size"), "path": out, "where": out,
              "compress_seconds": round(seconds, 1),
              "peak_rss_mb": info.get("peak_rss_mb")})  # fmt: skip
@@ -186,6 +190,8 @@ def plot(result: dict, path: Path) -> None:
     styles = {"dense": ("k", "*"), "gptq": ("tab:red", "s"), "streamsvd": ("tab:blue", "o")}
     for r in result["rows"]:
         color, marker = styles[r["kind"]]
+        if r.get("refine_epochs"):  # refined factors: the default since 9b7a910
+            color = "tab:green"
         ax.scatter(r["block_bytes"] / 2**20, r["perplexity"], color=color, marker=marker)
         ax.annotate(r["name"].replace(" (llm-compressor)", ""),
                     (r["block_bytes"] / 2**20, r["perplexity"]), fontsize=7,
