@@ -177,7 +177,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['name']} | {r['block_bytes'] / 2**20:.2f} | {share} | "
                      f"{r['perplexity']:.2f} | {r.get('compress_seconds', '–')} | "
                      f"{r.get('peak_rss_mb', '–')} |")  # fmt: skip
-    return "\n".join(lines) + "\n"
+    notes = result.get("notes", [])  # where and at which code the rows were measured
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 def plot(result: dict, path: Path) -> None:
