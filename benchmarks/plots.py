@@ -50,15 +50,17 @@ P1_FILES = [
 SEQUENTIAL_WHEN_UNSAID = {"quality_p1.json": False, "quality_p1_default.json": False,
                           "refine_p1.json": True}  # fmt: skip
 
-# (label, method, allocation, sequential, refinement: None or (epochs, windows a step)),
-# drawn in this order
+# (label, method, allocation, sequential, refinement: None or (epochs, windows a step),
+# healed by `streamsvd heal` afterwards), drawn in this order
 METHOD_LINES = [
-    ("svdllm-w: SVD-LLM whitening", "svdllm-w", "uniform", False, None),
-    ("svdllm-u: + its update", "svdllm-u", "uniform", False, None),
-    ("svdllm-a, together", "svdllm-a", "uniform", False, None),
-    ("svdllm-a, sequential: the closed form", "svdllm-a", "uniform", True, None),
-    ("refined 2 epochs of 8-window steps", "svdllm-a", "uniform", True, (2, 8)),
-    ("default: refined 4 epochs of 2-window steps", "svdllm-a", "uniform", True, (4, 2)),
+    ("svdllm-w: SVD-LLM whitening", "svdllm-w", "uniform", False, None, False),
+    ("svdllm-u: + its update", "svdllm-u", "uniform", False, None, False),
+    ("svdllm-a, together", "svdllm-a", "uniform", False, None, False),
+    ("svdllm-a, sequential: the closed form", "svdllm-a", "uniform", True, None, False),
+    ("refined 2 epochs of 8-window steps", "svdllm-a", "uniform", True, (2, 8), False),
+    ("default: refined 4 epochs of 2-window steps", "svdllm-a", "uniform", True, (4, 2), False),
+    ("the closed form, then healed", "svdllm-a", "uniform", True, None, True),
+    ("default, then healed", "svdllm-a", "uniform", True, (4, 2), True),
 ]
 ALLOCATIONS = ["uniform", "grouped", "residual"]
 
@@ -68,8 +70,8 @@ def is_p1(data: dict) -> bool:
 
 
 def p1_points() -> tuple[dict, float, dict]:
-    """{(method, allocation, sequential, refinement): {ratio: (perplexity, file)}}, the
-    original's perplexity, and plain SVD's {ratio: perplexity}."""
+    """{(method, allocation, sequential, refinement, healed): {ratio: (perplexity, file)}},
+    the original's perplexity, and plain SVD's {ratio: perplexity}."""
     points: dict = {}
     original = None
     plain_svd: dict = {}
@@ -95,7 +97,11 @@ def p1_points() -> tuple[dict, float, dict]:
             epochs = row.get("epochs", 0)
             refinement = (epochs, row.get("batch") or 8) if epochs else None
             key = (method, row.get("allocation", "uniform"), sequential, refinement)
-            points.setdefault(key, {}).setdefault(row["ratio"], (row["perplexity"], name))
+            points.setdefault((*key, False), {}).setdefault(row["ratio"], (row["perplexity"], name))
+            if "healed_perplexity" in row:
+                points.setdefault((*key, True), {}).setdefault(
+                    row["ratio"], (row["healed_perplexity"], name)
+                )
     return points, original, plain_svd
 
 
@@ -112,13 +118,16 @@ def plot_p1() -> None:
         for ratio, (ppl, name) in cells:
             print(f"{label:36s} ratio {ratio}: {ppl:8.2f}  from {name}")
         if cells:
-            ax.plot([r for r, _ in cells], [p for _, (p, _) in cells], marker="o", label=label)
+            healed = key[-1]  # dashed: after `streamsvd heal`, a step of its own
+            ax.plot([r for r, _ in cells], [p for _, (p, _) in cells], "--" if healed else "-",
+                    marker="o", label=label)  # fmt: skip
     svd_text = ", ".join(f"{p:.3g} at {r}" for r, p in sorted(plain_svd.items()))
     ax.set_title(f"P1, SmolLM2-135M: methods\n(plain svd, off the scale: {svd_text})",
                  fontsize=10)  # fmt: skip
     for allocation in ALLOCATIONS:
         for sequential, style in ((True, "-"), (False, "--")):
-            cells = sorted(points.get(("svdllm-a", allocation, sequential, None), {}).items())
+            key = ("svdllm-a", allocation, sequential, None, False)
+            cells = sorted(points.get(key, {}).items())
             label = f"{allocation}, {'sequential' if sequential else 'together'}"
             for ratio, (ppl, name) in cells:
                 print(f"svdllm-a {label:36s} ratio {ratio}: {ppl:8.2f}  from {name}")
