@@ -8,7 +8,8 @@ Two protocols, as benchmarks/allocation.py has them:
 - p1: ../shared/BENCHMARKS.md's P1 (64×512 of valid.txt; 128×512 of test.txt), for
   reporting.
 
-A cell is `ratio:epochs:lr[:norms]`:
+A cell is `ratio:epochs:lr[:λ][:bN][:norms][:heal][:qB[:gN][:asym]]` (qB: factors quantized
+to B bits, `compress --bits B`, as benchmarks/quantized.py's cells, with their block bytes):
 
     .venv/bin/python benchmarks/refine.py --cells 0.4:0:0 0.4:2:1e-4 0.4:2:1e-3 --jobs 2
     .venv/bin/python benchmarks/refine.py --protocol p1 --cells 0.4:2:1e-4
@@ -35,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from allocation import score  # noqa: E402  (benchmarks/, the script's folder)
+from quantized import block_bytes  # noqa: E402
 from tune_lambda import heldout_split  # noqa: E402
 
 from streamsvd.default_model import default_model_path  # noqa: E402
@@ -42,15 +44,22 @@ from streamsvd.refine import DEFAULT_TARGET  # noqa: E402
 
 
 def parse_cell(text: str) -> dict:
-    """ratio:epochs:lr[:λ][:bN][:norms][:heal] (λ: --refine-target, default the library's;
-    bN: --refine-batch N, default the calibration batch of 8; heal: also `streamsvd heal`
-    the output on the calibration text, and score both)."""
+    """ratio:epochs:lr[:λ][:bN][:norms][:heal][:qB[:gN][:asym]] (λ: --refine-target, default
+    the library's; bN: --refine-batch N, default the calibration batch of 8; heal: also
+    `streamsvd heal` the output on the calibration text, and score both; qB, gN, asym:
+    --bits B, --group-size N (default compress's), --asymmetric)."""
     ratio, epochs, lr, *rest = text.split(":")
-    flags = {x for x in rest if x in ("norms", "heal") or x.startswith("b")}
+    flags = {x for x in rest if x in ("norms", "heal", "asym") or x[0] in "bqg"}
     target = next((float(x) for x in rest if x not in flags), DEFAULT_TARGET)
-    batch = next((int(x[1:]) for x in flags if x.startswith("b")), None)
-    return {"ratio": float(ratio), "epochs": int(epochs), "lr": float(lr), "target": target,
-            "batch": batch, "norms": "norms" in rest, "heal": "heal" in rest}  # fmt: skip
+
+    def number(prefix: str) -> int | None:
+        return next((int(x[1:]) for x in flags if x.startswith(prefix)), None)
+
+    cell = {"ratio": float(ratio), "epochs": int(epochs), "lr": float(lr), "target": target,
+            "batch": number("b"), "norms": "norms" in rest, "heal": "heal" in rest}  # fmt: skip
+    if number("q"):  # only quantized cells carry these keys: older rows stay as they were
+        cell.update(bits=number("q"), group_size=number("g"), symmetric="asym" not in rest)
+    return cell
 
 
 def main() -> None:
@@ -137,6 +146,9 @@ def main() -> None:
             ),
             *(["--refine-batch", str(cell["batch"])] if cell["batch"] else []),
             *(["--refine-norms"] if cell["norms"] else []),
+            *(["--bits", str(cell["bits"])] if "bits" in cell else []),
+            *(["--group-size", str(cell["group_size"])] if cell.get("group_size") else []),
+            *(["--asymmetric"] if not cell.get("symmetric", True) else []),
         ]
         env = dict(os.environ, OMP_NUM_THREADS="1") if args.jobs > 1 else None
         subprocess.run(command, check=True, cwd=ROOT, env=env)
@@ -164,6 +176,9 @@ def main() -> None:
                 "heal_command": "streamsvd " + " ".join(heal[4:]).replace(str(work), "$TMP"),
             }
         ppl = score_in_process(out)
+        if "bits" in cell:  # the group size compress chose, and the bytes it wrote
+            row.update(group_size=summary["quantization"]["group_size"],
+                       block_bytes=block_bytes(out))  # fmt: skip
         shutil.rmtree(work)
         return {
             "method": args.method,
@@ -193,6 +208,7 @@ def main() -> None:
 def save(results: Path, name: str, result: dict) -> None:
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{name}.json").write_text(json.dumps(result, indent=2))
+    quantized = any("bits" in r for r in result["rows"])  # then two more columns
     lines = [
         f"# Block refinement, {result['what']}",
         "",
@@ -201,14 +217,16 @@ def save(results: Path, name: str, result: dict) -> None:
         "clip 1.0, float32.",
         "",
         "| method | ratio | refine epochs | peak lr | refine batch | target λ | norms too "
-        "| perplexity "
+        + ("| factors | block MiB " if quantized else "")
+        + "| perplexity "
         "| compress time (s) | of which refinement (s) | peak RSS (MiB) | healed perplexity "
         "| heal time (s) | heal peak RSS (MiB) | cells at once |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|" + "---|" * (17 if quantized else 15),
     ]
     for r in result["rows"]:
         if r["method"] == "original":
-            lines.append("| original |" + " – |" * 6 + f" {r['perplexity']:.2f} |" + " – |" * 7)
+            lines.append("| original |" + " – |" * (8 if quantized else 6)
+                         + f" {r['perplexity']:.2f} |" + " – |" * 7)  # fmt: skip
             continue
         refined = r["epochs"] > 0
         healed = "healed_perplexity" in r
@@ -216,7 +234,8 @@ def save(results: Path, name: str, result: dict) -> None:
             f"| {r['method']} | {r['ratio']} | {r['epochs']} | {r['lr'] if refined else '–'} | "
             f"{r.get('batch') or 8 if refined else '–'} | "
             f"{r.get('target', 1.0) if refined else '–'} | {'yes' if r['norms'] else 'no'} | "
-            f"{r['perplexity']:.2f} | {r['compress_seconds']:.0f} | {r['refine_seconds']:.0f} "
+            + (factors(r) if quantized else "")
+            + f"{r['perplexity']:.2f} | {r['compress_seconds']:.0f} | {r['refine_seconds']:.0f} "
             f"| {r['peak_rss_mb']:.0f} | "
             + (f"{r['healed_perplexity']:.2f} | {r['heal_seconds']:.0f} | "
                f"{r['heal_peak_rss_mb']:.0f} |" if healed else "– | – | – |")
@@ -227,6 +246,14 @@ def save(results: Path, name: str, result: dict) -> None:
                                    f"{', healed' if 'healed_perplexity' in r else ''}: "
                                    f"{r['note']}" for r in notes]  # fmt: skip
     (results / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+def factors(row: dict) -> str:
+    """The factors' storage and the decoder blocks' bytes on disk, as table cells."""
+    if "bits" not in row:
+        return "unquantized | – | "
+    kind = "symmetric" if row["symmetric"] else "asymmetric"
+    return f"{row['bits']}-bit g{row['group_size']} {kind} | {row['block_bytes'] / 2**20:.2f} | "
 
 
 if __name__ == "__main__":
