@@ -12,7 +12,7 @@ perplexity of SmolLM2-135M against the bytes its decoder blocks take on disk.
 - GPTQ cells: the dense model quantized by llm-compressor (benchmarks/gptq_baseline.py),
   in an environment of its own, as it pins its own transformers (made with `python -m venv
   LC && LC/bin/pip install torch==2.13.0 llmcompressor==0.14.0.1`; measured with
-  transformers 5.17.0 there): every block linear at BITS, symmetric, the same group size,
+  transformers 5.17.0 there): every block linear at BITS, symmetric, groups of 64,
   the same 64 calibration windows.
 - Bytes: every tensor of the decoder blocks as stored (codes, scales in the checkpoint's
   float32, norms); the embedding and LM head, the same in all, are left out.
@@ -41,7 +41,7 @@ from streamsvd.checkpoint import CheckpointReader  # noqa: E402
 from streamsvd.default_model import default_model_path  # noqa: E402
 from streamsvd.evaluate import perplexity  # noqa: E402
 
-GROUP_SIZE = 64  # the default for SmolLM2 (576 = 4.5 × 128); plain GPTQ takes the same
+GROUP_SIZE = 64  # plain GPTQ's: 576 = 4.5 × 128 (streamsvd's default too through 60afabe)
 
 
 def block_bytes(path: Path) -> int:

@@ -210,7 +210,7 @@ def save(results: Path, name: str, result: dict) -> None:
     (results / f"{name}.json").write_text(json.dumps(result, indent=2))
     quantized = any("bits" in r for r in result["rows"])  # then two more columns
     lines = [
-        f"# Block refinement, {result['what']}",
+        f"# Block refinement{', quantized factors' if quantized else ''}, {result['what']}",
         "",
         f"{result['model']}. Command(s): `{result['command']}` (the last; rows accumulate "
         f"over runs; {os.cpu_count()} cores). Refinement: AdamW, 10% warm-up, cosine decay, "

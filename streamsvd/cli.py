@@ -199,9 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--group-size",
         type=int,
         metavar="N",
-        help="one scale per N input columns of each factor row (default: the largest of "
-        f"{', '.join(map(str, GROUP_SIZES))} dividing every layer's input width and no "
-        "larger than any rank; ranks are rounded to whole groups)",
+        help="one scale per N input columns of each factor row (default: the first of "
+        f"{', '.join(map(str, GROUP_SIZES[4]))} at 4 bits, or of "
+        f"{', '.join(map(str, GROUP_SIZES[8]))} at 8 bits, that divides every layer's "
+        "input width and is no larger than any rank; ranks are rounded to whole groups)",
     )
     c.add_argument(
         "--asymmetric",

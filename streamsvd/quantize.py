@@ -28,7 +28,10 @@ from .errors import StreamSVDError
 DAMP = 0.01  # GPTQ's damping: 1% of H's mean diagonal, as the reference code
 BLOCK = 128  # columns updated at a time (the reference code's lazy batch)
 BITS = (4, 8)  # what compress offers (the quantizer itself takes 2 to 8)
-GROUP_SIZES = (128, 64, 32, 16)  # the default: the first that divides every input width
+# The default group size, by bits: the first that divides every input width and fits
+# every rank. Measured (docs/quantization.md, "Settings"): at 4 bits 32 beat 64, held out
+# and on P1; at 8 bits 32 bought nothing for its bytes, so the largest group that fits.
+GROUP_SIZES = {4: (32, 16), 8: (128, 64, 32, 16)}
 FACTOR_PATTERN = r"re:.*\.(down|up)$"  # compressed-tensors target: LowRankLinear's factors
 
 
@@ -70,15 +73,15 @@ class QuantSettings:
         return {"quant_method": "compressed-tensors", **config.to_dict()}
 
 
-def default_group_size(widths: list[int], ranks: list[int]) -> int:
-    """The largest of GROUP_SIZES that divides every factorised linear's input width (a
+def default_group_size(widths: list[int], ranks: list[int], bits: int) -> int:
+    """The first of GROUP_SIZES[bits] that divides every factorised linear's input width (a
     group never straddles rows: compressed-tensors requires it) and is no larger than any
     layer's rank (which is rounded to whole groups: `quantized_rank`)."""
-    for size in GROUP_SIZES:
+    for size in GROUP_SIZES[bits]:
         if all(w % size == 0 for w in widths) and size <= min(ranks):
             return size
     raise StreamSVDError(
-        f"no group size of {GROUP_SIZES} divides every input width {sorted(set(widths))} "
+        f"no group size of {GROUP_SIZES[bits]} divides every input width {sorted(set(widths))} "
         f"and fits in the smallest rank, {min(ranks)}: give --group-size, or a lower --ratio"
     )
 
@@ -93,12 +96,13 @@ def settings_for(cfg, shapes: set[tuple[int, int]]) -> QuantSettings | None:
 
     widths = sorted({n for _, n in shapes})
     ranks = [rank_for(m, n, cfg.ratio) for m, n in shapes]
-    size = cfg.group_size or default_group_size(widths, ranks)
+    size = cfg.group_size or default_group_size(widths, ranks, cfg.bits)
     uneven = [w for w in widths if w % size]
     if uneven:
+        fitting = default_group_size(widths, ranks, cfg.bits)
         raise StreamSVDError(
             f"--group-size {size} does not divide the input width of every layer ({uneven}): "
-            f"groups must not straddle rows; --group-size {default_group_size(widths, ranks)} does"
+            f"groups must not straddle rows; --group-size {fitting} does"
         )
     return QuantSettings(cfg.bits, size, cfg.quant_symmetric)
 

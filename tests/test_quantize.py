@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from streamsvd.errors import StreamSVDError
 from streamsvd.factorize import plain_svd, truncate_whitened, whitened_truncation
-from streamsvd.quantize import DAMP, gptq, rank_rotation, round_to_nearest
+from streamsvd.quantize import DAMP, default_group_size, gptq, rank_rotation, round_to_nearest
 from streamsvd.stats import damped_cholesky, damped_cholesky_
 
 
@@ -112,3 +113,19 @@ def test_whitening_ridge_bounds_the_down_factor_on_a_nearly_singular_gram():
     assert bool((rows <= (sigma / delta).sqrt() * (1 + 1e-9)).all())
     _, B0 = truncate_whitened(Y.clone(), damped_cholesky(G), 32)
     assert float(B0.abs().max()) > 100 * float(B.abs().max())  # 991 against 1.07 here
+
+
+def test_default_group_size_follows_the_measurement_by_bits():
+    """The measured defaults (docs/quantization.md): at 4 bits 32 (16 where a rank is under
+    32 or a width not a whole number of 32s); at 8 bits the largest group that divides every
+    width and fits every rank; an error naming --group-size where nothing fits."""
+    smollm2, llama7b = ([576, 1536], [86, 172, 368]), ([4096, 11008], [1228, 1600])
+    assert default_group_size(*smollm2, bits=4) == 32
+    assert default_group_size(*llama7b, bits=4) == 32
+    assert default_group_size(*smollm2, bits=8) == 64  # 576 is 4.5 groups of 128
+    assert default_group_size(*llama7b, bits=8) == 128
+    assert default_group_size([64, 160], [20, 40], bits=4) == 16  # a rank holds no 32
+    assert default_group_size([48, 96], [40], bits=4) == 16  # 48 is not a whole number of 32s
+    for bits in (4, 8):
+        with pytest.raises(StreamSVDError, match="--group-size"):
+            default_group_size([24], [20], bits)
