@@ -151,6 +151,7 @@ def main() -> None:
             *(["--asymmetric"] if not cell.get("symmetric", True) else []),
         ]
         env = dict(os.environ, OMP_NUM_THREADS="1") if args.jobs > 1 else None
+        threads = int((env or os.environ).get("OMP_NUM_THREADS") or os.cpu_count())
         subprocess.run(command, check=True, cwd=ROOT, env=env)
         summary = json.loads(summary_path.read_text())
 
@@ -189,7 +190,7 @@ def main() -> None:
             "refine_seconds": summary["stage_seconds"].get("refine", 0.0),
             "peak_rss_mb": summary["peak_rss_mb"],
             "refine_peak_mb": summary["phase_peaks"].get("refine", {}).get("host_mb"),
-            "threads": 1 if args.jobs > 1 else os.cpu_count(),
+            "threads": threads,
             "cells_at_once": args.jobs,  # more than the cores share them: times are rough
             "command": "streamsvd " + " ".join(command[4:]).replace(str(work), "$TMP"),
         }
