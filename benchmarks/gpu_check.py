@@ -1,22 +1,28 @@
 """The CUDA path on synthetic checkpoints, as one prepared script for a lent GPU (a session
 gets about 15 minutes of one): CUDA against CPU on the same checkpoint, and the plan
-against measured runs at 7B width: the closed form, block refinement, and 4-bit factors.
+against measured runs at 7B width: the closed form, the default (block refinement), and the
+default with 4-bit factors; and the speed probe's rates at three sizes, since the plan's time
+on a GPU extrapolates from 1024² products.
 
     python benchmarks/gpu_check.py --results DIR    # on the GPU machine; DIR: its $OUT
 
-1. Equivalence: a 1B-width checkpoint (TinyLlama-1.1B's shape, 2 blocks, float32, random
+0. Probe: the rates `speed.measure_speed` reads at 1024 (what the plan uses), 2048 and 4096
+   (a few seconds): whether the plan's 1024² rates extrapolate to a 7B block's widths.
+1. Scale: a 7B-width checkpoint (Llama-2-7B's shape, 2 blocks, bfloat16) with the compress
+   defaults (64×512 calibration, refinement on), `--dry-run` then the run, each variant:
+   seconds per block and peak device and host memory by phase, measured against the plan.
+   Before the equivalence: it is what a lent GPU is for.
+2. Equivalence: a 1B-width checkpoint (TinyLlama-1.1B's shape, 2 blocks, float32, random
    weights with decaying spectra) compressed with svdllm-a at ratio 0.4 on CUDA and on the
    CPU, closed form, refined and with 4-bit factors: the ranks must agree, and the logit
    error of each output against the original model says whether both devices compress
    equally well. (On random weights near-tied singular values make the truncation
    ill-determined, so the two outputs are not compared value for value; refinement's steps
    and GPTQ's rounding decisions differ in rounding too.)
-2. Scale: a 7B-width checkpoint (Llama-2-7B's shape, 2 blocks, bfloat16) with the compress
-   defaults (64×512 calibration), `--dry-run` then the run, each variant: seconds
-   per block and peak device and host memory by phase, measured against the plan.
 
-Each run is its own `streamsvd compress` process. Writes gpu_check.json and gpu_check.md
-into DIR after every step, so a run cut short still reports what it did.
+Each run is its own `streamsvd compress` process, stopped after --timeout seconds (then
+recorded as unfinished); its log goes to DIR/gpu_check.log. Writes gpu_check.json and
+gpu_check.md into DIR after every step, so a run cut short still reports what it did.
 """
 
 from __future__ import annotations
@@ -39,8 +45,10 @@ from streamsvd.synth import synthesize  # noqa: E402
 MiB = 2**20
 
 
-def compress(model: Path, out: Path, device: str, *extra: str) -> tuple[dict, dict, float]:
-    """(plan, summary, wall seconds) of one run."""
+def compress(
+    model: Path, out: Path, device: str, *extra: str, timeout: float, log: Path
+) -> tuple[dict, dict | None, float]:
+    """(plan, summary, wall seconds) of one run; summary None where it ran past `timeout`."""
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(f"{out}.work", ignore_errors=True)
     cli = [
@@ -62,7 +70,17 @@ def compress(model: Path, out: Path, device: str, *extra: str) -> tuple[dict, di
         [*cli, "--dry-run", "--summary-json", str(plan_json)], check=True, capture_output=True
     )
     start = time.perf_counter()
-    subprocess.run([*cli, "--summary-json", str(summary_json)], check=True)
+    with log.open("a") as f:
+        f.write(f"\n$ {' '.join(cli)}\n")
+        f.flush()
+        try:
+            subprocess.run(
+                [*cli, "--summary-json", str(summary_json)], check=True, stdout=f, stderr=f,
+                timeout=timeout,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            f.write(f"stopped after {timeout} s\n")
+            return json.loads(plan_json.read_text()), None, time.perf_counter() - start
     wall = time.perf_counter() - start
     return json.loads(plan_json.read_text()), json.loads(summary_json.read_text()), wall
 
@@ -88,8 +106,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks/results")
     parser.add_argument("--work", type=Path, default=Path("/tmp/streamsvd-gpu-check"))
-    parser.add_argument("--refine-epochs", default="2", help="epochs of the refined runs")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["equivalence", "scale"])
+    parser.add_argument("--timeout", type=float, default=240, help="seconds per run at most")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["scale", "equivalence", "probe"])
+    parser.add_argument("--variants", nargs="*", help="refined, closed, 4-bit (default all)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device visible")
@@ -103,12 +122,58 @@ def main() -> None:
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "command": "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:]),
-        "equivalence": [],
         "scale": [],
+        "equivalence": [],
+        "probe": [],
     }
-    variants = {"closed form": ["--refine-epochs", "0"],
-                "refined": ["--refine-epochs", args.refine_epochs],
-                "4-bit": ["--refine-epochs", "0", "--bits", "4"]}  # fmt: skip
+    log = args.results / "gpu_check.log"
+    args.results.mkdir(parents=True, exist_ok=True)
+    # the defaults refine; "4-bit" is the defaults with --bits 4 (refined, then GPTQ)
+    variants = {"refined (default)": [], "closed form": ["--refine-epochs", "0"],
+                "4-bit": ["--bits", "4"]}  # fmt: skip
+
+    if "probe" not in args.skip:
+        from streamsvd import speed
+
+        for n in (1024, 2048, 4096):
+            speed.BENCH_N = n  # the plan's probe reads min(BENCH_N, width)
+            start = time.perf_counter()
+            rates = speed.measure_speed("cuda", torch.bfloat16, "svdllm-a", width=4096)
+            rates["probe_seconds"] = round(time.perf_counter() - start, 2)
+            result["probe"].append({"n": n, **rates})
+            save(args.results, result)
+
+    if "scale" not in args.skip:
+        model = args.work / "7b"
+        if not model.exists():
+            synthesize(model, "7b", 2, dtype=torch.bfloat16)
+        for variant, options in variants.items():
+            if args.variants and variant.split()[0] not in args.variants:
+                continue
+            out = args.work / f"7b-{variant.split()[0]}"
+            plan, summary, wall = compress(
+                model, out, "cuda", "--calib", str(calib), *options, timeout=args.timeout, log=log
+            )
+            row = {
+                "variant": variant,
+                "wall_seconds": round(wall, 1),
+                "finished": summary is not None,
+                "plan_seconds_per_block": plan["seconds_per_block"],
+                "plan_device_phases_mb": {
+                    k: round(v / MiB) for k, v in plan["device_phases"].items()
+                },
+                "plan_host_phases_mb": {k: round(v / MiB) for k, v in plan["host_phases"].items()},
+            }
+            if summary is not None:
+                row |= {
+                    "block_seconds": summary["block_seconds"],
+                    "phase_peaks": summary["phase_peaks"],
+                    "peak_cuda_mb": summary.get("peak_cuda_mb"),
+                    "peak_rss_mb": summary["peak_rss_mb"],
+                }
+            result["scale"].append(row)
+            shutil.rmtree(out, ignore_errors=True)
+            save(args.results, result)
 
     if "equivalence" not in args.skip:
         model = args.work / "1b"
@@ -130,8 +195,16 @@ def main() -> None:
         ]
         for variant, options in variants.items():
             for device in ("cuda", "cpu"):
-                out = args.work / f"1b-{device}-{variant.replace(' ', '-')}"
-                _, summary, wall = compress(model, out, device, *common, *options)
+                out = args.work / f"1b-{device}-{variant.split()[0]}"
+                _, summary, wall = compress(
+                    model, out, device, *common, *options, timeout=args.timeout, log=log
+                )
+                if summary is None:
+                    result["equivalence"].append(
+                        {"device": device, "variant": variant, "finished": False}
+                    )
+                    save(args.results, result)
+                    continue
                 result["equivalence"].append(
                     {
                         "device": device,
@@ -146,33 +219,6 @@ def main() -> None:
                 )
                 save(args.results, result)
 
-    if "scale" not in args.skip:
-        model = args.work / "7b"
-        if not model.exists():
-            synthesize(model, "7b", 2, dtype=torch.bfloat16)
-        for variant, options in variants.items():
-            out = args.work / f"7b-{variant.replace(' ', '-')}"
-            plan, summary, wall = compress(model, out, "cuda", "--calib", str(calib), *options)
-            result["scale"].append(
-                {
-                    "variant": variant,
-                    "wall_seconds": round(wall, 1),
-                    "plan_seconds_per_block": plan["seconds_per_block"],
-                    "block_seconds": summary["block_seconds"],
-                    "plan_device_phases_mb": {
-                        k: round(v / MiB) for k, v in plan["device_phases"].items()
-                    },
-                    "plan_host_phases_mb": {
-                        k: round(v / MiB) for k, v in plan["host_phases"].items()
-                    },
-                    "phase_peaks": summary["phase_peaks"],
-                    "peak_cuda_mb": summary.get("peak_cuda_mb"),
-                    "peak_rss_mb": summary["peak_rss_mb"],
-                }
-            )
-            shutil.rmtree(out, ignore_errors=True)
-            save(args.results, result)
-
 
 def save(results: Path, result: dict) -> None:
     results.mkdir(parents=True, exist_ok=True)
@@ -183,25 +229,21 @@ def save(results: Path, result: dict) -> None:
         f"Command: `{result['command']}`",
         "",
     ]
-    if result["equivalence"]:
-        lines += [
-            "## CUDA against CPU: 1B width, 2 blocks, float32, svdllm-a 0.4, 16×256",
-            "",
-            "| device | variant | seconds | refine (s) | logit error vs original | "
-            "peak CUDA (MiB) |",
-            "|---|---|---|---|---|---|",
-        ]
-        for r in result["equivalence"]:
-            lines.append(
-                f"| {r['device']} | {r['variant']} | {r['seconds']} | "
-                f"{r['stage_seconds'].get('refine', 0)} | {r['logit_error']:.4f} | "
-                f"{r['peak_cuda_mb'] or '–'} |"
-            )
-        lines.append("")
     for r in result["scale"]:
+        lines += [f"## 7B width, 2 blocks, bfloat16, {r['variant']}", ""]
+        planned = r["plan_seconds_per_block"] or {}
+        plan_text = (
+            f"{planned.get('total', 0):.1f} (refine {planned.get('refine', 0):.1f}, "
+            f"quantize {planned.get('quantize', 0):.1f})"
+        )
+        if not r["finished"]:
+            lines += [
+                f"Stopped unfinished after {r['wall_seconds']} s (plan per block: {plan_text}; "
+                f"planned device phases {r['plan_device_phases_mb']} MiB).",
+                "",
+            ]
+            continue
         lines += [
-            f"## 7B width, 2 blocks, bfloat16, defaults, {r['variant']}",
-            "",
             f"Wall {r['wall_seconds']} s; peak CUDA {r['peak_cuda_mb']} MiB, peak RSS "
             f"{r['peak_rss_mb']} MiB.",
             "",
@@ -215,15 +257,39 @@ def save(results: Path, result: dict) -> None:
                 f"{peaks.get('device_mb', '–')} | {r['plan_host_phases_mb'].get(phase, '–')} "
                 f"| {peaks.get('host_mb', '–')} |"
             )
-        planned = r["plan_seconds_per_block"] or {}
         lines += ["", "| block | measured s (by stage) | planned s per block |", "|---|---|---|"]
         for b in r["block_seconds"]:
             stages = ", ".join(f"{k} {v}" for k, v in b.items() if k not in ("block", "total"))
+            lines.append(f"| {b['block']} | {b['total']} ({stages}) | {plan_text} |")
+        lines.append("")
+    if result["equivalence"]:
+        lines += [
+            "## CUDA against CPU: 1B width, 2 blocks, float32, svdllm-a 0.4, 16×256",
+            "",
+            "| device | variant | seconds | refine (s) | logit error vs original | "
+            "peak CUDA (MiB) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in result["equivalence"]:
+            if not r.get("finished", True):
+                lines.append(f"| {r['device']} | {r['variant']} | unfinished | | | |")
+                continue
             lines.append(
-                f"| {b['block']} | {b['total']} ({stages}) | "
-                f"{planned.get('total', 0):.1f} (refine {planned.get('refine', 0):.1f}, "
-                f"quantize {planned.get('quantize', 0):.1f}) |"
+                f"| {r['device']} | {r['variant']} | {r['seconds']} | "
+                f"{r['stage_seconds'].get('refine', 0)} | {r['logit_error']:.4f} | "
+                f"{r['peak_cuda_mb'] or '–'} |"
             )
+        lines.append("")
+    if result["probe"]:
+        keys = [k for k in result["probe"][0] if k not in ("n", "device_name", "itemsize")]
+        lines += [
+            "## The speed probe's rates by its size (flop/s; eigh_k3 seconds per k³)",
+            "",
+            "| n | " + " | ".join(keys) + " |",
+            "|---" * (len(keys) + 1) + "|",
+        ]
+        for r in result["probe"]:
+            lines.append(f"| {r['n']} | " + " | ".join(f"{r[k]:.3g}" for k in keys) + " |")
         lines.append("")
     (results / "gpu_check.md").write_text("\n".join(lines) + "\n")
 

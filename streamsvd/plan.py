@@ -71,6 +71,7 @@ from .names import ModelTensors
 from .preflight import check_locations, check_shapes
 from .quantize import QuantSettings, factor_bytes, quantized_rank, settings_for
 from .refine import saved_values_per_token, step_windows, trainable_bytes
+from .speed import bench_device_bytes
 from .stats import CHUNK_VALUES, cross_as_product, release_points, sums_bytes
 
 F64 = 8
@@ -297,6 +298,8 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
     resident = max(fixed["after"], fixed.get("after_timing", 0))  # the run times itself first
     host, device = block_memory(cfg, text, linears, groups, block_bytes, compute.itemsize,
                                 resident, stages)  # fmt: skip
+    if device:  # on a GPU the run's micro-benchmark comes first, on the device
+        device = {"timing": bench_device_bytes(cfg.device, width), **device}
     host["setup"] = fixed["peak"]
     host["rest"] = resident + rest_bytes + WRITE_BUFFER
     first = {"setup": host.pop("setup")}

@@ -1,9 +1,11 @@
 """How long a block will take: the flops of a block's work, stage by stage, over the rates
 this device reaches on the same kernels in a short micro-benchmark (a few seconds).
 
-Rates are measured at a size of a thousand, where BLAS is less efficient than at 8-28
-thousand, so the estimate leans long on big shapes; `benchmarks/scale.py` reports it
-against measured stage times.
+On a CPU rates are measured at a size of a thousand, where BLAS is a little less efficient
+than at 8-28 thousand, so the estimate leans long on big shapes (`benchmarks/scale.py`
+reports it against measured stage times). A GPU is timed at 4096: at 1024 an H200 reached a
+twelfth of its 4096 rates, and the plan read 1.7-2.7x a 7B block's measured time; at 4096,
+0.93-1.2x (benchmarks/results/gpu_check.md).
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ from .experts import expert_index
 from .factorize import METHODS, RSVD_OVERSAMPLE, RSVD_POWER_ITERATIONS
 from .stats import cross_as_product, damped_cholesky_
 
-BENCH_N = 1024  # size of the micro-benchmark's matrices: ~6 of them at its peak, 48 MiB
+BENCH_N = 1024  # size of the micro-benchmark's matrices on a CPU
+BENCH_N_CUDA = 4096  # and on a GPU, which 1024² products leave idle
+# n×n float64 matrices the micro-benchmark holds at its peak: 5.9 at 1024, 6.7 at 2048
+# (peak RSS over the start, on a CPU); 896 MiB at 4096
+BENCH_MATRICES = 7
 STORE_CHUNKS = 8  # activation chunks (one window each) written and read back to time the store
 # Values an elementwise op reads or writes per token in one forward of a Llama-type block,
 # beside its matmuls: norms, rotary, residual adds and GQA's repeated k/v (~30 per hidden
@@ -42,6 +48,16 @@ def _best_seconds(fn, device: torch.device, repeats: int = 3) -> float:
     return best
 
 
+def bench_size(device: str, width: int) -> int:
+    """The micro-benchmark's matrix size on `device` for a model of `width`."""
+    return max(128, min(BENCH_N_CUDA if torch.device(device).type == "cuda" else BENCH_N, width))
+
+
+def bench_device_bytes(device: str, width: int) -> int:
+    """Device memory the micro-benchmark holds at its peak (a GPU run's first phase)."""
+    return BENCH_MATRICES * bench_size(device, width) ** 2 * 8
+
+
 def measure_speed(device: str, dtype: torch.dtype, method: str, width: int = BENCH_N) -> dict:
     """Rates of this device: flop/s of float64 matrix products, triangular solves and the
     in-place Cholesky, flop/s of the block's forward matmuls in the checkpoint dtype, and
@@ -49,14 +65,14 @@ def measure_speed(device: str, dtype: torch.dtype, method: str, width: int = BEN
     one). Seeded inputs; takes a few seconds. `width`: the model's, which caps the size
     (a tiny model is timed on its own small shapes, in milliseconds)."""
     dev = torch.device(device)
-    n = max(128, min(BENCH_N, width))
+    n = bench_size(device, width)
     gen = torch.Generator(device=dev).manual_seed(0)
     a = torch.randn(n, n, dtype=torch.float64, device=dev, generator=gen)
     rhs = torch.randn(n // 2, n, dtype=torch.float64, device=dev, generator=gen)
     rates = {"device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "this CPU",
              "itemsize": dtype.itemsize}  # fmt: skip
     # One step at a time, each freeing its temporaries: the run times itself with this
-    # before its first block, and the plan counts its peak (~6 n×n float64 matrices).
+    # before its first block, and the plan counts its peak (BENCH_MATRICES).
     with torch.inference_mode():
         rates |= _product_rates(a, dtype, dev)
         if method in ("svd", "rsvd", "svd-u"):

@@ -332,6 +332,9 @@ def test_a_70b_block_fits_in_20_gib_of_host_and_24_gib_of_gpu_by_the_plan(tmp_pa
     gpu = make_plan(gpu_cfg, fixed, device_memory=24 * 2**30, timing=False)
     assert gpu.device_peak_bytes <= 24 * 2**30
     assert gpu.checks[1]["what"] == "device memory (--device-memory)"
+    # the run times the GPU first, at 4096 (speed.BENCH_N_CUDA): the plan's first phase
+    assert list(gpu.device_phases)[0] == "timing"
+    assert gpu.device_phases["timing"] >= 6 * 4096**2 * 8
     # the sums are the bulk: down_proj's G' (28672²) and W·C (8192×28672) in float64
     assert cpu.host_phases["statistics"] > (28672**2 + 8192 * 28672) * 8
     # with 4-bit factors: GPTQ holds down_proj's G' and its float32 inverse factor besides
