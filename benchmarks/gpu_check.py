@@ -12,7 +12,10 @@ on a GPU extrapolates from 1024² products.
    defaults (64×512 calibration, refinement on), `--dry-run` then the run, each variant:
    seconds per block and peak device and host memory by phase, measured against the plan.
    Before the equivalence: it is what a lent GPU is for.
-2. Equivalence: a 1B-width checkpoint (TinyLlama-1.1B's shape, 2 blocks, float32, random
+2. Factorise: each linear of a 7B-width block factorised alone (svdllm-a, random inputs of
+   the default 32768 tokens), the device memory it allocates beyond W and its group's sums
+   against the plan's `factorize.workspace`: the factorise phase measured 13% over its plan.
+3. Equivalence: a 1B-width checkpoint (TinyLlama-1.1B's shape, 2 blocks, float32, random
    weights with decaying spectra) compressed with svdllm-a at ratio 0.4 on CUDA and on the
    CPU, closed form, refined and with 4-bit factors: the ranks must agree, and the logit
    error of each output against the original model says whether both devices compress
@@ -102,12 +105,78 @@ def logit_error(original: Path, compressed: Path, device: str) -> float:
     return float(torch.linalg.vector_norm(got - want) / torch.linalg.vector_norm(want))
 
 
+# Llama-2-7B's linears by input group: (names and out_features, in_features)
+SHAPES_7B = [
+    ({"q_proj": 4096, "k_proj": 4096, "v_proj": 4096}, 4096),
+    ({"o_proj": 4096}, 4096),
+    ({"gate_proj": 11008, "up_proj": 11008}, 4096),
+    ({"down_proj": 4096}, 11008),
+]
+
+
+def factorise_probe(
+    device: str, shapes=SHAPES_7B, ratio: float = 0.2, tokens: int = 32768
+) -> list[dict]:
+    """Device bytes svdllm-a allocates beyond W and its group's sums, linear by linear,
+    against the plan's workspace (float64 values). On a CPU: resident bytes, sampled
+    (`memory.phase_peak_bytes`), with glibc returning freed memory as a run does."""
+    from streamsvd.factorize import METHODS, rank_for, workspace
+    from streamsvd.memory import phase_peak_bytes, reset_peak, return_freed_memory
+    from streamsvd.stats import InputStats, cross_as_product
+
+    method, gen = METHODS["svdllm-a"], torch.Generator(device).manual_seed(0)
+    on_gpu = device.startswith("cuda")
+    return_freed_memory()
+    rows = []
+    for outs, n in shapes:
+        weights = {
+            name: torch.randn(m, n, generator=gen, device=device, dtype=torch.bfloat16)
+            for name, m in outs.items()
+        }
+        stats = InputStats(n, method.needs, device, weights)
+        for _ in range(0, tokens, 2048):
+            x = torch.randn(2048, n, generator=gen, device=device, dtype=torch.bfloat16)
+            stats.add(x, x + 0.1 * torch.randn_like(x))
+        del x
+        owns = cross_as_product(list(outs.values()), n)
+        for name, m in outs.items():
+            rank = rank_for(m, n, ratio)
+            if on_gpu:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            else:
+                reset_peak()
+                base = phase_peak_bytes()
+            factors = method.factorize(weights[name], stats.for_linear(name), rank)
+            if on_gpu:
+                torch.cuda.synchronize()
+                peak = torch.cuda.max_memory_allocated()
+            else:
+                peak = phase_peak_bytes()
+            measured = round((peak - base) / MiB, 1)
+            rows.append(
+                {
+                    "linear": name,
+                    "m": m,
+                    "n": n,
+                    "rank": rank,
+                    "planned_mb": round(workspace("svdllm-a", m, n, rank, owns) * 8 / MiB, 1),
+                    "measured_mb": measured,
+                }
+            )
+            del factors
+        del stats, weights
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks/results")
     parser.add_argument("--work", type=Path, default=Path("/tmp/streamsvd-gpu-check"))
     parser.add_argument("--timeout", type=float, default=240, help="seconds per run at most")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["scale", "equivalence", "probe"])
+    sections = ["probe", "scale", "factorise", "equivalence"]
+    parser.add_argument("--skip", nargs="*", default=[], choices=sections)
     parser.add_argument("--variants", nargs="*", help="refined, closed, 4-bit (default all)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -125,6 +194,7 @@ def main() -> None:
         "scale": [],
         "equivalence": [],
         "probe": [],
+        "factorise": [],
     }
     log = args.results / "gpu_check.log"
     args.results.mkdir(parents=True, exist_ok=True)
@@ -174,6 +244,10 @@ def main() -> None:
             result["scale"].append(row)
             shutil.rmtree(out, ignore_errors=True)
             save(args.results, result)
+
+    if "factorise" not in args.skip:
+        result["factorise"] = factorise_probe("cuda")
+        save(args.results, result)
 
     if "equivalence" not in args.skip:
         model = args.work / "1b"
@@ -278,6 +352,19 @@ def save(results: Path, result: dict) -> None:
                 f"| {r['device']} | {r['variant']} | {r['seconds']} | "
                 f"{r['stage_seconds'].get('refine', 0)} | {r['logit_error']:.4f} | "
                 f"{r['peak_cuda_mb'] or '–'} |"
+            )
+        lines.append("")
+    if result.get("factorise"):
+        lines += [
+            "## Factorise, linear by linear: device memory beyond W and its group's sums",
+            "",
+            "| linear | m×n | rank | planned workspace (MiB) | measured (MiB) |",
+            "|---|---|---|---|---|",
+        ]
+        for r in result["factorise"]:
+            lines.append(
+                f"| {r['linear']} | {r['m']}×{r['n']} | {r['rank']} | {r['planned_mb']} | "
+                f"{r['measured_mb']} |"
             )
         lines.append("")
     if result["probe"]:
