@@ -5,7 +5,7 @@ On a CPU rates are measured at a size of a thousand, where BLAS is a little less
 than at 8-28 thousand, so the estimate leans long on big shapes (`benchmarks/scale.py`
 reports it against measured stage times). A GPU is timed at 4096: at 1024 an H200 reached a
 twelfth of its 4096 rates, and the plan read 1.7-2.7x a 7B block's measured time; at 4096,
-0.93-1.2x (benchmarks/results/gpu_check.md).
+0.92-1.2x (benchmarks/results/gpu_check.md).
 """
 
 from __future__ import annotations
