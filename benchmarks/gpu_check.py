@@ -6,8 +6,9 @@ on a GPU extrapolates from 1024² products.
 
     python benchmarks/gpu_check.py --results DIR    # on the GPU machine; DIR: its $OUT
 
-0. Probe: the rates `speed.measure_speed` reads at 1024 (what the plan uses), 2048 and 4096
-   (a few seconds): whether the plan's 1024² rates extrapolate to a 7B block's widths.
+0. Probe: the rates `speed.measure_speed` reads on the GPU at 1024, 2048 and 4096 (what the
+   plan uses there since 2026-11-29; 1024 before): whether they extrapolate to a 7B block's
+   widths.
 1. Scale: a 7B-width checkpoint (Llama-2-7B's shape, 2 blocks, bfloat16) with the compress
    defaults (64×512 calibration, refinement on), `--dry-run` then the run, each variant:
    seconds per block and peak device and host memory by phase, measured against the plan.
@@ -205,13 +206,15 @@ def main() -> None:
     if "probe" not in args.skip:
         from streamsvd import speed
 
+        planned_size = speed.BENCH_N_CUDA
         for n in (1024, 2048, 4096):
-            speed.BENCH_N = n  # the plan's probe reads min(BENCH_N, width)
+            speed.BENCH_N_CUDA = n  # a GPU's probe reads min(BENCH_N_CUDA, width)
             start = time.perf_counter()
             rates = speed.measure_speed("cuda", torch.bfloat16, "svdllm-a", width=4096)
             rates["probe_seconds"] = round(time.perf_counter() - start, 2)
             result["probe"].append({"n": n, **rates})
             save(args.results, result)
+        speed.BENCH_N_CUDA = planned_size
 
     if "scale" not in args.skip:
         model = args.work / "7b"
