@@ -58,9 +58,10 @@ METHOD_LINES = [
     ("svdllm-a, together", "svdllm-a", "uniform", False, None, False),
     ("svdllm-a, sequential: the closed form", "svdllm-a", "uniform", True, None, False),
     ("refined 2 epochs of 8-window steps", "svdllm-a", "uniform", True, (2, 8), False),
-    ("default: refined 4 epochs of 2-window steps", "svdllm-a", "uniform", True, (4, 2), False),
+    ("refined 4 epochs of 2-window steps", "svdllm-a", "uniform", True, (4, 2), False),
+    ("default: refined 16 epochs of 2-window steps", "svdllm-a", "uniform", True, (16, 2), False),
     ("the closed form, then healed", "svdllm-a", "uniform", True, None, True),
-    ("default, then healed", "svdllm-a", "uniform", True, (4, 2), True),
+    ("refined 4 epochs, then healed", "svdllm-a", "uniform", True, (4, 2), True),
 ]
 ALLOCATIONS = ["uniform", "grouped", "residual"]
 

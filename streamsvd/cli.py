@@ -27,6 +27,7 @@ log = logging.getLogger("streamsvd")
 DEMO_PROMPTS = ["What is the capital of France?", "Name three colours.",
                 "Give me a tip for sleeping better."]  # fmt: skip
 DEMO_RATIO = 0.2  # P1's lightest ratio; the README shows what it prints
+DEMO_REFINE_EPOCHS = 4  # a quarter of compress's default: the demo stays near 20 minutes
 
 EXAMPLES = """\
 examples:
@@ -150,9 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="after each block's closed form, train its low-rank factors for N epochs over "
         "the calibration batches so that the compressed block, fed the compressed model's "
         f"inputs, reproduces the original block's outputs (default {DEFAULT_EPOCHS}, with "
-        f"{DEFAULT_BATCH}-window steps at lr {DEFAULT_LR:g}: it beat the closed form on "
-        "held-out text at ratios 0.2, 0.4 and 0.6, and about doubles the time; 0: the closed "
-        "form alone, docs/method.md)",
+        f"{DEFAULT_BATCH}-window steps at lr {DEFAULT_LR:g}: 4, 8 and 16 each beat the fewer "
+        "on held-out text at ratios 0.2, 0.4 and 0.6; 16 take three quarters of a CPU "
+        "compression's time, 4 about half for 54-67%% of 16's gain; 0: the closed form "
+        "alone, docs/method.md)",
     )
     c.add_argument(
         "--refine-lr",
@@ -383,9 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_METHOD,
         help=f"the calibrated method shown beside plain SVD (default {DEFAULT_METHOD})",
     )
-    d.add_argument("--refine-epochs", type=int, default=DEFAULT_EPOCHS, metavar="N",
-                   help="block refinement's epochs in the refined run "
-                   f"(default {DEFAULT_EPOCHS})")  # fmt: skip
+    d.add_argument("--refine-epochs", type=int, default=DEMO_REFINE_EPOCHS, metavar="N",
+                   help="block refinement's epochs in the refined run (default "
+                   f"{DEMO_REFINE_EPOCHS}, to keep the demo short; compress refines "
+                   f"{DEFAULT_EPOCHS} by default)")  # fmt: skip
     d.add_argument(
         "--calib",
         help="calibration text (default: Python docstrings, offline, "
