@@ -207,14 +207,16 @@ def main() -> None:
         from streamsvd import speed
 
         planned_size = speed.BENCH_N_CUDA
-        for n in (1024, 2048, 4096):
-            speed.BENCH_N_CUDA = n  # a GPU's probe reads min(BENCH_N_CUDA, width)
-            start = time.perf_counter()
-            rates = speed.measure_speed("cuda", torch.bfloat16, "svdllm-a", width=4096)
-            rates["probe_seconds"] = round(time.perf_counter() - start, 2)
-            result["probe"].append({"n": n, **rates})
-            save(args.results, result)
-        speed.BENCH_N_CUDA = planned_size
+        try:
+            for n in (1024, 2048, 4096):
+                speed.BENCH_N_CUDA = n  # a GPU's probe reads min(BENCH_N_CUDA, width)
+                start = time.perf_counter()
+                rates = speed.measure_speed("cuda", torch.bfloat16, "svdllm-a", width=4096)
+                rates["probe_seconds"] = round(time.perf_counter() - start, 2)
+                result["probe"].append({"n": n, **rates})
+                save(args.results, result)
+        finally:  # the runs below plan with the library's own size
+            speed.BENCH_N_CUDA = planned_size
 
     if "scale" not in args.skip:
         model = args.work / "7b"

@@ -16,7 +16,8 @@ to B bits, `compress --bits B`, as benchmarks/quantized.py's cells, with their b
 
 Each compression runs in its own process (its peak RSS is its own). Writes
 benchmarks/results/<name>.{json,md} after every cell; with --jobs N, N cells run at once,
-1 thread each.
+1 thread each. With --work DIR a killed cell resumes when the same command runs again
+(streamsvd's own resume; the row then says `resumed`, and its times cover the last run only).
 """
 
 from __future__ import annotations
@@ -78,10 +79,18 @@ def main() -> None:
     parser.add_argument("--name", help="results file name (default refine_<protocol>)")
     parser.add_argument("--jobs", type=int, default=1, help="cells run at once, 1 thread each")
     parser.add_argument("--no-original", action="store_true", help="skip scoring the original")
+    parser.add_argument("--work", type=Path,
+                        help="keep each cell's run in DIR until the cell is scored, so that "
+                             "the same command resumes a killed one (default: a temporary "
+                             "folder, removed)")  # fmt: skip
     args = parser.parse_args()
 
     model = default_model_path()
-    tmp = Path(tempfile.mkdtemp(prefix="streamsvd-refine-"))
+    if args.work:
+        tmp = args.work
+        tmp.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix="streamsvd-refine-"))
     if args.protocol == "heldout":
         calib = tmp / "calib.txt"
         calib.write_text(heldout_split(args.data_dir)[0], encoding="utf-8")
@@ -109,8 +118,13 @@ def main() -> None:
     start = time.perf_counter()
 
     def run_cell(cell: dict) -> dict:
-        work = Path(tempfile.mkdtemp(dir=tmp))
+        if args.work:  # one folder per cell, named by its settings, kept until it is scored
+            work = tmp / "-".join(str(v) for v in cell.values())
+            work.mkdir(exist_ok=True)
+        else:
+            work = Path(tempfile.mkdtemp(dir=tmp))
         out, summary_path = work / "out", work / "summary.json"
+        resumed = (work / "out.work").exists() or out.exists()
         command = [
             sys.executable,
             "-m",
@@ -152,7 +166,8 @@ def main() -> None:
         ]
         env = dict(os.environ, OMP_NUM_THREADS="1") if args.jobs > 1 else None
         threads = int((env or os.environ).get("OMP_NUM_THREADS") or os.cpu_count())
-        subprocess.run(command, check=True, cwd=ROOT, env=env)
+        if not (out.exists() and summary_path.exists()):  # else compressed before a kill
+            subprocess.run(command, check=True, cwd=ROOT, env=env)
         summary = json.loads(summary_path.read_text())
 
         def score_in_process(path: Path) -> float:
@@ -165,6 +180,7 @@ def main() -> None:
         row = {}
         if cell["heal"]:
             healed, heal_json = work / "healed", work / "heal.json"
+            shutil.rmtree(healed, ignore_errors=True)  # a killed heal starts again
             heal = [sys.executable, "-m", "streamsvd.cli", "-q", "heal", "--model", str(out),
                     "--out", str(healed), "--data", str(calib), "--device", "cpu",
                     "--summary-json", str(heal_json)]  # fmt: skip
@@ -192,6 +208,7 @@ def main() -> None:
             "refine_peak_mb": summary["phase_peaks"].get("refine", {}).get("host_mb"),
             "threads": threads,
             "cells_at_once": args.jobs,  # more than the cores share them: times are rough
+            **({"resumed": True} if resumed else {}),  # times: the last run's only
             "command": "streamsvd " + " ".join(command[4:]).replace(str(work), "$TMP"),
         }
 
@@ -203,7 +220,8 @@ def main() -> None:
                 result["total_seconds"] = round(time.perf_counter() - start, 1)
                 save(args.results, name, result)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not args.work:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save(results: Path, name: str, result: dict) -> None:
