@@ -42,7 +42,7 @@ P1_FILES = [
     "allocation_p1_sequential.json",  # 0.4, uniform, sequential (a repeat of allocation_p1's)
     "quality_p1_default.json",  # svdllm-a at 0.2 and 0.4, statistics together
     "quality_p1.json",  # every method at 0.2 and 0.4, statistics together
-    "refine_p1.json",  # svdllm-a with block refinement: 2 epochs at 0.4, the default's 4 at all
+    "refine_p1.json",  # svdllm-a with block refinement: 2, 4 and 16 (the default) epochs
 ]
 # Rows whose command passes neither --sequential nor --no-sequential ran with the default of
 # the day: quality_p1*.json before sequential statistics existed, refine_p1.json after they
@@ -62,6 +62,7 @@ METHOD_LINES = [
     ("default: refined 16 epochs of 2-window steps", "svdllm-a", "uniform", True, (16, 2), False),
     ("the closed form, then healed", "svdllm-a", "uniform", True, None, True),
     ("refined 4 epochs, then healed", "svdllm-a", "uniform", True, (4, 2), True),
+    ("the default, then healed", "svdllm-a", "uniform", True, (16, 2), True),
 ]
 ALLOCATIONS = ["uniform", "grouped", "residual"]
 
