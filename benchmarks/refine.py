@@ -86,11 +86,8 @@ def main() -> None:
     args = parser.parse_args()
 
     model = default_model_path()
-    if args.work:
-        tmp = args.work
-        tmp.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = Path(tempfile.mkdtemp(prefix="streamsvd-refine-"))
+    tmp = args.work or Path(tempfile.mkdtemp(prefix="streamsvd-refine-"))
+    tmp.mkdir(parents=True, exist_ok=True)
     if args.protocol == "heldout":
         calib = tmp / "calib.txt"
         calib.write_text(heldout_split(args.data_dir)[0], encoding="utf-8")
@@ -123,8 +120,8 @@ def main() -> None:
             work.mkdir(exist_ok=True)
         else:
             work = Path(tempfile.mkdtemp(dir=tmp))
+        resumed = any(work.iterdir())  # a killed earlier run of this cell left its files
         out, summary_path = work / "out", work / "summary.json"
-        resumed = (work / "out.work").exists() or out.exists()
         command = [
             sys.executable,
             "-m",
