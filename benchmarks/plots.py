@@ -21,6 +21,7 @@ run, no number is typed in here):
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -115,14 +116,16 @@ def plot_p1() -> None:
 
     points, original, plain_svd = p1_points()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    ratios = sorted({r for cells in points.values() for r in cells})
     for label, *key in METHOD_LINES:
         cells = sorted(points.get(tuple(key), {}).items())
         for ratio, (ppl, name) in cells:
             print(f"{label:36s} ratio {ratio}: {ppl:8.2f}  from {name}")
         if cells:
             healed = key[-1]  # dashed: after `streamsvd heal`, a step of its own
-            ax.plot([r for r, _ in cells], [p for _, (p, _) in cells], "--" if healed else "-",
-                    marker="o", label=label)  # fmt: skip
+            measured = dict(cells)  # a line breaks (NaN) at a ratio it has not measured
+            ax.plot(ratios, [measured.get(r, (math.nan,))[0] for r in ratios],
+                    "--" if healed else "-", marker="o", label=label)  # fmt: skip
     svd_text = ", ".join(f"{p:.3g} at {r}" for r, p in sorted(plain_svd.items()))
     ax.set_title(f"P1, SmolLM2-135M: methods\n(plain svd, off the scale: {svd_text})",
                  fontsize=10)  # fmt: skip
