@@ -123,8 +123,8 @@ def plot_p1() -> None:
             print(f"{label:36s} ratio {ratio}: {ppl:8.2f}  from {name}")
         if cells:
             healed = key[-1]  # dashed: after `streamsvd heal`, a step of its own
-            measured = dict(cells)  # a line breaks (NaN) at a ratio it has not measured
-            ax.plot(ratios, [measured.get(r, (math.nan,))[0] for r in ratios],
+            ppl_at = {r: p for r, (p, _) in cells}  # a line breaks (NaN) where unmeasured
+            ax.plot(ratios, [ppl_at.get(r, math.nan) for r in ratios],
                     "--" if healed else "-", marker="o", label=label)  # fmt: skip
     svd_text = ", ".join(f"{p:.3g} at {r}" for r, p in sorted(plain_svd.items()))
     ax.set_title(f"P1, SmolLM2-135M: methods\n(plain svd, off the scale: {svd_text})",
