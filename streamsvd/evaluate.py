@@ -37,13 +37,16 @@ def perplexity(path: str | Path, windows: torch.Tensor, batch_size: int = 8,
     """exp(mean next-token NLL) over (N, T) windows, each scored on its own (P1).
 
     Loads one block at a time; the hidden states of all windows stay in memory
-    (N·T·hidden values), never the whole model. The skeleton is used up afterwards.
+    (N·T·hidden values), never the whole model. The skeleton is used up afterwards. Runs in
+    the dtype compress runs in on `device` (model.compute_dtype: float32 for half
+    precision on a CPU).
     """
-    model, tensors = skeleton_for(path)
+    model, tensors = skeleton_for(path, device)
+    dtype = model.dtype
     prefix, blocks = find_blocks(model)
     batches = [windows[s : s + batch_size] for s in range(0, len(windows), batch_size)]
     rest = [n for n in tensors if not n.startswith(prefix + ".")]
-    fill(model, tensors.tensors(rest), "cpu")
+    fill(model, tensors.tensors(rest), "cpu", dtype)
     model.tie_weights()
     hidden = []
     for ids in batches:
@@ -57,7 +60,7 @@ def perplexity(path: str | Path, windows: torch.Tensor, batch_size: int = 8,
     ):
         block_prefix = f"{prefix}.{i}"
         values = tensors.tensors(tensors.under(block_prefix))
-        fill(block, {n[len(block_prefix) + 1 :]: t for n, t in values.items()}, device)
+        fill(block, {n[len(block_prefix) + 1 :]: t for n, t in values.items()}, device, dtype)
         hidden = [run_block(block, h, arguments[i]) for h in hidden]
         empty(block)
     parent, _, attr = prefix.rpartition(".")

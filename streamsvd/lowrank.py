@@ -22,7 +22,7 @@ from .checkpoint import (
 from .errors import StreamSVDError
 from .experts import fuse_dense_experts
 from .journal import JOURNAL, MANIFEST
-from .model import build_skeleton, load_config
+from .model import build_skeleton, compute_dtype, load_config
 from .modeling import SECTION, compressed_structure, remote_code_footer
 from .names import ModelTensors
 
@@ -66,31 +66,39 @@ def _refuse_unfinished(path: Path) -> None:
             )
 
 
-def skeleton_for(path: str | os.PathLike) -> tuple[nn.Module, ModelTensors]:
+def skeleton_for(
+    path: str | os.PathLike, device: str | None = None
+) -> tuple[nn.Module, ModelTensors]:
     """Meta-device skeleton of any checkpoint directory, plain or streamsvd-compressed (then
     with LowRankLinear layers of the recorded ranks in place), and its tensors, named as
-    the skeleton's parameters."""
+    the skeleton's parameters. In the checkpoint's dtype, or with `device` in the dtype
+    it runs in there (model.compute_dtype: float32 for half precision on a CPU)."""
     path = Path(path)
     section = read_section(path, required=False) or {}
     reader = CheckpointReader(path)
-    model = build_skeleton(load_config(path), reader.dtype())
+    dtype = reader.dtype() if device is None else compute_dtype("auto", reader.dtype(), device)
+    model = build_skeleton(load_config(path), dtype)
     compressed_structure(model, {} if section.get("dense") else section.get("ranks", {}))
     return model, ModelTensors(reader, model)
 
 
-def load_compressed(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
+def load_compressed(path: str | os.PathLike, device: str = "cpu",
+                    as_stored: bool = True) -> nn.Module:  # fmt: skip
     """The original transformers architecture with LowRankLinear layers in place, in memory.
 
-    Works for compressed and dense-exported streamsvd outputs alike.
+    Works for compressed and dense-exported streamsvd outputs alike. In the dtype the
+    output was written in; as_stored=False: in the dtype it runs in on `device`
+    (model.compute_dtype: float32 for half precision on a CPU).
     """
     read_section(Path(path))
-    return load_model(path, device)
+    return load_model(path, device, as_stored)
 
 
-def load_model(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
+def load_model(path: str | os.PathLike, device: str = "cpu", as_stored: bool = True) -> nn.Module:
     """Any checkpoint directory, plain or streamsvd output, in streamsvd's skeleton (experts
     as per-expert linears, LowRankLinear where the output has factors), in memory."""
-    model, tensors = skeleton_for(path)
+    model, tensors = skeleton_for(path, None if as_stored else device)
+    dtype = model.dtype  # the skeleton's, before the stored tensors are assigned
     if tensors.unused:
         raise StreamSVDError(f"{path}: tensors that fit no layer: {tensors.unused[:5]}")
     model.load_state_dict(tensors.tensors(list(tensors)), strict=False, assign=True)
@@ -98,6 +106,8 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise StreamSVDError(f"{path}: checkpoint lacks tensors {missing[:5]}")
+    if not as_stored:  # the stored tensors were assigned as they are: cast them
+        model.to(dtype)
     return model.to(device).eval()
 
 

@@ -63,11 +63,18 @@ def _base_type(path: str | os.PathLike) -> str | None:
 COMPUTE_DTYPES = ("auto", "checkpoint", "float32")
 
 
-def compute_dtype(setting: str, checkpoint: torch.dtype) -> torch.dtype:
-    """The dtype blocks run in. float16 activations overflow (65504) in some real models,
-    and likelier in a compressed stream, so "auto" runs float16 checkpoints in float32;
-    bfloat16 has float32's range and runs as it is."""
-    if setting == "float32" or (setting == "auto" and checkpoint == torch.float16):
+def compute_dtype(setting: str, checkpoint: torch.dtype, device: str) -> torch.dtype:
+    """The dtype blocks run in. "auto" runs in float32 where the checkpoint's half precision
+    would hurt: float16 activations overflow (65504) in some real models, and likelier in a
+    compressed stream; and on a CPU half-precision matrix products are 20-100x slower than
+    float32 ones unless it has native bfloat16 (AVX-512 BF16, AMX), and no more accurate
+    (benchmarks/results/bf16_cpu.md). bfloat16 on a GPU, which computes it natively with
+    float32's range, runs as it is."""
+    on_cpu = torch.device(device).type == "cpu"
+    half = checkpoint in (torch.float16, torch.bfloat16)
+    if setting == "float32" or (
+        setting == "auto" and half and (on_cpu or checkpoint == torch.float16)
+    ):
         return torch.float32
     return checkpoint
 

@@ -255,7 +255,7 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
     config = load_config(cfg.model)
     dtype = reader.dtype()
     item = dtype.itemsize  # on disk
-    compute = compute_dtype(cfg.compute_dtype, dtype)
+    compute = compute_dtype(cfg.compute_dtype, dtype, cfg.device)
     model = build_skeleton(config, compute)
     tensors = ModelTensors(reader, model)  # named and shaped as the model's parameters
     prefix, blocks = find_blocks(model)
@@ -587,7 +587,9 @@ def disk_bytes(cfg, reader, prefix: str, blocks, hidden: int, n_streams: int) ->
             shards += factor_bytes(*lp.shape, lp.rank, item, quant)
         else:
             shards += math.prod(shape) * item
-    per_chunk = cfg.seqlen * hidden * compute_dtype(cfg.compute_dtype, reader.dtype()).itemsize
+    per_chunk = (
+        cfg.seqlen * hidden * compute_dtype(cfg.compute_dtype, reader.dtype(), cfg.device).itemsize
+    )
     per_chunk += 4096
     return {
         "activations": n_streams * 2 * cfg.nsamples * per_chunk,

@@ -82,7 +82,7 @@ def prepare(cfg, world: World) -> Prepared:
     reader = CheckpointReader(cfg.model)
     config = load_config(cfg.model)
     dtype = reader.dtype()
-    compute = compute_dtype(cfg.compute_dtype, dtype)
+    compute = compute_dtype(cfg.compute_dtype, dtype, device.type)
     model = build_skeleton(config, compute)
     tensors = ModelTensors(reader, model)
     check_shapes(model, tensors.shapes(), cfg.model)

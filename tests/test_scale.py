@@ -21,6 +21,7 @@ from streamsvd.checkpoint import CheckpointReader, data_ranges
 from streamsvd.evaluate import perplexity
 from streamsvd.factorize import plain_svd, randomized_svd, rank_for
 from streamsvd.journal import disk_used
+from streamsvd.model import compute_dtype
 from streamsvd.pipeline import StageTimer
 from streamsvd.plan import make_plan
 from streamsvd.synth import SHAPES, Shape, checkpoint_bytes, synthesize
@@ -246,9 +247,10 @@ def test_streamed_eval_equals_in_memory_on_bf16_gqa_shards(tiny_synth, tmp_path)
     out = tmp_path / "compressed"
     compress(CompressConfig(model=str(tiny_synth), out=str(out), method="svd", ratio=0.5))
     windows = torch.randint(1, 1024, (5, 24), generator=torch.Generator().manual_seed(0))
-    plain = AutoModelForCausalLM.from_pretrained(tiny_synth, dtype=torch.bfloat16).eval()
+    # on a CPU the streamed evaluation runs bf16 weights in float32 (model.compute_dtype)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_synth, dtype=torch.float32).eval()
     results = []
-    for path, model in ((tiny_synth, plain), (out, load_compressed(out))):
+    for path, model in ((tiny_synth, plain), (out, load_compressed(out, as_stored=False))):
         losses = [model(input_ids=w[None], labels=w[None]).loss for w in windows]
         want = math.exp(float(torch.stack(losses).float().mean()))
         got = perplexity(path, windows, batch_size=2, progress=False)
@@ -328,6 +330,12 @@ def test_a_70b_block_fits_in_20_gib_of_host_and_24_gib_of_gpu_by_the_plan(tmp_pa
     cpu = make_plan(CompressConfig(model=str(ckpt), out=str(tmp_path / "o")), fixed,
                     timing=False)  # fmt: skip
     assert cpu.method == "svdllm-a" and cpu.host_peak_bytes <= 20 * 2**30
+    bf16_cfg = CompressConfig(model=str(ckpt), out=str(tmp_path / "o"), compute_dtype="checkpoint")
+    in_bf16 = make_plan(bf16_cfg, fixed, timing=False)
+    # the CPU runs the bf16 block in float32: at least its weights take 2 bytes more each
+    shapes = CheckpointReader(ckpt).shapes()
+    block_params = sum(math.prod(s) for n, s in shapes.items() if n.startswith("model.layers.0."))
+    assert cpu.host_peak_bytes >= in_bf16.host_peak_bytes + 2 * block_params
     gpu_cfg = CompressConfig(model=str(ckpt), out=str(tmp_path / "o"), device="cuda")
     gpu = make_plan(gpu_cfg, fixed, device_memory=24 * 2**30, timing=False)
     assert gpu.device_peak_bytes <= 24 * 2**30
@@ -337,9 +345,12 @@ def test_a_70b_block_fits_in_20_gib_of_host_and_24_gib_of_gpu_by_the_plan(tmp_pa
     assert gpu.device_phases["timing"] >= 6 * 4096**2 * 8
     # the sums are the bulk: down_proj's G' (28672²) and W·C (8192×28672) in float64
     assert cpu.host_phases["statistics"] > (28672**2 + 8192 * 28672) * 8
-    # with 4-bit factors: GPTQ holds down_proj's G' and its float32 inverse factor besides
+    # with 4-bit factors: GPTQ holds down_proj's G' and its float32 inverse factor besides.
+    # On a CPU the block runs in float32 (model.compute_dtype), which then passes 20 GiB
+    # (about 21.6): --compute-dtype checkpoint keeps it in bf16, as the GPU runs it.
     for device, plan in (("cpu", None), ("cuda", None)):
-        cfg = CompressConfig(model=str(ckpt), out=str(tmp_path / "o"), device=device, bits=4)
+        cfg = CompressConfig(model=str(ckpt), out=str(tmp_path / "o"), device=device, bits=4,
+                             compute_dtype="checkpoint")  # fmt: skip
         plan = make_plan(cfg, fixed, device_memory=24 * 2**30, timing=False)
         peak = plan.host_peak_bytes if device == "cpu" else plan.device_peak_bytes
         assert peak <= (20 if device == "cpu" else 24) * 2**30, device
@@ -360,3 +371,32 @@ def test_out_of_memory_names_the_phase(tiny_synth, tmp_path):
         with compressor._phase("factorise"):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.00 GiB")
     assert "factorise" not in compressor.phase_peaks  # a failed phase records no peak
+
+
+# -- the dtype blocks run in -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "setting, checkpoint, device, runs_in",
+    [
+        ("auto", torch.bfloat16, "cpu", torch.float32),  # CPU half precision: slow (bf16_cpu.md)
+        ("auto", torch.bfloat16, "cuda", torch.bfloat16),  # native on a GPU, float32's range
+        ("auto", torch.float16, "cuda", torch.float32),  # overflows at 65504
+        ("auto", torch.float32, "cpu", torch.float32),
+        ("checkpoint", torch.bfloat16, "cpu", torch.bfloat16),
+        ("float32", torch.bfloat16, "cuda:1", torch.float32),
+    ],
+)
+def test_compute_dtype(setting, checkpoint, device, runs_in):
+    assert compute_dtype(setting, checkpoint, device) == runs_in
+
+
+def test_bf16_checkpoint_runs_in_float32_on_a_cpu_and_is_written_in_bf16(tiny_synth, tmp_path):
+    out = tmp_path / "out"
+    summary = compress(CompressConfig(model=str(tiny_synth), out=str(out), method="svd",
+                                      ratio=0.5, refine_epochs=0))  # fmt: skip
+    assert (summary["compute_dtype"], summary["dtype"]) == ("float32", "bfloat16")
+    written = tensors_of(out)
+    assert {t.dtype for n, t in written.items() if n.endswith(".weight")} == {torch.bfloat16}
+    assert load_compressed(out).dtype == torch.bfloat16  # as written, unless asked
+    assert load_compressed(out, as_stored=False).dtype == torch.float32
