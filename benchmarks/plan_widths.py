@@ -53,10 +53,13 @@ def main() -> None:
                 gpu = CompressConfig(device="cuda", **cfg)
                 fixed = fixed or measure_baseline(cpu)
                 on_cpu = make_plan(cpu, fixed, timing=False)
+                in_bf16 = CompressConfig(device="cpu", compute_dtype="checkpoint", **cfg)
+                on_cpu_bf16 = make_plan(in_bf16, fixed, timing=False)
                 on_gpu = make_plan(gpu, fixed, device_memory=24 * GiB, timing=False)
                 rows.append({"width": width, "ratio": ratio, "refine_epochs": epochs,
                              "bits": bits,
                              "cpu_host": on_cpu.host_peak_bytes,
+                             "cpu_host_bf16": on_cpu_bf16.host_peak_bytes,
                              "gpu_device": on_gpu.device_peak_bytes,
                              "gpu_host": on_gpu.host_peak_bytes,
                              "cpu_host_phases": on_cpu.host_phases,
@@ -72,13 +75,17 @@ def main() -> None:
              "",
              f"Command: `{command}`. svdllm-a, sequential statistics, 64×512 calibration, "
              f"batch 8, refinement steps of {DEFAULT_BATCH} windows; shape-only checkpoints; "
-             "the GPU is one of 24 GiB, planned without it.",
-             "", "| width | ratio | refine epochs | bits | CPU run: host | GPU run: device | "
-             "GPU run: host |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "the GPU is one of 24 GiB, planned without it. A CPU runs the bf16 blocks in "
+             "float32 (compute dtype auto); the next column keeps them in bf16 "
+             "(`--compute-dtype checkpoint`), as the GPU does.",
+             "", "| width | ratio | refine epochs | bits | CPU run: host | CPU run in bf16: "
+             "host | GPU run: device | GPU run: host |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         bits = r.get("bits") or "–"
         lines.append(f"| {r['width']} | {r['ratio']} | {r['refine_epochs']} | {bits} | "
-                     f"{r['cpu_host'] / GiB:.1f} GiB | {r['gpu_device'] / GiB:.1f} GiB | "
+                     f"{r['cpu_host'] / GiB:.1f} GiB | {r['cpu_host_bf16'] / GiB:.1f} GiB | "
+                     f"{r['gpu_device'] / GiB:.1f} GiB | "
                      f"{r['gpu_host'] / GiB:.1f} GiB |")  # fmt: skip
     RESULTS.joinpath("plan_widths.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

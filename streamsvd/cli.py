@@ -242,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="dtype the blocks and activations run in; the output keeps the checkpoint's. "
         "auto (default): float32 for float16 checkpoints, whose activations can overflow "
-        "float16's range (65504), else the checkpoint's own",
+        "float16's range (65504), and for bf16 ones on a CPU (slow there without native "
+        "bf16); else the checkpoint's own",
     )
     c.add_argument(
         "--workdir",
