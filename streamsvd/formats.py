@@ -64,7 +64,10 @@ def source_format(path: Path, headers: dict[str, dict], read: Callable) -> Sourc
     (name -> safetensors header entry); `read` reads stored tensors by name. Refuses a
     format it does not read, and float8 weights no scale explains."""
     config_path = path / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    try:
+        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    except ValueError as exc:
+        raise StreamSVDError(f"{config_path} is not valid JSON: {exc}") from exc
     qconfig = config.get("quantization_config") if isinstance(config, dict) else None
     method, weights, runtime = None, {}, []
     if qconfig:
@@ -92,7 +95,7 @@ def refuse_method(path: Path, method: str | None) -> None:
     """A quantized source streamsvd does not read: say which, and what to do."""
     raise StreamSVDError(
         f"{path} is quantized with quant_method {method!r} (config.json's "
-        "quantization_config), a format streamsvd does not read: compressing its integer "
+        "quantization_config), a format streamsvd does not read: compressing its stored "
         "codes as weights would give a wrong model. Dequantize it first (load it with "
         "transformers and that format's library, call model.dequantize() where the library "
         "offers it, and save_pretrained in bfloat16), or start from the unquantized "

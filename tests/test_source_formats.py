@@ -394,6 +394,18 @@ def test_extras_transformers_expects_are_accepted(base_checkpoint, tmp_path):
         tensors_of(stray).check_unused("model.layers")
 
 
+def test_the_model_classs_own_ignored_keys_are_accepted(tmp_path):
+    """GPT-2 hub checkpoints store each block's causal-mask buffer (`h.0.attn.bias`), which
+    GPT2LMHeadModel's _keys_to_ignore_on_load_unexpected names."""
+    from streamsvd.synth import write_family
+
+    base = write_family("gpt2", tmp_path / "base", layers=2, dtype=torch.bfloat16)
+    masks = {f"transformer.h.{i}.attn.bias": torch.ones(1, 1, 8, 8) for i in (0, 1)}
+    found = tensors_of(write_like(base, tmp_path / "masks", stored(base) | masks))
+    assert sorted(found.unused) == sorted(masks)
+    found.check_unused(find_blocks(found.model)[0])
+
+
 def test_multi_token_prediction_layers_are_accepted(tmp_path):
     """DeepSeek-V3 ships its MTP module as one more block than num_hidden_layers
     (num_nextn_predict_layers of them): accepted; a block past those is not."""
