@@ -26,15 +26,12 @@ SINGLE_NAME = "model.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
-PACKED_PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
-
-
 class CheckpointReader(Mapping):
     """Lazy name -> tensor view of a Hugging Face safetensors checkpoint directory.
 
-    A compressed-tensors pack-quantized linear (its config.json's quantization_config: a
-    quantized streamsvd output, or one llm-compressor wrote) is seen as its dequantized
-    `weight`, computed by compressed-tensors itself when read."""
+    A quantized linear (FP8 with its scales, a compressed-tensors module: formats.py) is
+    seen as its dequantized `weight`, in the checkpoint's float dtype, computed when read;
+    a format it cannot read is refused here, before any work."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -51,6 +48,7 @@ class CheckpointReader(Mapping):
                 f"{self.path} holds no {INDEX_NAME} or {SINGLE_NAME}: streamsvd reads "
                 "Hugging Face safetensors checkpoints (save yours with save_pretrained)"
             )
+        self.headers: dict[str, dict] = {}  # stored name -> dtype, shape, data offsets
         for shard in sorted(set(self.weight_map.values())):
             if not (self.path / shard).exists():
                 raise StreamSVDError(
@@ -63,51 +61,33 @@ class CheckpointReader(Mapping):
                     f"shard {self.path / shard} lacks {len(missing)} tensor(s) its index puts "
                     f"there, e.g. {missing[0]}: the checkpoint is incomplete or mixed up"
                 )
+            self.headers |= {n: header[n] for n, s in self.weight_map.items() if s == shard}
         self.stored = dict(self.weight_map)  # the names in the files
-        # weight name -> (module, its scheme, the weight's shape)
-        self.packed: dict[str, tuple[str, object, list[int]]] = {}
-        self._packed_views()
+        self._dtype: torch.dtype | None = None
+        self._quantized_views()
 
-    def _packed_views(self) -> None:
-        """Put each pack-quantized linear's `weight` in the name map in place of its parts."""
-        config_path = self.path / "config.json"
-        if not config_path.exists():
-            return
-        qconfig = json.loads(config_path.read_text()).get("quantization_config")
-        modules = [n[: -len(".weight_packed")] for n in self.stored if n.endswith(".weight_packed")]
-        if not modules or not qconfig:
-            return
-        from .quantize import scheme_for
+    def _quantized_views(self) -> None:
+        """Put each quantized weight in the name map in place of its stored parts, and take
+        out the activation scales nothing reads (formats.RUNTIME_SCALES says why)."""
+        from .formats import source_format
 
-        shapes = {}  # each module's weight_shape, read a shard at a time
-        by_shard: dict[str, list[str]] = {}
-        for module in modules:
-            by_shard.setdefault(self.stored[f"{module}.weight_shape"], []).append(module)
-        for shard, shard_modules in sorted(by_shard.items()):
-            with safe_open(self.path / shard, "pt") as f:
-                for module in shard_modules:
-                    shapes[module] = f.get_tensor(f"{module}.weight_shape").tolist()
-        for module in modules:
-            scheme = scheme_for(qconfig, module)
-            if scheme is None:
-                raise StreamSVDError(
-                    f"{self.path}: {module} is stored packed, but config.json's "
-                    "quantization_config gives it no pack-quantized scheme"
-                )
-            for part in PACKED_PARTS:
-                self.weight_map.pop(f"{module}.{part}", None)
-            self.weight_map[f"{module}.weight"] = self.stored[f"{module}.weight_packed"]
-            self.packed[f"{module}.weight"] = (module, scheme, shapes[module])
+        source = source_format(self.path, self.headers, self._read_stored)
+        self.quant_method = source.method
+        self.quantized = source.weights  # weight name -> formats.QuantizedWeight
+        self.runtime_scales = source.runtime
+        for name, weight in self.quantized.items():
+            for part in weight.parts.values():
+                self.weight_map.pop(part, None)
+            self.weight_map[name] = self.stored[next(iter(weight.parts.values()))]
+        for name in self.runtime_scales:
+            self.weight_map.pop(name, None)
 
     def _raw_names(self, names: list[str]) -> list[str]:
         """The stored tensors the names are read from."""
         out = []
         for name in names:
-            if name in self.packed:
-                module = self.packed[name][0]
-                out += [f"{module}.{p}" for p in PACKED_PARTS if f"{module}.{p}" in self.stored]
-            else:
-                out.append(name)
+            weight = self.quantized.get(name)
+            out += list(weight.parts.values()) if weight else [name]
         return out
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -120,24 +100,29 @@ class CheckpointReader(Mapping):
         return len(self.weight_map)
 
     def tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Read the named tensors, opening each shard once."""
+        """Read the named tensors, opening each shard once. Quantized weights are
+        dequantized one at a time, each one's stored parts dropped as it is done: at the
+        peak, the dequantized tensors and one weight's codes are held."""
+        out = self._read_stored(self._raw_names(names))
+        dtype = self.dtype() if self.quantized else None
+        for name in names:
+            weight = self.quantized.get(name)
+            if weight is not None:
+                parts = {role: out.pop(stored) for role, stored in weight.parts.items()}
+                out[name] = weight.dequantize(parts, dtype)
+        return {name: out[name] for name in names}
+
+    def _read_stored(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Stored tensors as they are in the files, by their stored names."""
         by_shard: dict[str, list[str]] = {}
-        for name in self._raw_names(names):
+        for name in names:
             by_shard.setdefault(self.stored[name], []).append(name)
         out = {}
         for shard, shard_names in sorted(by_shard.items()):
             with safe_open(self.path / shard, "pt") as f:
                 for name in shard_names:
                     out[name] = f.get_tensor(name)
-        for name in names:
-            if name in self.packed:
-                from .quantize import unpacked_weight
-
-                module, scheme, _ = self.packed[name]
-                parts = {p: out.pop(f"{module}.{p}") for p in PACKED_PARTS
-                         if f"{module}.{p}" in out}  # fmt: skip
-                out[name] = unpacked_weight(parts, scheme)
-        return {name: out[name] for name in names}
+        return out
 
     def prefetch(self, names: list[str]) -> None:
         """Ask the kernel to read the named tensors' bytes into the page cache ahead of use
@@ -163,20 +148,27 @@ class CheckpointReader(Mapping):
         return [name for name in self.weight_map if name.startswith(prefix + ".")]
 
     def shapes(self) -> dict[str, list[int]]:
-        out = {}
-        for shard in sorted(set(self.weight_map.values())):
-            out.update(shard_shapes(self.path / shard))
-        for name, (module, _, shape) in self.packed.items():
-            for part in PACKED_PARTS:
-                out.pop(f"{module}.{part}", None)
-            out[name] = shape
-        return out
+        """Every tensor's shape, from the headers (a quantized weight's: dequantized)."""
+        return {
+            name: self.quantized[name].shape
+            if name in self.quantized
+            else self.headers[name]["shape"]
+            for name in self.weight_map
+        }
 
     def dtype(self) -> torch.dtype:
-        """The dtype of the checkpoint's floating-point weights."""
+        """The dtype of the checkpoint's floating-point weights, which quantized weights
+        are dequantized into: never float8, nor that of scales."""
+        if self._dtype is None:
+            self._dtype = self._float_dtype()
+        return self._dtype
+
+    def _float_dtype(self) -> torch.dtype:
         for shard in sorted(set(self.weight_map.values())):
             with safe_open(self.path / shard, "pt") as f:
                 for name in f.keys():
+                    if name not in self.weight_map or name in self.quantized:
+                        continue  # a quantized weight's codes or scales
                     dtype = f.get_slice(name).get_dtype()
                     if dtype in _FLOAT_DTYPES:
                         return _FLOAT_DTYPES[dtype]
@@ -187,7 +179,7 @@ class CheckpointReader(Mapping):
         shard: changes whenever the weights do in practice (a fine-tune keeps every header),
         without reading gigabytes of data."""
         shards = {}
-        for shard in sorted(set(self.weight_map.values())):
+        for shard in sorted(set(self.stored.values())):  # scales' shards too
             path = self.path / shard
             shards[shard] = {
                 "size": path.stat().st_size,

@@ -44,6 +44,7 @@ def perplexity(path: str | Path, windows: torch.Tensor, batch_size: int = 8,
     model, tensors = skeleton_for(path, device)
     dtype = model.dtype
     prefix, blocks = find_blocks(model)
+    tensors.check_unused(prefix)  # scored without them, it would not be this checkpoint
     batches = [windows[s : s + batch_size] for s in range(0, len(windows), batch_size)]
     rest = [n for n in tensors if not n.startswith(prefix + ".")]
     fill(model, tensors.tensors(rest), "cpu", dtype)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator, Mapping
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -149,6 +150,22 @@ class ModelTensors(Mapping):
                 "architecture, or the checkpoint is incomplete"
             )
 
+    def check_unused(self, prefix: str) -> None:
+        """Refuse checkpoint tensors that fit no parameter (dropped, they would leave a model
+        that is not the checkpoint's: an unread scale, a format this does not know), naming
+        them, unless they are extras transformers itself expects (`expected_extras`)."""
+        stray = [n for n in self.unused if n not in expected_extras(self.model, self.unused,
+                                                                    prefix)]  # fmt: skip
+        if stray:
+            raise StreamSVDError(
+                f"{self.path}: {len(stray)} checkpoint tensor(s) fit no parameter of the "
+                f"{type(self.model).__name__} its config.json describes: "
+                f"{', '.join(stray[:5])}{', ...' if len(stray) > 5 else ''}. Compressing "
+                "without them could give a wrong model: the checkpoint may be in a format "
+                "streamsvd does not read (scales of quantized weights), or not match its "
+                "config; convert it to a plain transformers checkpoint (save_pretrained) first"
+            )
+
     # what CheckpointReader offers, for the checkpoint as a whole
     def dtype(self) -> torch.dtype:
         return self.reader.dtype()
@@ -158,3 +175,25 @@ class ModelTensors(Mapping):
 
     def prefetch(self, names: list[str]) -> None:
         self.reader.prefetch(self.raw_names(names))
+
+
+def expected_extras(model: nn.Module, names: list[str], prefix: str) -> set[str]:
+    """Of checkpoint tensors that fit no parameter, those that are safe to leave out:
+    - what transformers' own loading leaves out without a warning
+      (`_adjust_missing_and_unexpected_keys`): the model class's
+      `_keys_to_ignore_on_load_unexpected` (GPT-2's causal-mask `attn.bias` buffers,
+      DeepSeek-V3's layer 61), per-layer `rotary_emb.inv_freq` and `position_ids` of
+      older checkpoints, which the model recomputes. Loading the checkpoint with
+      transformers gives the same model without them.
+    - multi-token-prediction layers stored as blocks past num_hidden_layers, as
+      DeepSeek-V3 and GLM-4.5 ship them (`num_nextn_predict_layers` of them): used only to
+      draft tokens for speculative decoding, they are no part of the causal LM that
+      transformers builds from the config, nor of the output."""
+    # the loading report's two fields that the method reads and filters
+    info = SimpleNamespace(missing_keys=set(), unexpected_keys=set(names))
+    model._adjust_missing_and_unexpected_keys(info)
+    expected = set(names) - info.unexpected_keys
+    text = model.config.get_text_config()
+    first, extra = text.num_hidden_layers, getattr(text, "num_nextn_predict_layers", 0) or 0
+    mtp = tuple(f"{prefix}.{i}." for i in range(first, first + extra))
+    return expected | {n for n in names if n.startswith(mtp)}

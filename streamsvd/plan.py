@@ -260,6 +260,7 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
     tensors = ModelTensors(reader, model)  # named and shaped as the model's parameters
     prefix, blocks = find_blocks(model)
     tensors.check_blocks(prefix)
+    tensors.check_unused(prefix)
     check_supported(blocks)
     method = METHODS[cfg.method]
     shapes = tensors.shapes()

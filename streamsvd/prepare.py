@@ -89,6 +89,7 @@ def prepare(cfg, world: World) -> Prepared:
     check_locations(cfg.model, cfg.out, cfg.run_dir)
     prefix, blocks = find_blocks(model)
     tensors.check_blocks(prefix)
+    tensors.check_unused(prefix)
     check_supported(blocks)
     quant = _quant_settings(cfg, blocks)
     windows, calibration = _calibration(cfg, config)

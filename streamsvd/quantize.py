@@ -18,7 +18,6 @@ they load.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import torch
@@ -169,25 +168,6 @@ def unpacked_weight(tensors: dict, scheme) -> torch.Tensor:
     from compressed_tensors.compressors import PackedQuantizationCompressor
 
     return PackedQuantizationCompressor.decompress(tensors, scheme)["weight"]
-
-
-def scheme_for(config: dict | None, module: str):
-    """The compressed-tensors scheme config.json's quantization_config gives `module`, or
-    None when it is not pack-quantized. Targets are matched as compressed-tensors does for
-    names ("re:" patterns, or a full name); a class-name target ("Linear") matches any."""
-    if not config or config.get("quant_method") != "compressed-tensors":
-        return None
-    from compressed_tensors.quantization import QuantizationScheme
-
-    fmt = config.get("format")
-    for group in config.get("config_groups", {}).values():
-        if (group.get("format") or fmt) != "pack-quantized":
-            continue
-        for target in group.get("targets", []):
-            if (target.startswith("re:") and re.match(target[3:], module)) or target == module \
-                    or target[:1].isupper():  # fmt: skip
-                return QuantizationScheme.model_validate(group)
-    return None
 
 
 def rank_rotation(rank: int) -> torch.Tensor:
