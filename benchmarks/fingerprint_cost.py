@@ -129,7 +129,8 @@ def main() -> None:
     results["hash_share_of_cold_read"] = round(
         results["sha256_block_seconds"] / results["read_cold_block_seconds"], 3
     )
-    results["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor()}"
+    results["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs"
+    results["load_average_1min"] = round(os.getloadavg()[0], 2)  # other jobs slow every row
     results["command"] = "nice -n 10 .venv/bin/python benchmarks/fingerprint_cost.py " + " ".join(
         sys.argv[1:]
     )
@@ -148,7 +149,9 @@ def markdown(r: dict) -> str:
     gb = r["block_bytes"] / 1e9
     return (
         "# The checkpoint's content hashes at Llama-2-70B width\n\n"
-        f"`{r['command'].strip()}` ({r['machine']}; one thread, fastest of the repeats)\n\n"
+        f"`{r['command'].strip()}` ({r['machine']}, load average {r['load_average_1min']} "
+        "at the end: the machine was shared, which slows every row alike; one thread, "
+        "fastest of the repeats)\n\n"
         f"One decoder block's tensors, bf16: {gb:.2f} GB.\n\n"
         "| per block | seconds | GB/s |\n|---|---|---|\n"
         f"| SHA-256 of its tensors (hashlib) | {r['sha256_block_seconds']} "

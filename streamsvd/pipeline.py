@@ -602,7 +602,7 @@ class Compressor:
         written, the next inputs durable, then the journal entry."""
         faults.point("spectra-between", i)
         block = self.blocks[i]
-        _, read = self._load_block(i, f"spectra.{i}")
+        _, weights = self._load_block(i, f"spectra.{i}")
         step = BlockStep(block, factorised_linears(block, self.cfg.ratio), block_kwargs,
                          self._batches(), self.device, self.timer, i, world=self.world)  # fmt: skip
         digests = {"orig": hashlib.sha256()}
@@ -624,10 +624,10 @@ class Compressor:
         sha = self.rundir.save(sigma2, self._spectra_file(i),
                                lambda: faults.point("spectra-write", i))  # fmt: skip
         info = {"energy": float(energy), "activations": {"orig": digests["orig"].hexdigest()}}
-        same = {"read": combined_sha256(read)}
+        same = {"read": combined_sha256(weights)}
         if self.world.distributed:
             same["written"] = combined_sha256(read_digests(sigma2))
-        self.rundir.commit(f"spectra.{i}", {"sha256": sha, **info, "read": read}, same)
+        self.rundir.commit(f"spectra.{i}", {"sha256": sha, **info, "read": weights}, same)
         empty(block)
 
     def _write_rest(self) -> None:

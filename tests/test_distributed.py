@@ -167,13 +167,14 @@ def test_a_hung_rank_stops_the_other_with_its_name(setup, tmp_path):
 # journal.json is empty (as when rank 0 rewrites it as it is read), which a rank must never
 # go by; `differ`, rank 1 holds another journal than rank 0 once the run has begun.
 RANK_SCRIPT = """
-import json, sys
+import json, logging, sys
 from streamsvd import journal
 from streamsvd.errors import StreamSVDError
 from streamsvd.pipeline import CompressConfig, Compressor
 from streamsvd.world import World
 
 model, calib, out, how, settings = sys.argv[1:6]
+logging.basicConfig(level=logging.INFO)
 world = World.from_env("cpu", timeout=60)
 if how == "own-file" and world.rank == 1:
     journal.read_stages = lambda workdir: {}
