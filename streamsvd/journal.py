@@ -30,7 +30,9 @@ class Journal:
     def __init__(self, workdir: Path, manifest: dict, restart: bool = False, durable: bool = True,
                  writer: bool = True):  # fmt: skip
         """writer=False (every rank of a distributed run but rank 0): check the manifest and
-        keep the stages in memory, but write, create or delete nothing."""
+        keep the stages in memory, but write, create or delete nothing. Such a rank starts
+        with no stages: it takes rank 0's (RunDir), never its own reading of the file,
+        which rank 0 may be rewriting as it reads."""
         self.workdir = Path(workdir)
         self.durable = durable
         self.writer = writer
@@ -40,7 +42,7 @@ class Journal:
             if old is not None and diff_settings(old, manifest):
                 self._refuse(diff_settings(old, manifest))
             self.manifest = manifest
-            self.stages = {} if restart or not durable else read_stages(self.workdir)
+            self.stages = {}
             return
         if not durable and not restart and manifest_path.exists():
             raise StreamSVDError(

@@ -54,6 +54,7 @@ from .refine import (
     step_windows,
 )
 from .rundir import RunDir, shard_file
+from .sources import combined_sha256, read_digests
 from .step import BlockStep
 from .world import World
 
@@ -254,12 +255,13 @@ class Compressor:
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.cuda.reset_peak_memory_stats()
         n_blocks = len(self.blocks)
+        self.rundir.start("run", self.tensors)  # the checkpoint is what finished stages read
+        self.ranks = self._allocation()  # first: its pass rewrites what resume_point checks
         first = self.rundir.resume_point()
         if first == n_blocks:
             log.info("resuming: all %d blocks are done", n_blocks)
         elif any(s == "inputs" or s.startswith("block.") for s in self.journal.stages):
             log.info("resuming at block %d/%d", first + 1, n_blocks)
-        self.ranks = self._allocation() if first < n_blocks else None
         block_kwargs = self._embedding_stage()
         bar = tqdm(total=n_blocks, initial=first, desc="Compressing", unit="block",
                    disable=None if self.world.writer else True)  # fmt: skip
@@ -276,6 +278,7 @@ class Compressor:
         bar.close()
         with self.timer("communicate"):
             self.world.barrier("the last block")
+        self.rundir.start("rest", self.tensors)
         if not self.world.writer:  # rank 0 assembles the output; the others wait for it
             with self.timer("communicate"):
                 self.world.gather(self._rank_summary())
@@ -323,9 +326,11 @@ class Compressor:
         `streams`) as `stage`, return the keyword arguments each block is called with
         (position embeddings, mask)."""
         streams = self.streams if streams is None else streams
+        self.rundir.start(stage, self.tensors)
         before = before_blocks(self.model, self.prefix, list(self.tensors))
         tensors = self.tensors.tensors(before)
         check_finite(tensors, self.setup.reader.path)
+        read = self._digests(stage, tensors)
         fill(self.model, tensors, "cpu")
         del tensors
         first = self.blocks[0]
@@ -349,7 +354,8 @@ class Compressor:
                         faults.point("inputs", 0)
                 self.rundir.sync(0, streams)
                 acts = {s: d.hexdigest() for s, d in digests.items()}
-                self.rundir.commit(stage, {"activations": acts})
+                self.rundir.commit(stage, {"activations": acts, "read": read},
+                                   {"read": combined_sha256(read)})  # fmt: skip
         unfill(self.model, before)
         return arguments
 
@@ -372,7 +378,7 @@ class Compressor:
 
             groups = input_groups(self.model, block, self.cfg.ratio)
             stages = sequential_stages(list(factorised_linears(block, self.cfg.ratio)), groups)
-        original = self._load_block(i)
+        original, read = self._load_block(i, f"block.{i}")
         linears = factorised_linears(block, self.cfg.ratio)
         quant = self.setup.quant
         step = BlockStep(block, linears, block_kwargs, self._batches(), self.device,
@@ -443,9 +449,13 @@ class Compressor:
         )  # rank 0's; else None
         faults.point("before-journal", i)
         losses = {k: v for k, v in refined.items() if k.startswith("loss")}
+        same = {"read": combined_sha256(read)}  # every rank read, and wrote, the same
+        if self.world.distributed:
+            same["written"] = combined_sha256(read_digests(out_tensors))
         self.rundir.commit(f"block.{i}", {"sha256": sha, "ranks": ranks, "activations": digests,
                                     "expert_tokens": expert_tokens,
-                                    **({"refine": losses} if losses else {})})  # fmt: skip
+                                    **({"refine": losses} if losses else {}), "read": read},
+                           same)  # fmt: skip
         faults.point("journaled", i)
         empty(block)
         spent = {k: v - stages_before.get(k, 0.0) for k, v in self.timer.seconds.items()}
@@ -491,27 +501,51 @@ class Compressor:
                 "with more memory; finished blocks are kept, so the same command resumes"
             ) from exc
 
-    def _load_block(self, i: int) -> dict[str, torch.Tensor]:
-        """Fill block i from the checkpoint (returned, full names) and start reading the
-        next block's tensors into the page cache."""
+    def _load_block(self, i: int, stage: str) -> tuple[dict[str, torch.Tensor], dict]:
+        """Fill block i from the checkpoint for `stage` and start reading the next block's
+        tensors into the page cache. Returns the tensors (full names) and what was read
+        (name -> SHA-256, for the journal: sources.py)."""
+        self.rundir.start(stage, self.tensors)
         block_prefix = f"{self.prefix}.{i}"
         with self.timer("load"):
             names = self.tensors.under(block_prefix)
             original = self.tensors.tensors(names)
             check_finite(original, self.setup.reader.path)  # reads every page in, too
+            read = self._digests(stage, original)
             fill(self.blocks[i], {n[len(block_prefix) + 1 :]: t for n, t in original.items()},
                  self.device)  # fmt: skip
         if self.cfg.prefetch and i + 1 < len(self.blocks):
             names = self.tensors.under(f"{self.prefix}.{i + 1}")
             threading.Thread(target=self.tensors.prefetch, args=(names,), daemon=True).start()
-        return original
+        return original, read
+
+    def _digests(self, stage: str, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+        """SHA-256 of each checkpoint tensor `stage` has read, refused if a finished stage
+        read it with other content; none without a journal (nothing to resume)."""
+        if not self.rundir.durable:
+            return {}
+        read = read_digests(tensors)
+        self.rundir.check_read(stage, read)
+        return read
 
     # -- the spectra pass: what rank allocation reads --------------------------------------
     def _allocation(self) -> dict[str, int] | None:
         """Rank of every block linear (full names) by the configured allocation, from the
-        spectra pass; None for uniform, which needs no pass."""
+        spectra pass; None for uniform, which needs no pass.
+
+        The allocation is journaled ("allocation") once the spectra pass is complete, and
+        a resume takes the recorded one without running the pass again. Called before
+        `resume_point`, and no stage of the compression pass is recorded before it: so the
+        spectra pass, which writes the original stream's slots the compression pass reads,
+        runs only while the compression pass has recorded nothing, and never rewrites stored
+        inputs that `resume_point` verified."""
         if self.cfg.allocation == "uniform":
             return None
+        if self.journal.done("allocation"):
+            return self.journal.entry("allocation")["ranks"]
+        compressing = [s for s in self.journal.stages if s == "inputs" or s.startswith("block.")]
+        if compressing:  # no allocation they were made with is recorded: make them anew
+            self.journal.forget_from(compressing)
         start = time.perf_counter()
         self._spectra_pass()
         self.spectra_seconds = time.perf_counter() - start
@@ -522,7 +556,9 @@ class Compressor:
             for name, linear in factorised_linears(block, self.cfg.ratio).items():
                 matrices.append(Matrix(f"{self.prefix}.{i}.{name}", linear_shape(linear),
                                        sigma2[name], entry["energy"]))  # fmt: skip
-        return allocate(matrices, self.cfg.ratio, self.cfg.allocation)
+        ranks = allocate(matrices, self.cfg.ratio, self.cfg.allocation)
+        self.rundir.commit("allocation", {"ranks": ranks}, {"ranks": combined_sha256(ranks)})
+        return self.journal.entry("allocation")["ranks"]  # rank 0's
 
     def _spectra_file(self, i: int) -> Path:
         return self.cfg.run_dir / "spectra" / f"block-{i:05d}.safetensors"
@@ -566,7 +602,7 @@ class Compressor:
         written, the next inputs durable, then the journal entry."""
         faults.point("spectra-between", i)
         block = self.blocks[i]
-        self._load_block(i)
+        _, weights = self._load_block(i, f"spectra.{i}")
         step = BlockStep(block, factorised_linears(block, self.cfg.ratio), block_kwargs,
                          self._batches(), self.device, self.timer, i, world=self.world)  # fmt: skip
         digests = {"orig": hashlib.sha256()}
@@ -588,7 +624,10 @@ class Compressor:
         sha = self.rundir.save(sigma2, self._spectra_file(i),
                                lambda: faults.point("spectra-write", i))  # fmt: skip
         info = {"energy": float(energy), "activations": {"orig": digests["orig"].hexdigest()}}
-        self.rundir.commit(f"spectra.{i}", {"sha256": sha, **info})
+        same = {"read": combined_sha256(weights)}
+        if self.world.distributed:
+            same["written"] = combined_sha256(read_digests(sigma2))
+        self.rundir.commit(f"spectra.{i}", {"sha256": sha, **info, "read": weights}, same)
         empty(block)
 
     def _write_rest(self) -> None:
@@ -597,8 +636,10 @@ class Compressor:
             return
         names = [n for n in self.tensors if not n.startswith(self.prefix + ".")]
         shard = self.rundir.shards / shard_file(None)
-        sha = self.rundir.save(self.tensors.tensors(names), shard, lambda: faults.point("rest"))
-        self.rundir.record("rest", {"sha256": sha})
+        tensors = self.tensors.tensors(names)
+        read = self._digests("rest", tensors)  # not changed since block 1's inputs were made
+        sha = self.rundir.save(tensors, shard, lambda: faults.point("rest"))
+        self.rundir.record("rest", {"sha256": sha, "read": read})
 
     def _summary(self, seconds: float, ranks: dict) -> dict:
         shapes_before = self.tensors.shapes()

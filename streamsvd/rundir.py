@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -41,9 +42,12 @@ from .lowrank import export_dense, self_describing
 from .modeling import SECTION
 from .plan import disk_needs, existing, size_text
 from .quantize import QuantSettings
+from .sources import changed_read, changed_since, describe, refusal, shard_stats
 from .world import World
 
 log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint"  # the journal stage holding each rank's shard stats (sources.py)
 
 
 class RunDir:
@@ -68,6 +72,10 @@ class RunDir:
             self.lock.release()
             raise
         world.barrier("opening the run directory")  # rank 0 may have just (re)made it
+        if world.distributed:  # rank 0's journal decides for every rank
+            settings = {k: v for k, v in manifest.items() if k != "cpu_threads"}  # a rank's own
+            world.check_same({"settings": settings}, "in the run's settings")
+            self.journal.stages = world.agree(self.journal.stages, what="reading the journal")
         self.shards = cfg.run_dir / "shards"
         self.shards.mkdir(exist_ok=True)
         self.store = None
@@ -149,14 +157,63 @@ class RunDir:
                 log.info("discarding %s: the journal does not vouch for it", path)
                 path.unlink()
 
-    # -- committing ------------------------------------------------------------------------
-    def commit(self, stage: str, info: dict) -> None:
-        """Record a stage once every rank's part of it is durable. Each rank's activation
-        checksums are gathered into the entry (one per rank); rank 0's entry (it wrote the
-        shard) is every rank's. Returns after the journal holds it on every rank, so that no
-        rank overwrites the stage's inputs before it is recorded."""
+    # -- the checkpoint, as the finished stages read it (sources.py) --------------------------
+    def start(self, stage: str, tensors) -> None:
+        """Before `stage` reads the checkpoint (`tensors`, the run's ModelTensors), on every
+        rank at once: every rank is at the same stage with the same journal (else all stop,
+        before any sum mixes two blocks), and the checkpoint is still what the finished
+        stages read (else refused, naming what changed). The first call of a run records
+        each rank's shard stats; a stat that changed with the content the same is recorded
+        anew."""
+        changed, problem, now = [], None, None
+        if self.durable:
+            now = shard_stats(tensors.reader)
+            if self.journal.done(CHECKPOINT):
+                known = self.mine(self.journal.entry(CHECKPOINT)["stats"])
+                changed = sorted(s for s in set(now) | set(known) if now.get(s) != known.get(s))
+                if changed:
+                    with self.timer("load"):
+                        problem = changed_read(tensors, self.journal.stages, set(changed))
         if self.world.distributed:
             with self.timer("communicate"):
+                self.world.check_same({"stage": stage, "journal": self.journal_digest()},
+                                      f"before {describe(stage)}")  # fmt: skip
+                every = self.world.gather((problem, changed, now))
+        else:
+            every = [(problem, changed, now)]
+        for rank, (problem, _, _) in enumerate(every):
+            if problem:
+                raise refusal(problem + (f" (on rank {rank})" if self.world.distributed else ""))
+        if self.durable and (not self.journal.done(CHECKPOINT) or any(c for _, c, _ in every)):
+            if self.journal.done(CHECKPOINT):
+                log.info("the checkpoint's files %s changed on disk, but what the finished "
+                         "stages read from them is the same: going on",
+                         sorted({s for _, c, _ in every for s in c}))  # fmt: skip
+            self.record(CHECKPOINT, {"stats": [n for _, _, n in every]})
+
+    def check_read(self, stage: str, read: dict[str, str]) -> None:
+        """Refuse tensors `stage` has just read (name -> digest) that a finished stage read
+        with other content: e.g. an embedding changed since block 1's inputs were computed."""
+        what = changed_since(self.journal.stages, read)
+        if what is not None:
+            raise refusal(f"{what}, and {describe(stage)} has just read it changed")
+
+    def journal_digest(self) -> str:
+        """SHA-256 of the journal's stages, as this rank holds them."""
+        return hashlib.sha256(json.dumps(self.journal.stages, sort_keys=True).encode()).hexdigest()
+
+    # -- committing ------------------------------------------------------------------------
+    def commit(self, stage: str, info: dict, same: dict | None = None) -> None:
+        """Record a stage once every rank's part of it is durable. Each rank's activation
+        checksums are gathered into the entry (one per rank); rank 0's entry (it wrote the
+        shard) is every rank's, once every rank is shown to have committed the same stage
+        over the same journal, with the same `same` (name -> value: what the ranks must agree
+        on, e.g. the digest of the factors written). Returns after the journal holds it on
+        every rank, so that no rank overwrites the stage's inputs before it is recorded."""
+        if self.world.distributed:
+            with self.timer("communicate"):
+                agreed = {"stage": stage, "journal": self.journal_digest(), **(same or {})}
+                self.world.check_same(agreed, f"committing {describe(stage)}")
                 acts = info.get("activations")
                 if acts is not None:
                     every = self.world.gather(acts)

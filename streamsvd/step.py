@@ -271,29 +271,53 @@ class BlockStep:
         block then holds the values loaders compute from what is written (`unpacked_weight`),
         in the compute dtype. Returns each linear's packed tensors, {"down": ..., "up": ...}.
 
-        Every rank quantizes every linear from the same all-reduced sums, so the ranks hold
-        the same block without exchanging factors."""
+        In a distributed run a stage's linears are dealt out as factorisations are: the
+        rank that quantizes one broadcasts its packed tensors, and every rank puts the
+        values loaders compute from them in its block, so the ranks write and run the same
+        bits (GPTQ's rounding decisions are never left to each rank's own arithmetic)."""
         packed = {}
+        world = self.world
         for names in stages or [list(self.linears)]:
             grams = self._compressed_grams(read, names)
             release = release_points(names, grams)
+            owned = {n for k, n in enumerate(names) if world.owner(k) == world.rank}
             inverses = {}  # group -> its Gram's inverse factor, shared by the group's linears
             for name in names:
                 group = grams.get(name)  # None: no calibration token reached it (an expert)
-                with self.clock("quantize"):
-                    G = group.Gc if group is not None else None
-                    if G is not None and id(group) not in inverses:
-                        inverses[id(group)] = inverse_factor(G, torch.float32)
-                    low = self.block.get_submodule(name)
-                    packed[name], new = self._quantize_pair(low, G, inverses.get(id(group)),
-                                                            settings, dtype)  # fmt: skip
-                    replace_module(self.block, name, new)
-                faults.point("quantize", self.index)
+                if name in owned:
+                    with self.clock("quantize"):
+                        G = group.Gc if group is not None else None
+                        if G is not None and id(group) not in inverses:
+                            inverses[id(group)] = inverse_factor(G, torch.float32)
+                        low = self.block.get_submodule(name)
+                        packed[name], new = self._quantize_pair(low, G, inverses.get(id(group)),
+                                                                settings, dtype)  # fmt: skip
+                        replace_module(self.block, name, new)
+                    faults.point("quantize", self.index)
                 if release.get(name) is not None:  # the group's last linear
                     inverses.pop(id(group), None)
                     for member in release[name]:
                         grams.pop(member, None)
+            if world.distributed:
+                with self.clock("communicate"):
+                    self._exchange_packed(names, packed, settings)
         return packed
+
+    def _exchange_packed(self, names: list[str], packed: dict, settings: QuantSettings) -> None:
+        """Each linear's packed factors from the rank that quantized them to every other,
+        which puts the pair as loaders compute it from them in its block (`_loaded_pair`,
+        as the quantizing rank does)."""
+        self.world.barrier(f"block {self.index + 1}'s quantized factors")  # names a hung rank
+        for k, name in enumerate(names):
+            owner = self.world.owner(k)
+            what = f"block {self.index + 1}'s quantized factors (rank {owner} sending)"
+            packed[name] = self.world.agree(packed.get(name), owner, what)
+            if owner != self.world.rank:
+                low = self.block.get_submodule(name)
+                on_device = {f: {key: t.to(self.device) for key, t in part.items()}
+                             for f, part in packed[name].items()}  # fmt: skip
+                new = _loaded_pair(low, on_device["down"], on_device["up"], settings.scheme())
+                replace_module(self.block, name, new)
 
     def _quantize_pair(self, low: LowRankLinear, G: torch.Tensor | None,
                        Hinv: torch.Tensor | None, settings: QuantSettings,
@@ -321,9 +345,7 @@ class BlockStep:
             del Bq64
         up = packed_tensors(gptq(A, None, *args, Hinv=A_inverse, scale_dtype=dtype), settings,
                             dtype)  # fmt: skip
-        Aq = unpacked_weight(up, scheme).to(B.device)
-        bias = low.up.bias.detach() if low.up.bias is not None else None
-        new = LowRankLinear.from_factors(Aq, Bq, bias, Aq.dtype).to(low.up.weight.dtype)
+        new = _loaded_pair(low, down, up, scheme)
         return {"down": _host(down), "up": _host(up)}, new
 
     def _compressed_grams(self, read: Read, names: list[str]) -> dict[str, InputStats]:
@@ -382,6 +404,16 @@ class BlockStep:
 
 def _host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.cpu() for k, v in tensors.items()}
+
+
+def _loaded_pair(low: LowRankLinear, down: dict, up: dict, scheme) -> LowRankLinear:
+    """The factor pair as loaders compute it from its packed tensors (on the block's
+    device), in the block's dtype, with `low`'s bias."""
+    device = low.up.weight.device
+    Bq = unpacked_weight(down, scheme).to(device)
+    Aq = unpacked_weight(up, scheme).to(device)
+    bias = low.up.bias.detach() if low.up.bias is not None else None
+    return LowRankLinear.from_factors(Aq, Bq, bias, Aq.dtype).to(low.up.weight.dtype)
 
 
 class _Enough(Exception):

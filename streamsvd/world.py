@@ -116,13 +116,35 @@ class World:
         self._call("exchanging checksums", _dist().all_gather_object, out, value)
         return out
 
-    def agree(self, value):
-        """Rank 0's `value` on every rank."""
+    def agree(self, value, src: int = 0, what: str = "agreeing on the resume point"):
+        """Rank `src`'s `value` (picklable) on every rank."""
         if not self.distributed:
             return value
         box = [value]
-        self._call("agreeing on the resume point", _dist().broadcast_object_list, box, 0)
+        self._call(what, _dist().broadcast_object_list, box, src)
         return box[0]
+
+    def check_same(self, values: dict, what: str) -> None:
+        """Stop every rank, naming the first rank and the item that differ, unless `values`
+        (name -> a picklable value) is the same on every rank: work that differs between
+        ranks must never be added up or written as one model."""
+        if not self.distributed:
+            return
+        every = self.gather(values)
+        for rank, theirs in enumerate(every):
+            differ = sorted(k for k in set(every[0]) | set(theirs)
+                            if every[0].get(k) != theirs.get(k))  # fmt: skip
+            if differ:
+                shown = {k: (every[0].get(k), theirs.get(k)) for k in differ}
+                raise RankFailure(
+                    f"rank {rank} of {self.size} differs from rank 0 {what}, in "
+                    + "; ".join(
+                        f"{k} (rank 0: {a!r}, rank {rank}: {b!r})" for k, (a, b) in shown.items()
+                    )  # fmt: skip
+                    + ". Going on would mix their work into one model, so every rank stops "
+                    "here. Every rank must see the same run directory and checkpoint (one "
+                    "shared filesystem, or identical copies); then run the same command again"
+                )
 
     def barrier(self, what: str) -> None:
         """Wait for every rank. On gloo a monitored barrier: after the timeout rank 0 names

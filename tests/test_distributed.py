@@ -5,6 +5,7 @@ the other with a message naming it, and another number of processes is refused o
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -160,3 +161,78 @@ def test_a_hung_rank_stops_the_other_with_its_name(setup, tmp_path):
     assert "rank 0 of 2, at block 2's factors" in hung.stderr
     assert "Rank 1 failed to pass monitoredBarrier" in hung.stderr
     assert "--dist-timeout (15s)" in hung.stderr
+
+
+# One rank of a run whose journal rank 1 sees otherwise: `own-file`, rank 1's own reading of
+# journal.json is empty (as when rank 0 rewrites it as it is read), which a rank must never
+# go by; `differ`, rank 1 holds another journal than rank 0 once the run has begun.
+RANK_SCRIPT = """
+import json, logging, sys
+from streamsvd import journal
+from streamsvd.errors import StreamSVDError
+from streamsvd.pipeline import CompressConfig, Compressor
+from streamsvd.world import World
+
+model, calib, out, how, settings = sys.argv[1:6]
+logging.basicConfig(level=logging.INFO)
+world = World.from_env("cpu", timeout=60)
+if how == "own-file" and world.rank == 1:
+    journal.read_stages = lambda workdir: {}
+cfg = CompressConfig(model=model, out=out, calib=calib, refine_epochs=0, **json.loads(settings))
+compressor = Compressor(cfg, world)
+if how == "differ" and world.rank == 1:
+    compressor.journal.stages.pop("block.1")
+try:
+    compressor.run()
+except StreamSVDError as exc:
+    print(f"rank {world.rank} stopped: {exc}", file=sys.stderr, flush=True)
+    sys.exit(2)
+finally:
+    world.close()
+"""
+
+
+def test_ranks_take_rank_0s_journal_and_stop_when_theirs_differ(setup, tmp_path):
+    """Killed after two blocks, the run resumes on both ranks where rank 0's journal says,
+    whatever rank 1 would read itself, to an uninterrupted run's bytes; ranks that hold
+    different journals stop before any sum, both naming the difference, and record nothing."""
+    root, model, calib, reference = setup
+    out = tmp_path / "out"
+    killed = torchrun(model, calib, out, *CLOSED_FORM, fault="between:2")
+    assert killed.returncode != 0
+    journal = Path(f"{out}.work") / "journal.json"
+    before = journal.read_bytes()
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+
+    def ranks(how: str) -> subprocess.CompletedProcess:
+        args = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node=2", str(script), str(model), str(calib), str(out), how,
+                json.dumps(SETTINGS)]  # fmt: skip
+        return subprocess.run(args, capture_output=True, text=True, timeout=300)
+
+    differ = ranks("differ")
+    assert differ.returncode != 0
+    # rank 0's word (torchrun may stop rank 1 before it prints the same)
+    assert "rank 0 stopped: rank 1 of 2 differs from rank 0 before the run" in differ.stderr
+    assert "in journal (rank 0: '" in differ.stderr
+    assert journal.read_bytes() == before
+
+    resumed = ranks("own-file")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming at block 3/3" in resumed.stderr
+    assert output_hashes(out) == output_hashes(reference)
+
+
+def test_quantized_factors_are_the_same_on_every_rank(setup, tmp_path):
+    """With --bits each linear is quantized by one rank and broadcast; every block's commit
+    compares the digest of what each rank would write, so a finished run shows the ranks'
+    bits agree. The output matches another two-process run's bytes."""
+    root, model, calib, _ = setup
+    quant = ("--bits", "4", "--group-size", "16")
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        done = torchrun(model, calib, out, *CLOSED_FORM, *quant)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert output_hashes(outs[0]) == output_hashes(outs[1])
+    assert any(k.endswith(".down.weight_packed") for k in output_hashes(outs[0]))

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -219,11 +220,11 @@ def test_disk_full_then_resume(setup, tmp_path, capsys):
     assert result.returncode == 3  # not enough resources
     assert f"no space left on device writing {work / 'activations'}" in result.stderr
     assert "still needs about" in result.stderr and "Traceback" not in result.stderr
-    assert sorted(journal(out)) == ["block.0", "inputs"]
+    assert sorted(journal(out)) == ["block.0", "checkpoint", "inputs"]
     result = run_cli(model, calib, out, "svdllm-a", "shard-write:1:enospc")
     assert result.returncode == 3
     assert f"writing {work / 'shards' / 'block-00001.safetensors'}" in result.stderr
-    assert sorted(journal(out)) == ["block.0", "inputs"]
+    assert sorted(journal(out)) == ["block.0", "checkpoint", "inputs"]
     assert sorted(p.name for p in (work / "shards").iterdir()) == ["block-00000.safetensors"]
 
     assert cli_main(["status", "--workdir", str(work)]) == 0
@@ -340,3 +341,88 @@ def test_a_second_run_on_the_same_work_refuses_while_the_first_finishes(setup, t
     assert first.returncode == 0, stderr[-3000:]
     assert output_hashes(out) == reference("svdllm-a")
     assert not Path(f"{out}.work.lock").exists()  # a finished run takes its lock file along
+
+
+def _tensor_shard(model: Path, name: str) -> Path:
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    return model / index["weight_map"][name]
+
+
+def _change_mid_tensor(model: Path, name: str) -> None:
+    """Change two bytes in the middle of one float32 tensor's data, in place (the low bytes of
+    one value's mantissa: still finite); the header and the size stay as they were."""
+    path = _tensor_shard(model, name)
+    start, stop = checkpoint_module.data_ranges(path)[name]
+    middle = start + (stop - start) // 8 * 4
+    with open(path, "r+b") as f:
+        f.seek(middle)
+        low = f.read(2)
+        f.seek(middle)
+        f.write(bytes(b ^ 0x55 for b in low))
+
+
+@pytest.fixture
+def small_sample(monkeypatch):
+    """The manifest's fingerprint samples 16 bytes at each end of a shard instead of a MiB:
+    the tiny shards then have a middle that fingerprint cannot see, as a 5 GB shard does."""
+    sample = checkpoint_module.data_sample_sha256
+    monkeypatch.setattr(checkpoint_module, "data_sample_sha256",
+                        lambda path, span=16: sample(path, span))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "fault,tensor,reader",
+    [
+        ("between:2:eio", "model.layers.0.mlp.down_proj.weight", "block 1"),
+        ("rest:eio", "model.embed_tokens.weight", "block 1's inputs"),  # the output's embedding
+    ],
+)
+def test_a_checkpoint_changed_between_a_kill_and_the_rerun_is_refused(
+    setup, tmp_path, monkeypatch, small_sample, fault, tensor, reader
+):
+    """A tensor that finished stages read changes in the middle of its shard, where the
+    manifest's fingerprint does not look: the rerun refuses, naming the tensor, its shard and
+    the stage that read it, and changes nothing; --restart then compresses the checkpoint as
+    it is now, as a fresh run does."""
+    model_before, calib, _ = setup
+    model = tmp_path / "model"
+    shutil.copytree(model_before, model)
+    out, work = tmp_path / "out", tmp_path / "out.work"
+    monkeypatch.setenv("STREAMSVD_FAULT", fault)
+    with pytest.raises(StreamSVDError, match="injected"):
+        compress(_config(model, calib, out, "svdllm-a"))
+    monkeypatch.delenv("STREAMSVD_FAULT")
+    _change_mid_tensor(model, tensor)
+    before = (work / "journal.json").read_bytes()
+    with pytest.raises(StreamSVDError) as info:
+        compress(_config(model, calib, out, "svdllm-a"))
+    shard = _tensor_shard(model, tensor).name
+    assert f"the checkpoint changed since this run began: {tensor} (in {shard}) is not what " \
+           f"{reader} read" in str(info.value)  # fmt: skip
+    assert "--restart" in str(info.value)
+    assert (work / "journal.json").read_bytes() == before and not out.exists()
+
+    compress(_config(model, calib, out, "svdllm-a", restart=True))
+    fresh = tmp_path / "fresh"
+    compress(_config(model, calib, fresh, "svdllm-a"))
+    assert output_hashes(out) == output_hashes(fresh)
+
+
+def test_a_checkpoint_touched_or_copied_with_the_same_content_resumes(setup, tmp_path):
+    """A shard whose stat changed (a new inode, a new mtime) but whose tensors are the ones
+    finished stages read: hashed again, found the same, and the run resumes to the bytes
+    of an uninterrupted run."""
+    model_before, calib, reference = setup
+    model = tmp_path / "model"
+    shutil.copytree(model_before, model)
+    out = tmp_path / "out"
+    assert run_cli(model, calib, out, "svdllm-a", "between:2").returncode == KILLED
+    for shard in sorted(model.glob("*.safetensors")):
+        copy = shard.with_name(shard.name + ".copy")
+        shutil.copyfile(shard, copy)
+        os.replace(copy, shard)  # same bytes, another inode and mtime
+    result = run_cli(model, calib, out, "svdllm-a")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "is the same: going on" in result.stderr
+    assert blocks_computed(result.stderr) == [3]
+    assert output_hashes(out) == reference("svdllm-a")

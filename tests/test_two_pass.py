@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -117,6 +118,7 @@ def test_two_pass_run_killed_in_either_pass_resumes_to_identical_bytes(setup):
         ("activations:1", {"spectra.inputs", "spectra.0"}),  # spectra pass, mid-stream
         ("spectra-write:2", {"spectra.inputs", "spectra.0", "spectra.1"}),  # file half done
     ]:
+        journaled |= {"checkpoint"}  # the shards' stats the run began with (sources.py)
         result = run_cli(model, calib, out, fault, "--allocation", "grouped")
         assert result.returncode == KILLED, f"{fault}:\n{result.stderr[-2000:]}"
         stages = set(json.loads((work / "journal.json").read_text())["stages"])
@@ -125,10 +127,17 @@ def test_two_pass_run_killed_in_either_pass_resumes_to_identical_bytes(setup):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "spectra pass for the grouped allocation: block 3/3" in result.stderr
     assert output_hashes(out) == output_hashes(reference)
-    # and a kill in pass 2 resumes without redoing pass 1
+    # and a kill in pass 2 resumes without redoing pass 1, from the journaled allocation:
+    # even with the spectra files gone, pass 1 never runs again to rewrite the stored
+    # inputs that the resume has verified
     out2 = root / "killed2"
     result = run_cli(model, calib, out2, "svd:1", "--allocation", "grouped")
     assert result.returncode == KILLED
+    work2 = Path(f"{out2}.work")
+    journaled = json.loads((work2 / "journal.json").read_text())["stages"]
+    assert journaled["allocation"]["ranks"] == output_ranks(reference)
+    assert list(journaled).index("allocation") < list(journaled).index("inputs")
+    shutil.rmtree(work2 / "spectra")
     result = run_cli(model, calib, out2, None, "--allocation", "grouped")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Spectra" not in result.stderr and "spectra pass" not in result.stderr
