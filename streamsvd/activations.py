@@ -9,6 +9,8 @@ no bfloat16), as accelerate's offload does. Knows nothing about blocks or models
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import hashlib
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -112,3 +114,25 @@ def tensor_digest(digest, values: torch.Tensor, dtype: torch.dtype):
     """Feed what `write` stores into a running hash, in the same byte form `checksum` reads."""
     digest.update(values.detach().to("cpu", dtype).contiguous().view(-1).view(torch.uint8).numpy())
     return digest
+
+
+def finish_zarr_io(timeout: float = 60.0) -> None:
+    """Wait for the work zarr's I/O thread has in flight. An interrupt stops the main thread
+    where it waits on a read or write, but zarr's event loop goes on with it; at exit zarr
+    gives that thread 0.2 s, then warns "Thread did not finish cleanly" and raises
+    RuntimeError closing the loop. Called on the way out of an interrupted command."""
+    from zarr.core import sync as zarr_sync
+
+    loop = zarr_sync.loop[0]
+    if loop is None or loop.is_closed():
+        return
+
+    async def the_others() -> None:
+        mine = asyncio.current_task()
+        others = [task for task in asyncio.all_tasks() if task is not mine]
+        await asyncio.gather(*others, return_exceptions=True)
+
+    try:
+        asyncio.run_coroutine_threadsafe(the_others(), loop).result(timeout)
+    except concurrent.futures.TimeoutError:
+        pass  # zarr's own exit then warns, as it would have

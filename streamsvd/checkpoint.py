@@ -36,7 +36,8 @@ class CheckpointReader(Mapping):
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.is_dir():
-            raise StreamSVDError(f"model path {self.path} does not exist or is not a directory")
+            what = "is a file" if self.path.exists() else "does not exist"
+            raise StreamSVDError(f"{self.path} {what}: a checkpoint is {CHECKPOINT_FOLDER}")
         index = self.path / INDEX_NAME
         if index.exists():
             self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
@@ -400,14 +401,23 @@ def copy_side_files(src: Path, dst: Path) -> None:
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "*.tiktoken"]
+CHECKPOINT_FOLDER = "the checkpoint folder that holds config.json and the safetensors"
+
+
+def written_as_path(model: str) -> bool:
+    """`./x`, `../x`, `/x`, `~/x`: a path however it looks otherwise, never a hub id."""
+    return model in (".", "..") or model.startswith(("./", "../", "/", "~"))
 
 
 def locate_checkpoint(model: str) -> str:
-    """--model as a folder, or as a hub id (`org/name`, when no such folder exists):
-    huggingface_hub's local cache first, else downloaded into it file by file (weights as
-    safetensors only), as every tool in this ecosystem does."""
-    if Path(model).exists() or not HUB_ID.fullmatch(model):
-        return model
+    """--model as a folder, or as a hub id (`org/name` where no such file or folder exists
+    and it is not written as a path): huggingface_hub's local cache first, else downloaded
+    into it file by file (weights as safetensors only), as every tool in this ecosystem
+    does. Every command reads --model through here, so a mistake reads the same in each."""
+    path = os.path.expanduser(model)
+    if Path(path).exists() or written_as_path(model) or not HUB_ID.fullmatch(model):
+        check_checkpoint_folder(model, Path(path))
+        return path
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -425,3 +435,14 @@ def locate_checkpoint(model: str) -> str:
             f"checkpoint folder, or download it where the hub is reachable "
             f"(`hf download {model}`) and point HF_HOME at that cache"
         ) from exc
+
+
+def check_checkpoint_folder(model: str, path: Path) -> None:
+    """Refuse a --model `model` (at `path`, `~` expanded) that cannot be a checkpoint."""
+    fix = f"--model takes {CHECKPOINT_FOLDER}"
+    if not path.exists():
+        raise StreamSVDError(f"--model {model}: no such folder ({os.path.abspath(path)}); {fix}")
+    if not path.is_dir():
+        raise StreamSVDError(f"--model {model} is a file; {fix}")
+    if not (path / "config.json").is_file():
+        raise StreamSVDError(f"--model {model} holds no config.json; {fix}")

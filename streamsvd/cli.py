@@ -2,26 +2,43 @@
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import os
-import sys
-import time
-from pathlib import Path
 
-from . import __version__
-from .allocate import ALLOCATIONS
-from .checkpoint import locate_checkpoint
-from .cpus import process_threads
-from .errors import EXIT_INTERRUPTED, EXIT_RESOURCES, StreamSVDError
-from .factorize import METHODS
-from .memory import return_freed_memory
-from .pipeline import DEFAULT_ALLOCATION, DEFAULT_METHOD
-from .quantize import BITS, GROUP_SIZES
-from .refine import DEFAULT_BATCH, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_TARGET
-from .synth import DTYPES, SHAPES
-from .world import DEFAULT_TIMEOUT, World
+# OpenMP threads that wait for work sleep rather than spin, unless the user chose: spinning
+# threads take the cores other jobs on a shared machine are waiting for, and theirs
+# (docs/reliability.md#on-a-shared-machine). libgomp reads this once, when torch loads it,
+# which the imports below do; `import streamsvd` alone loads no torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from . import __version__  # noqa: E402
+from .activations import finish_zarr_io  # noqa: E402
+from .allocate import ALLOCATIONS  # noqa: E402
+from .checkpoint import locate_checkpoint  # noqa: E402
+from .cpus import process_threads  # noqa: E402
+from .errors import (  # noqa: E402
+    EXIT_INTERRUPTED,
+    EXIT_RESOURCES,
+    EXIT_TERMINATED,
+    StreamSVDError,
+    Terminated,
+)
+from .factorize import METHODS  # noqa: E402
+from .memory import return_freed_memory  # noqa: E402
+from .pipeline import DEFAULT_ALLOCATION, DEFAULT_METHOD  # noqa: E402
+from .quantize import BITS, GROUP_SIZES  # noqa: E402
+from .refine import DEFAULT_BATCH, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_TARGET  # noqa: E402
+from .synth import DTYPES, SHAPES  # noqa: E402
+from .world import DEFAULT_TIMEOUT, World  # noqa: E402
 
 log = logging.getLogger("streamsvd")
 DEMO_PROMPTS = ["What is the capital of France?", "Name three colours.",
@@ -45,7 +62,8 @@ exit codes:
        ENOUGH included), a full disk, device out of memory, or the run directory in use
        by another run
   4    I/O failure: a read or write failed; finished blocks are kept, rerun to resume
-  130  interrupted; rerun the same command to resume
+  130  interrupted (Ctrl-C); rerun the same command to resume
+  143  stopped by SIGTERM; rerun the same command to resume
 """
 
 
@@ -56,8 +74,8 @@ def _default_device() -> str:
 
 
 def _model_path(arg: str | None) -> str:
-    """--model (a folder or a hub id), or the bundled SmolLM2-135M converted once to
-    safetensors."""
+    """--model (a folder or a hub id, checkpoint.locate_checkpoint), or the bundled
+    SmolLM2-135M converted once to safetensors."""
     if arg:
         return locate_checkpoint(arg)
     from .default_model import default_model_path
@@ -738,18 +756,52 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()  # OMP_NUM_THREADS where set, else one per core
     torch.set_num_threads(args.threads or process_threads(threads))
     try:
-        result = COMMANDS[args.command](args)
+        with _sigterm_raises():
+            result = COMMANDS[args.command](args)
         if args.command == "compress" and args.dry_run and not result["ok"]:
             return EXIT_RESOURCES  # the plan says NOT ENOUGH
     except StreamSVDError as exc:
         print(f"streamsvd: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("streamsvd: interrupted; rerun the same command to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as Terminated
+        return _stopped(args.command, exc)
     finally:
         torch.set_num_threads(threads)  # as it was, for a caller in this process
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """For the command's duration, SIGTERM raises Terminated wherever the command is, as
+    Ctrl-C raises KeyboardInterrupt: the run records why it stopped and unwinds the same
+    way. (Only the main thread may set a signal handler.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped(command: str, exc: KeyboardInterrupt) -> int:
+    """One line for a command stopped by Ctrl-C or SIGTERM, once zarr's I/O thread has
+    finished what it had in flight (else it warns and raises at exit); the exit code a
+    shell gives for that signal."""
+    try:
+        finish_zarr_io()
+    except KeyboardInterrupt:
+        pass  # pressed again: leave now
+    terminated = isinstance(exc, Terminated)
+    kept = "; finished blocks are kept: rerun the same command to resume"
+    print(f"streamsvd: {'stopped by SIGTERM' if terminated else 'interrupted'}"
+          f"{kept if command == 'compress' else ''}", file=sys.stderr)  # fmt: skip
+    return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@
      a full disk, device out of memory, or the run directory in use by another run
 4    I/O failure (a read or write failed); finished blocks are kept, rerun to resume
 130  interrupted (Ctrl-C); rerun the same command to resume
+143  stopped by SIGTERM (128 + 15, as the shell reports it); rerun the same command to resume
 """
 
 EXIT_BAD_INPUT, EXIT_RESOURCES, EXIT_IO, EXIT_INTERRUPTED = 2, 3, 4, 130
+EXIT_TERMINATED = 143
 
 
 class StreamSVDError(Exception):
@@ -27,3 +29,11 @@ class RunIOError(StreamSVDError):
     """A read or write failed for a reason other than space."""
 
     exit_code = EXIT_IO
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's, `kill`'s), raised where the run is, as Ctrl-C raises
+    KeyboardInterrupt: the run stops the same way and records why."""
+
+    def __init__(self):
+        super().__init__("stopped by SIGTERM")

@@ -238,8 +238,8 @@ class Compressor:
             error = self.rundir.io_error(exc)
             self.rundir.record_error(str(error))
             raise error from exc
-        except KeyboardInterrupt:
-            self.rundir.record_error("interrupted (KeyboardInterrupt)")
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as errors.Terminated
+            self.rundir.record_error(str(exc) or "interrupted (KeyboardInterrupt)")
             raise
         except Exception as exc:
             what = str(exc) if isinstance(exc, StreamSVDError) else f"{type(exc).__name__}: {exc}"

@@ -8,8 +8,11 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,10 +187,58 @@ def test_compress_without_model_is_refused(tmp_path, small_calib_text):
                   out, "compress needs --model", code=2)  # fmt: skip
 
 
-def test_missing_model_path(tmp_path, small_calib_text):
-    out = tmp_path / "out"
-    check_refused(["compress", "--model", str(tmp_path / "nope"), "--out", str(out),
-                   "--calib", str(small_calib_text), *SMALL], out, "does not exist")  # fmt: skip
+MODEL_COMMANDS = {
+    "compress": ["--out", "out", "--calib", "calib.txt", *SMALL],
+    "eval": ["--seqlen", "32", "--windows", "1"],
+    "generate": ["--prompt", "Hello"],
+    "export-dense": ["--out", "dense"],
+}
+FOLDER = "--model takes the checkpoint folder that holds config.json and the safetensors"
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
+@pytest.mark.parametrize(
+    "given, says",
+    [
+        ("./Llama-2-13b-hf", "--model ./Llama-2-13b-hf: no such folder ({home}/Llama-2-13b-hf)"),
+        ("../up/x", "--model ../up/x: no such folder ({home}/../up/x)"),
+        ("~/Llama-2-13b-hf", "--model ~/Llama-2-13b-hf: no such folder ({home}/Llama-2-13b-hf)"),
+        ("{home}/x", "--model {home}/x: no such folder ({home}/x)"),
+        ("nosuch", "--model nosuch: no such folder ({home}/nosuch)"),
+        ("./weights.safetensors", "--model ./weights.safetensors is a file"),
+        ("./empty", "--model ./empty holds no config.json"),
+    ],
+)
+def test_model_path_mistakes_read_the_same_in_every_command(command, given, says, tmp_path,
+                                                             monkeypatch):  # fmt: skip
+    """A value written as a path is a path, never a hub id (`./x` once ended in
+    huggingface_hub's HFValidationError traceback), and each mistake is said in the same
+    words by every command that takes --model, before any work."""
+    home = tmp_path / "home"
+    (home / "empty").mkdir(parents=True)
+    (home / "weights.safetensors").write_bytes(b"not a folder")
+    monkeypatch.chdir(home)
+    monkeypatch.setenv("HOME", str(home))  # where ~ goes
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub lookup would fail, not hang
+    given = given.format(home=home)
+    code, stdout, stderr = run([command, "--model", given, *MODEL_COMMANDS[command]])
+    assert code == 2, stderr
+    says = says.format(home=home).replace(f"{home}/../", f"{tmp_path}/")
+    assert stderr == f"streamsvd: error: {says}; {FOLDER}\n"
+    assert not (home / "out").exists() and not (home / "dense").exists()
+
+
+def test_model_paths_with_tilde_and_dots_are_read(compressed, tmp_path, monkeypatch):
+    """`~` is expanded, and `./x` read from the working directory."""
+    code, _, stderr, out = compressed
+    assert code == 0, stderr
+    monkeypatch.setenv("HOME", str(out.parent))
+    monkeypatch.chdir(out.parent)
+    for given in (f"~/{out.name}", f"./{out.name}"):
+        code, stdout, stderr = run(["eval", "--model", given, "--seqlen", "16", "--windows",
+                                    "1", "--device", "cpu"])  # fmt: skip
+        assert code == 0, stderr
+        assert "perplexity" in stdout
 
 
 @pytest.mark.parametrize("kind", ["vit", "distilbert"])
@@ -284,7 +335,7 @@ def test_help_lists_the_exit_codes():
     code, stdout, _ = run(["--help"])
     assert code == 0
     for line in ("2    bad input", "3    not enough resources", "4    I/O failure",
-                 "130  interrupted"):  # fmt: skip
+                 "130  interrupted", "143  stopped by SIGTERM"):  # fmt: skip
         assert line in stdout
 
 
@@ -391,3 +442,103 @@ def test_threads_option_sets_torch_threads_after_the_command(monkeypatch):
     assert seen[-1] == min(before, usable_cpus())  # the caller's count, capped by the cores
     code, _, stderr = run(["status", "--threads", "0", "--workdir", "/nonexistent"])
     assert code == 2 and "must be 1 or more" in stderr
+
+
+def test_the_command_line_lets_idle_openmp_threads_sleep():
+    """OpenMP threads that spin while they wait took the cores of other jobs on a shared
+    machine (blocks 10-20x slower): the command line sets OMP_WAIT_POLICY=PASSIVE before
+    torch loads libgomp, which reads it then, and keeps a value the user set."""
+    watch = (
+        "import os, sys\n"
+        "seen = []\n"
+        "class Watch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' and not seen:\n"
+        "            seen.append(os.environ.get('OMP_WAIT_POLICY'))\n"
+        "sys.meta_path.insert(0, Watch())\n"
+        "import streamsvd.cli\n"
+        "print(seen, 'torch' in sys.modules)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    for user, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        run_env = env if user is None else {**env, "OMP_WAIT_POLICY": user}
+        result = subprocess.run([sys.executable, "-c", watch], capture_output=True, text=True,
+                                env=run_env, timeout=300)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split("\n")[0] == f"['{expected}'] True"
+
+
+# Makes block 1's first chunk write of the compressed stream slow, as a slow disk would (its
+# slot 0 was written first by the run's inputs, then block 0 wrote slot 1): the run waits on
+# zarr there when the test signals it, and zarr's I/O thread goes on writing for a while
+# after the main thread has stopped.
+SLOW_WRITE = """
+import signal, sys, time
+from pathlib import Path
+from zarr.storage import LocalStore
+from streamsvd.cli import main
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+marker, store = Path(sys.argv[1]), Path(sys.argv[2])
+real_set = LocalStore.set
+writes = []
+
+async def slow_set(self, key, value):
+    if key == "comp0/c.0.0.0" and Path(self.root) == store:
+        writes.append(key)
+        if len(writes) == 2:
+            marker.touch()
+            time.sleep(3)
+    return await real_set(self, key, value)
+
+LocalStore.set = slow_set
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize(
+    "sig, code, says, recorded",
+    [
+        (signal.SIGTERM, 143, "stopped by SIGTERM", "stopped by SIGTERM"),
+        (signal.SIGINT, 130, "interrupted", "interrupted (KeyboardInterrupt)"),
+    ],
+)
+def test_a_signal_mid_run_stops_cleanly_and_the_same_command_resumes(
+    compressed, model_dir, small_calib_text, tmp_path, sig, code, says, recorded
+):
+    """SIGTERM (a scheduler's) or Ctrl-C while the run waits on zarr: one line that says
+    what happened and how to resume, the exit code a shell gives for that signal, no
+    traceback and no warning from zarr's I/O thread; the run directory records why, keeps
+    block 0, and the same command resumes to the bytes of a run never stopped."""
+    _, _, stderr, reference = compressed
+    out, marker = tmp_path / "out", tmp_path / "writing"
+    argv = ["compress", "--model", str(model_dir), "--out", str(out), "--ratio", "0.25",
+            "--method", "svdllm-a", "--calib", str(small_calib_text), *SMALL]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread, as the in-process reference
+    env.pop("STREAMSVD_FAULT", None)
+    workdir = Path(f"{out}.work")
+    script = [sys.executable, "-c", SLOW_WRITE, str(marker), str(workdir / "activations")]
+    stopped = subprocess.Popen([*script, "-q", *argv], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert stopped.poll() is None and time.monotonic() < deadline, stopped.communicate()
+        time.sleep(0.02)
+    stopped.send_signal(sig)
+    _, stderr = stopped.communicate(timeout=120)
+    assert stopped.returncode == code, stderr
+    assert (
+        stderr == f"streamsvd: {says}; finished blocks are kept: rerun the same command to resume\n"
+    )
+    assert json.loads((workdir / "last_error.json").read_text())["error"] == recorded
+    stages = json.loads((workdir / "journal.json").read_text())["stages"]
+    assert "block.0" in stages and "block.1" not in stages
+
+    resumed = subprocess.run([sys.executable, "-m", "streamsvd", *argv], env=env,
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at block 2/2" in resumed.stderr
+    files = sorted(p.name for p in reference.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == files
+    for name in files:
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
