@@ -8,11 +8,14 @@ Two protocols, as benchmarks/allocation.py has them:
 - p1: ../shared/BENCHMARKS.md's P1 (64×512 of valid.txt; 128×512 of test.txt), for
   reporting.
 
-A cell is `ratio:epochs:lr[:λ][:bN][:norms][:heal][:qB[:gN][:asym]]` (qB: factors quantized
-to B bits, `compress --bits B`, as benchmarks/quantized.py's cells, with their block bytes):
+A cell is `ratio:epochs:lr[:λ][:bN][:hN][:norms][:heal][:qB[:gN][:asym]]` (qB: factors
+quantized to B bits, `compress --bits B`, as benchmarks/quantized.py's cells, with their
+block bytes; hN: the last N calibration windows held out of refinement, the best epoch on
+them kept, `compress --refine-holdout N`, with the blocks that declined):
 
     .venv/bin/python benchmarks/refine.py --cells 0.4:0:0 0.4:2:1e-4 0.4:2:1e-3 --jobs 2
     .venv/bin/python benchmarks/refine.py --protocol p1 --cells 0.4:2:1e-4
+    .venv/bin/python benchmarks/refine.py --cells 0.4:16:3e-4:0.25:b2:h8 --no-original
 
 Each compression runs in its own process (its peak RSS is its own). Writes
 benchmarks/results/<name>.{json,md} after every cell; with --jobs N, N cells run at once,
@@ -45,12 +48,12 @@ from streamsvd.refine import DEFAULT_TARGET  # noqa: E402
 
 
 def parse_cell(text: str) -> dict:
-    """ratio:epochs:lr[:λ][:bN][:norms][:heal][:qB[:gN][:asym]] (λ: --refine-target, default
-    the library's; bN: --refine-batch N, default the calibration batch of 8; heal: also
-    `streamsvd heal` the output on the calibration text, and score both; qB, gN, asym:
-    --bits B, --group-size N (default compress's), --asymmetric)."""
+    """ratio:epochs:lr[:λ][:bN][:hN][:norms][:heal][:qB[:gN][:asym]] (λ: --refine-target,
+    default the library's; bN: --refine-batch N, default the calibration batch of 8; hN:
+    --refine-holdout N; heal: also `streamsvd heal` the output on the calibration text, and
+    score both; qB, gN, asym: --bits B, --group-size N (default compress's), --asymmetric)."""
     ratio, epochs, lr, *rest = text.split(":")
-    flags = {x for x in rest if x in ("norms", "heal", "asym") or x[0] in "bqg"}
+    flags = {x for x in rest if x in ("norms", "heal", "asym") or x[0] in "bhqg"}
     target = next((float(x) for x in rest if x not in flags), DEFAULT_TARGET)
 
     def number(prefix: str) -> int | None:
@@ -60,6 +63,8 @@ def parse_cell(text: str) -> dict:
             "batch": number("b"), "norms": "norms" in rest, "heal": "heal" in rest}  # fmt: skip
     if number("q"):  # only quantized cells carry these keys: older rows stay as they were
         cell.update(bits=number("q"), group_size=number("g"), symmetric="asym" not in rest)
+    if number("h"):  # likewise only cells with a holdout
+        cell.update(holdout=number("h"))
     return cell
 
 
@@ -72,7 +77,7 @@ def main() -> None:
         nargs="+",
         type=parse_cell,
         required=True,
-        help="ratio:epochs:lr[:norms], e.g. 0.4:2:1e-4",
+        help="ratio:epochs:lr[:λ][:bN][:hN][:norms][:heal][:qB[:gN][:asym]], e.g. 0.4:2:1e-4",
     )
     parser.add_argument("--method", default="svdllm-a")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks/results")
@@ -162,6 +167,7 @@ def main() -> None:
                 else []
             ),
             *(["--refine-batch", str(cell["batch"])] if cell["batch"] else []),
+            *(["--refine-holdout", str(cell["holdout"])] if "holdout" in cell else []),
             *(["--refine-norms"] if cell["norms"] else []),
             *(["--bits", str(cell["bits"])] if "bits" in cell else []),
             *(["--group-size", str(cell["group_size"])] if cell.get("group_size") else []),
@@ -196,6 +202,9 @@ def main() -> None:
                 "heal_command": "streamsvd " + " ".join(heal[4:]).replace(str(work), "$TMP"),
             }
         ppl = score_in_process(out)
+        if "holdout" in cell:  # blocks whose closed form scored best on the held-out windows
+            row.update(refine_declined=summary["refine_declined"],
+                       kept_epochs=[r["kept_epoch"] for r in summary["refine_losses"]])  # fmt: skip
         if "bits" in cell:  # the group size compress chose, and the bytes it wrote
             row.update(group_size=summary["quantization"]["group_size"],
                        block_bytes=block_bytes(out))  # fmt: skip
@@ -248,6 +257,8 @@ def save(results: Path, name: str, result: dict) -> None:
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{name}.json").write_text(json.dumps(result, indent=2))
     quantized = any("bits" in r for r in result["rows"])  # then two more columns
+    held = any("holdout" in r for r in result["rows"])  # and two more
+    extra = 2 * quantized + 2 * held
     lines = [
         f"# Block refinement{', quantized factors' if quantized else ''}, {result['what']}",
         "",
@@ -256,15 +267,16 @@ def save(results: Path, name: str, result: dict) -> None:
         "clip 1.0, float32.",
         "",
         "| method | ratio | refine epochs | peak lr | refine batch | target λ | norms too "
+        + ("| held out | blocks declined " if held else "")
         + ("| factors | block MiB " if quantized else "")
         + "| perplexity "
         "| compress time (s) | of which refinement (s) | peak RSS (MiB) | healed perplexity "
         "| heal time (s) | heal peak RSS (MiB) | cells at once |",
-        "|" + "---|" * (17 if quantized else 15),
+        "|" + "---|" * (15 + extra),
     ]
     for r in result["rows"]:
         if r["method"] == "original":
-            lines.append("| original |" + " – |" * (8 if quantized else 6)
+            lines.append("| original |" + " – |" * (6 + extra)
                          + f" {r['perplexity']:.2f} |" + " – |" * 7)  # fmt: skip
             continue
         refined = r["epochs"] > 0
@@ -273,6 +285,7 @@ def save(results: Path, name: str, result: dict) -> None:
             f"| {r['method']} | {r['ratio']} | {r['epochs']} | {r['lr'] if refined else '–'} | "
             f"{r.get('batch') or 8 if refined else '–'} | "
             f"{r.get('target', 1.0) if refined else '–'} | {'yes' if r['norms'] else 'no'} | "
+            + (f"{r.get('holdout', 0)} | {r.get('refine_declined', '–')} | " if held else "")
             + (factors(r) if quantized else "")
             + f"{r['perplexity']:.2f} | {r['compress_seconds']:.0f} | {r['refine_seconds']:.0f} "
             f"| {r['peak_rss_mb']:.0f} | "

@@ -201,6 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
         "(benchmarks/results/refine_probe.md)",
     )
     c.add_argument(
+        "--refine-holdout",
+        type=int,
+        default=0,
+        metavar="N",
+        help="hold the last N calibration windows out of refinement's training (whole "
+        "refinement steps, fewer than --nsamples): each block is scored on them before its "
+        "first epoch and after each, and the factors that score best are kept; where no "
+        "epoch beats the closed form, refinement is declined for that block (default 0: "
+        "train on every window and keep the last epoch)",
+    )
+    c.add_argument(
         "--refine-norms",
         action="store_true",
         help="refinement also trains the block's norms and the factorised linears' biases "
@@ -471,6 +482,7 @@ def cmd_compress(args) -> dict:
         refine_norms=args.refine_norms,
         refine_target=args.refine_target,
         refine_batch=args.refine_batch,
+        refine_holdout=args.refine_holdout,
         bits=args.bits,
         group_size=args.group_size,
         quant_symmetric=not args.asymmetric,

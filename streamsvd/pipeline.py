@@ -49,6 +49,7 @@ from .refine import (
     DEFAULT_LR,
     DEFAULT_TARGET,
     RefineSettings,
+    held_out_steps,
     micro_batches,
     piece_sizes,
     step_windows,
@@ -95,6 +96,8 @@ class CompressConfig:
     refine_norms: bool = False  # refinement also trains norms and the factors' biases
     refine_target: float = DEFAULT_TARGET  # λ: the original outputs' share of its target
     refine_batch: int | None = None  # windows per refinement step; None: refine.step_windows
+    # the last N calibration windows are scored, not trained on; the best epoch is kept
+    refine_holdout: int = 0
     bits: int | None = None  # GPTQ on the factors (quantize.py); None: unquantized
     group_size: int | None = None  # None: quantize.default_group_size of the model's widths
     quant_symmetric: bool = True  # asymmetric: a zero point per group too
@@ -129,6 +132,9 @@ class CompressConfig:
                 f"--refine-batch must be 1 to --batch-size ({self.batch_size}) windows, got "
                 f"{self.refine_batch}: refinement's steps are cut from the calibration batches"
             )
+        if self.refine_holdout:  # whole steps at the end, at least one left to train on
+            held_out_steps(micro_batches(calibration_batches(self), self.refine.batch),
+                           self.refine_holdout)  # fmt: skip
         if self.bits is not None:
             QuantSettings(self.bits, self.group_size or 128, self.quant_symmetric)  # checks
             if self.dense:
@@ -141,7 +147,7 @@ class CompressConfig:
     def refine(self) -> RefineSettings:
         batch = step_windows(self.refine_batch, self.batch_size)
         return RefineSettings(self.refine_epochs, self.refine_lr, self.refine_norms, self.seed,
-                              self.refine_target, batch)  # fmt: skip
+                              self.refine_target, batch, self.refine_holdout)  # fmt: skip
 
     @property
     def streams(self) -> tuple[str, ...]:
@@ -449,6 +455,8 @@ class Compressor:
         )  # rank 0's; else None
         faults.point("before-journal", i)
         losses = {k: v for k, v in refined.items() if k.startswith("loss")}
+        if refined.get("heldout_loss"):  # with a holdout: the epoch kept, 0 if declined
+            losses |= {k: refined[k] for k in ("heldout_loss", "kept_epoch")}
         same = {"read": combined_sha256(read)}  # every rank read, and wrote, the same
         if self.world.distributed:
             same["written"] = combined_sha256(read_digests(out_tensors))
@@ -471,6 +479,7 @@ class Compressor:
             peak_rss_mb(),
             f", refinement loss {losses['loss_first_epoch']:.4g} (first epoch) → "
             f"{losses['loss_last_epoch']:.4g} (last)"
+            + (f"; {kept_epoch_line(losses)}" if "heldout_loss" in losses else "")
             if losses
             else "",
         )
@@ -685,22 +694,51 @@ class Compressor:
             "block_seconds": self.block_seconds,
         }
         refined = [self.journal.entry(f"block.{i}").get("refine") for i in range(len(self.blocks))]
-        if any(refined):  # each block's mean training loss, first and last epoch
-            summary["refine_losses"] = [
-                {
-                    "block": i,
-                    "first_epoch": r["loss_first_epoch"],
-                    "last_epoch": r["loss_last_epoch"],
-                }
-                for i, r in enumerate(refined)
-                if r
-            ]
+        summary |= refine_summary(refined)
         if expert_tokens:  # calibration tokens the router sent each expert (top-k counted)
             summary["expert_tokens"] = expert_tokens
             summary["experts_without_tokens"] = [e for e, n in expert_tokens.items() if n == 0]
         if self.device.type == "cuda":
             summary["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         return summary
+
+
+def kept_epoch_line(refined: dict) -> str:
+    """What a block's refinement kept, with a holdout: one line for the log."""
+    losses, kept = refined["heldout_loss"], refined["kept_epoch"]
+    epochs = len(losses) - 1
+    if kept == 0:
+        return (f"refinement declined: no epoch beat the closed form on the held-out windows "
+                f"(held-out loss {losses[0]:.4g}; best epoch {min(losses[1:]):.4g})")  # fmt: skip
+    return (f"refinement kept epoch {kept} of {epochs} (held-out loss {losses[0]:.4g} → "
+            f"{losses[kept]:.4g})")  # fmt: skip
+
+
+def refine_summary(refined: list[dict | None]) -> dict:
+    """The summary's account of refinement from the blocks' journal entries: each block's
+    mean training loss, first and last epoch, and with a holdout its held-out loss (the
+    closed form's and the kept factors') and the epoch kept; how many blocks declined.
+    Where most blocks declined, says so once: the calibration text is likely too little
+    for refinement to learn from."""
+    rows = [{"block": i, "first_epoch": r["loss_first_epoch"], "last_epoch": r["loss_last_epoch"]}
+            | ({"heldout_closed_form": r["heldout_loss"][0],
+                "heldout_kept": r["heldout_loss"][r["kept_epoch"]],
+                "kept_epoch": r["kept_epoch"]} if "heldout_loss" in r else {})
+            for i, r in enumerate(refined) if r]  # fmt: skip
+    if not rows:
+        return {}
+    held = [r for r in rows if "kept_epoch" in r]
+    if not held:
+        return {"refine_losses": rows}
+    declined = sum(r["kept_epoch"] == 0 for r in held)
+    if 2 * declined > len(held):
+        log.warning(
+            "refinement was declined on %d of %d blocks: their closed form scored best on the "
+            "held-out calibration windows, so refinement could not learn from the rest; more "
+            "calibration text (--nsamples) would let it, or --refine-epochs 0 saves its time",
+            declined, len(held),
+        )  # fmt: skip
+    return {"refine_losses": rows, "refine_declined": declined}
 
 
 def compress(cfg: CompressConfig, world: World | None = None) -> dict:

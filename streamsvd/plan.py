@@ -17,7 +17,8 @@ Peak memory is the largest of the run's phases, each a sum of what is alive in i
     factorise  one linear at a time: the method's temporaries (`factorize.workspace`)
     compressed the block's factors so far, in the checkpoint dtype
     refine     with block refinement: the factors in float32 with their gradients and
-               AdamW's two moments (`refine.trainable_bytes`), and one micro-batch's
+               AdamW's two moments (`refine.trainable_bytes`; with --refine-holdout a
+               copy of the best factors seen), and one micro-batch's
                float32 activations kept for the backward pass
     quantize   with --bits: the compressed stream's float64 Grams of one stage's input
                groups, and GPTQ's working set for the worst linear (`quantize_workspace`)
@@ -487,10 +488,11 @@ def quantize_memory(linears: list[LinearPlan], groups: list[list[str]],
 
 def refine_memory(cfg, text, linears: list[LinearPlan], item: int) -> int:
     """Bytes block refinement adds (refine.py): float32 factors, gradients and AdamW's
-    moments; the dense block's outputs on the whole compressed stream (the target's share
-    1 − λ, in the compute dtype); what one micro-batch's float32 forward keeps for the
-    backward pass (`refine.saved_values_per_token`); attention scores where they are
-    materialised (masked SDPA on a GPU)."""
+    moments, with a holdout the best factors' copy; the dense block's outputs on the whole
+    compressed stream (the target's share 1 − λ, in the compute dtype); what one
+    micro-batch's float32 forward keeps for the backward pass
+    (`refine.saved_values_per_token`); attention scores where they are materialised (masked
+    SDPA on a GPU)."""
     params = sum(lp.rank * sum(lp.shape) for lp in linears)
     batch = min(step_windows(getattr(cfg, "refine_batch", None), cfg.batch_size), cfg.nsamples)
     tokens = batch * cfg.seqlen  # one refinement step's windows
@@ -501,7 +503,8 @@ def refine_memory(cfg, text, linears: list[LinearPlan], item: int) -> int:
     if cfg.device.startswith("cuda"):
         saved += 3 * batch * text.num_attention_heads * cfg.seqlen**2 * 4
     local = cfg.nsamples * cfg.seqlen * text.hidden_size * item if cfg.refine_target < 1 else 0
-    return trainable_bytes(params) + local + saved
+    kept = getattr(cfg, "refine_holdout", 0) > 0  # the best factors' copy
+    return trainable_bytes(params, kept) + local + saved
 
 
 def largest_block(shapes: dict[str, tuple], prefix: str, n_blocks: int) -> tuple[int, int]:

@@ -23,10 +23,18 @@ The micro-batch order is shuffled per epoch by a generator seeded from the run's
 the block index, so a rerun of a block (resume) repeats it exactly. What the defaults are
 and how they were chosen on held-out text: benchmarks/refine.py and
 benchmarks/results/refine_heldout.md.
+
+With a holdout (`RefineSettings.holdout`, off by default) the last calibration windows are
+not trained on: the block is scored on them before the first epoch (the closed form) and
+after each, and the factors that score best are kept, as AutoRound keeps its best
+iteration. Where no epoch beats the closed form, refinement is declined and the block is
+left exactly as the closed form made it: too little calibration text cannot make a block
+worse than no refinement.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,6 +72,7 @@ class RefineSettings:
     seed: int = 0
     target: float = DEFAULT_TARGET  # λ: the original outputs' share of the target
     batch: int = DEFAULT_BATCH  # windows per optimiser step; at most the run's calibration batch
+    holdout: int = 0  # the last windows, scored not trained on; 0: keep the last epoch
 
     def __post_init__(self):
         if self.epochs < 0:
@@ -74,6 +83,10 @@ class RefineSettings:
             raise StreamSVDError(f"refine target λ must be in [0, 1], got {self.target}")
         if self.batch < 1:
             raise StreamSVDError(f"refine batch must be at least 1 window, got {self.batch}")
+        if self.holdout < 0:
+            raise StreamSVDError(f"refine holdout must be 0 or more windows, got {self.holdout}")
+        if self.holdout and not self.epochs:
+            raise StreamSVDError("a refine holdout needs refinement: --refine-epochs 1 or more")
 
 
 def step_windows(refine_batch: int | None, batch_size: int) -> int:
@@ -88,6 +101,27 @@ def micro_batches(batches: list[tuple[int, int]], size: int) -> list[tuple[int, 
     further with more, smaller steps at the same epochs (benchmarks/results/
     refine_probe.md). At the calibration batch size or more, the batches as they are."""
     return [(a, min(a + size, stop)) for start, stop in batches for a in range(start, stop, size)]
+
+
+def held_out_steps(steps: list[tuple[int, int]], windows: int) -> int:
+    """How many steps at the end of `steps` (every rank's, in rank order: the same list on
+    every rank) hold the last `windows` windows. Refused unless that is a whole number of
+    steps and leaves at least one step to train on."""
+    if windows == 0:
+        return 0
+    held, ends = 0, []  # the holdouts that would be whole steps
+    for k, (start, stop) in enumerate(reversed(steps[1:])):
+        held += stop - start
+        ends.append(held)
+        if held == windows:
+            return k + 1
+    total = sum(stop - start for start, stop in steps)
+    raise StreamSVDError(
+        f"--refine-holdout {windows}: refinement's {len(steps)} steps hold {total} calibration "
+        "windows; the held-out ones must be whole steps at the end and leave at least one "
+        f"step to train on: choose one of {', '.join(map(str, ends)) or 'none'} (more "
+        "--nsamples, or a smaller --refine-batch, for more choices)"
+    )
 
 
 def rank_piece(start: int, stop: int, rank: int, ranks: int) -> tuple[int, int]:
@@ -122,9 +156,10 @@ def trainable_names(block: nn.Module, norms: bool) -> list[str]:
     return names
 
 
-def trainable_bytes(params: int) -> int:
-    """Float32 parameter, gradient and AdamW's two moments."""
-    return 4 * 4 * params
+def trainable_bytes(params: int, holdout: bool = False) -> int:
+    """Float32 parameter, gradient and AdamW's two moments; with a holdout, also the copy
+    of the best factors seen."""
+    return 4 * (5 if holdout else 4) * params
 
 
 def saved_values_per_token(hidden: int, intermediate: int, ranks: int) -> int:
@@ -143,15 +178,18 @@ def refine_block(block: nn.Module, arguments: dict[int, dict], batches: list[tup
                  dtype: torch.dtype, world: World | None = None) -> dict:  # fmt: skip
     """Train the block in place. Each trained parameter ends rounded to `dtype` (the
     output's), in the dtype it had before, so that the block runs the values written;
-    everything else ends as it was. Returns the mean loss of the first and the last epoch
-    and the trained parameters' names.
+    everything else ends as it was. Returns the mean loss of the first and the last epoch,
+    the held-out loss before the first epoch and after each (empty without a holdout), the
+    epoch kept (0: the closed form, refinement declined; without a holdout the last) and
+    the names of the parameters it changed (none where declined).
 
     With several ranks (world.py), data-parallel over each step's windows: the ranks
     take the steps one process would (every rank's micro-batches, in rank order, shuffled
     by the same generator); the rank that holds a step's windows in its store broadcasts
     them, each rank trains on its piece (rank_piece), and the gradients are averaged over
     the step's windows before every rank takes the same optimiser step. N processes thus
-    take one process's steps, up to rounding."""
+    take one process's steps, up to rounding. The held-out loss is summed over the ranks'
+    pieces as the training loss is: every rank keeps the same epoch."""
     world = world or World()
     names = trainable_names(block, settings.norms)
     before = {n: t.dtype for n, t in [*block.named_parameters(), *block.named_buffers()]}
@@ -168,54 +206,51 @@ def refine_block(block: nn.Module, arguments: dict[int, dict], batches: list[tup
         everyone = world.gather(batches)  # in rank order: one process's list, concatenated
         steps = [b for mine in everyone for b in mine]
         owners = [r for r, mine in enumerate(everyone) for _ in mine]
-        schedule = warmup_cosine(optimizer, settings.epochs * len(steps))
+        trained_on = len(steps) - held_out_steps(steps, settings.holdout)
+        schedule = warmup_cosine(optimizer, settings.epochs * trained_on)
         fetch = _Fetch(read_inputs, read_targets, batches[0], train, world)
         gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)
-        epoch_loss = []
         step_with = (params, optimizer, schedule, world)
-        overflowed = False  # inputs or targets with NaN or inf: not the optimiser's doing
-
-        for _ in range(settings.epochs):
-            total = tokens = 0
-            for k in torch.randperm(len(steps), generator=gen).tolist():
-                start, stop = steps[k]
-                x, y = fetch(start, stop, owners[k])
-                if len(x) == 0:  # fewer windows in this step than ranks: adds nothing
-                    _take_step(*step_with, windows=0)
-                    continue
-                out = block(x, **arguments[len(x)])
-                out = out[0] if isinstance(out, tuple) else out
-                loss = nn.functional.mse_loss(out, y)
-                if not torch.isfinite(loss):
-                    overflowed |= not bool(torch.isfinite(x).all() and torch.isfinite(y).all())
-                loss.backward()
-                _take_step(*step_with, windows=len(x))
-                total += loss.item() * len(x)
-                tokens += len(x)
-                del x, y, out, loss
-            if world.distributed:
-                sums = torch.tensor([total, tokens], dtype=torch.float64)
-                world.sum_([sums])
-                total, tokens = sums.tolist()
-            epoch_loss.append(total / tokens)
+        held_out = list(zip(steps[trained_on:], owners[trained_on:], strict=True))
+        score = functools.partial(_heldout_loss, block, arguments, fetch, held_out, world)
+        heldout_loss, overflowed = [], False
+        if held_out:  # the closed form's
+            loss, overflowed = score()
+            heldout_loss.append(loss)
+        best = [p.detach().clone() for p in params] if held_out else None
+        epoch_loss, kept = [], 0
+        for epoch in range(1, settings.epochs + 1):
+            order = torch.randperm(trained_on, generator=gen).tolist()
+            loss, nan = _epoch(block, arguments, fetch, steps, owners, order, step_with)
+            epoch_loss.append(loss)
+            overflowed |= nan
+            if held_out:
+                loss, nan = score()
+                heldout_loss.append(loss)
+                overflowed |= nan
+                if loss < heldout_loss[kept]:  # ties: the earlier, at the last the closed form
+                    kept, best = epoch, [p.detach().clone() for p in params]
             faults.point("refine", index)
+        if held_out:
+            for p, value in zip(params, best, strict=True):
+                p.data.copy_(value)
+        else:
+            kept = settings.epochs
         for p in params:  # the same on every rank already; rank 0's, to be sure
             world.broadcast_(p.data, 0)
-        del optimizer, params, step_with
+        del optimizer, params, step_with, best
         if overflowed:
-            raise StreamSVDError(
-                f"block {index + 1}: its inputs or targets hold NaN or inf: the activations "
-                "overflowed; run the blocks in a wider dtype (compress --compute-dtype float32)"
-            )
+            _refuse_overflow(index)
         if not all(math.isfinite(v) for v in epoch_loss):
             raise StreamSVDError(
                 f"block {index + 1}: refinement diverged (loss {epoch_loss}); run with a lower "
                 "--refine-lr, or --refine-epochs 0"
             )
-        trained = set(names)
-        _retensor(block, lambda n, t: (t.to(dtype) if n in trained else t).to(before[n]), set())
+        changed = set(names) if kept else set()  # declined: the closed form's bytes back
+        _retensor(block, lambda n, t: (t.to(dtype) if n in changed else t).to(before[n]), set())
     return {"loss_first_epoch": epoch_loss[0], "loss_last_epoch": epoch_loss[-1],
-            "trained": names}  # fmt: skip
+            "heldout_loss": heldout_loss, "kept_epoch": kept,
+            "trained": [n for n in names if n in changed]}  # fmt: skip
 
 
 class _Fetch:
@@ -248,6 +283,77 @@ class _Fetch:
     def _read(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.read_inputs(start, stop).to(self.dtype)
         return x, self.read_targets(start, stop).to(self.dtype)
+
+
+def _epoch(block: nn.Module, arguments: dict[int, dict], fetch: _Fetch,
+           steps: list[tuple[int, int]], owners: list[int], order: list[int],
+           step_with: tuple) -> tuple[float, bool]:  # fmt: skip
+    """One pass over the steps in `order`, an optimiser step each: the mean training loss
+    over every rank's windows, and whether inputs or targets held NaN or inf (not the
+    optimiser's doing)."""
+    world = step_with[-1]
+    total = tokens = 0
+    overflowed = False
+    for k in order:
+        start, stop = steps[k]
+        x, y = fetch(start, stop, owners[k])
+        if len(x) == 0:  # fewer windows in this step than ranks: adds nothing
+            _take_step(*step_with, windows=0)
+            continue
+        loss = _loss(block, arguments, x, y)
+        if not torch.isfinite(loss):
+            overflowed |= not bool(torch.isfinite(x).all() and torch.isfinite(y).all())
+        loss.backward()
+        _take_step(*step_with, windows=len(x))
+        total += loss.item() * len(x)
+        tokens += len(x)
+        del x, y, loss
+    return _mean_over_ranks(total, tokens, world), overflowed
+
+
+def _heldout_loss(block: nn.Module, arguments: dict[int, dict], fetch: _Fetch,
+                  held_out: list[tuple[tuple[int, int], int]],
+                  world: World) -> tuple[float, bool]:  # fmt: skip
+    """The block's mean loss on the held-out steps ((start, stop), owner), the training
+    objective without gradients, over every rank's pieces; and whether their inputs or
+    targets held NaN or inf."""
+    total = windows = 0
+    overflowed = False
+    with torch.no_grad():
+        for (start, stop), owner in held_out:
+            x, y = fetch(start, stop, owner)
+            if len(x) == 0:  # fewer windows in this step than ranks
+                continue
+            loss = _loss(block, arguments, x, y)
+            if not torch.isfinite(loss):
+                overflowed |= not bool(torch.isfinite(x).all() and torch.isfinite(y).all())
+            total += loss.item() * len(x)
+            windows += len(x)
+    return _mean_over_ranks(total, windows, world), overflowed
+
+
+def _loss(block: nn.Module, arguments: dict[int, dict], x: torch.Tensor,
+          y: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    out = block(x, **arguments[len(x)])
+    out = out[0] if isinstance(out, tuple) else out
+    return nn.functional.mse_loss(out, y)
+
+
+def _mean_over_ranks(total: float, windows: int, world: World) -> float:
+    """Sum over the ranks of a loss summed over windows, by the windows' count (every rank
+    gets the same bytes)."""
+    if world.distributed:
+        sums = torch.tensor([total, windows], dtype=torch.float64)
+        world.sum_([sums])
+        total, windows = sums.tolist()
+    return total / windows
+
+
+def _refuse_overflow(index: int):
+    raise StreamSVDError(
+        f"block {index + 1}: its inputs or targets hold NaN or inf: the activations "
+        "overflowed; run the blocks in a wider dtype (compress --compute-dtype float32)"
+    )
 
 
 def _take_step(params, optimizer, schedule, world: World, windows: int) -> None:

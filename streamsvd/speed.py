@@ -230,8 +230,11 @@ def block_seconds(cfg, text, linears, groups: list[list[str]], rates: dict) -> d
         if cfg.method == "svdllm-u":
             flops["update"] += 2 * r * n * (n + m) + 2 * r * r * n
     epochs = getattr(cfg, "refine_epochs", 0)
-    if epochs:  # forward and backward (twice the forward's flops) of the compressed block
-        seconds["refine"] = epochs * tokens * 3 * (low + attention) / rates["train"]
+    if epochs:  # forward and backward (twice the forward's flops) of the compressed block;
+        # held-out windows: a forward alone, before the first epoch and after each
+        held = getattr(cfg, "refine_holdout", 0) * cfg.seqlen
+        passes = epochs * (tokens - held) * 3 + (epochs + 1) * held
+        seconds["refine"] = passes * (low + attention) / rates["train"]
         if not needs:  # the dense block on the original stream, for the targets
             flops["forward"] += tokens * (dense + attention)
             forwards += 1

@@ -1,12 +1,18 @@
 """Block refinement (streamsvd/refine.py): it lowers a block's output error against the
 dense block, it trains only what it says, a compress run with it is deterministic and
-resumes to the same bytes after a kill mid-refinement, and it works from any method."""
+resumes to the same bytes after a kill mid-refinement, and it works from any method. With
+held-out windows (--refine-holdout) it never leaves a block worse on them than its closed
+form, and declines to change a block where no epoch beats it."""
 
 from __future__ import annotations
 
 import copy
 import itertools
 import json
+import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -21,6 +27,7 @@ from streamsvd.modeling import LowRankLinear, replace_module
 from streamsvd.refine import (
     DEFAULT_BATCH,
     RefineSettings,
+    held_out_steps,
     micro_batches,
     piece_sizes,
     rank_piece,
@@ -125,6 +132,91 @@ def test_trained_values_are_rounded_to_the_output_dtype():
         assert torch.equal(value, value.to(torch.bfloat16).float()), name
 
 
+def test_held_out_steps_are_whole_steps_at_the_end():
+    steps = micro_batches([(0, 4), (4, 8), (8, 11)], 2)  # 2, 2, 2, 2, 2, 1 windows
+    assert [held_out_steps(steps, n) for n in (0, 1, 3, 5, 9)] == [0, 1, 2, 3, 5]
+    for bad in (2, 4, 11, 12):  # not whole steps; every window, none left to train on
+        with pytest.raises(StreamSVDError, match="choose one of 1, 3, 5, 7, 9"):
+            held_out_steps(steps, bad)
+
+
+def _heldout_case(windows: int, seqlen: int, lr: float, epochs: int, holdout: int):
+    """A low-rank block refined on 2-window steps of its first windows, `holdout` held out,
+    fed perturbed inputs X′ towards the dense block's outputs on X; with the closed form's
+    parameters, the settings' result, and the held-out error of a block (as refinement
+    scores it: per 2-window step, weighted by windows)."""
+    dense, arguments, x = _block_and_arguments(windows, seqlen)
+    x_comp = x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    target = _output(dense, x, arguments)
+    cos, sin = arguments["position_embeddings"]
+    split = {2: {"position_embeddings": (cos[:2].clone(), sin[:2].clone()),
+                 "attention_mask": None}}  # fmt: skip
+    with torch.inference_mode():
+        block = _low_rank(dense, 0.5)
+    closed_form = {n: p.detach().clone() for n, p in block.named_parameters()}
+    reads = []  # (first window, whether gradients were on)
+
+    def read_inputs(a, b):
+        reads.append((a, torch.is_grad_enabled()))
+        return x_comp[a:b]
+
+    steps = [(s, s + 2) for s in range(0, windows, 2)]
+    info = refine_block(block, split, steps, read_inputs, lambda a, b: target[a:b],
+                        RefineSettings(epochs=epochs, lr=lr, batch=2, holdout=holdout), 0,
+                        torch.float32)  # fmt: skip
+
+    def heldout_error(module) -> float:
+        held = steps[len(steps) - holdout // 2 :]
+        total = sum(float((_output(module, x_comp[a:b], split[2]) - target[a:b]).pow(2).mean())
+                    * (b - a) for a, b in held)  # fmt: skip
+        return total / holdout
+
+    return block, closed_form, info, reads, heldout_error
+
+
+def test_refinement_that_hurts_on_held_out_windows_is_declined():
+    """Trained on 4 windows at lr 1e-1, every epoch leaves the block worse on the 8 held
+    out than its closed form (as sixteen epochs on eight windows left SmolLM2 worse than no
+    refinement): refinement is declined, and the block is the closed form's, byte for
+    byte, so no worse on the held-out windows."""
+    windows, holdout, epochs = 12, 8, 12
+    block, closed_form, info, _, heldout_error = _heldout_case(windows, 16, 1e-1, epochs,
+                                                               holdout)  # fmt: skip
+    losses = info["heldout_loss"]
+    assert len(losses) == epochs + 1 and min(losses[1:]) > losses[0]
+    assert info["kept_epoch"] == 0 and info["trained"] == []
+    for name, value in block.named_parameters():
+        assert value.dtype == closed_form[name].dtype
+        assert torch.equal(value, closed_form[name]), name
+    with torch.inference_mode():
+        reference = _low_rank(_block_and_arguments(windows, 16)[0], 0.5)
+    assert heldout_error(block) == heldout_error(reference)
+
+
+def test_the_best_epoch_on_held_out_windows_is_kept_not_the_last():
+    """At lr 1e-3 on 4 windows the held-out loss falls for an epoch or two, then rises as
+    the block overfits: an epoch between the first and the last is kept, its held-out
+    error below the closed form's and the last epoch's. The held-out windows are read
+    only without gradients: never trained on."""
+    windows, holdout, epochs = 12, 8, 8
+    block, closed_form, info, reads, heldout_error = _heldout_case(windows, 16, 1e-3, epochs,
+                                                                   holdout)  # fmt: skip
+    losses, kept = info["heldout_loss"], info["kept_epoch"]
+    assert 0 < kept < epochs and losses[kept] == min(losses)
+    assert losses[kept] < losses[0] and losses[kept] < losses[-1]
+    assert info["trained"] == trainable_names(block, norms=False)
+    # the block holds the kept epoch's factors: its held-out error is the one recorded, up
+    # to float32 summation order (a few units of 2⁻²⁴)
+    assert heldout_error(block) == pytest.approx(losses[kept], rel=1e-6)
+    with torch.inference_mode():
+        reference = _low_rank(_block_and_arguments(windows, 16)[0], 0.5)
+    assert heldout_error(block) < heldout_error(reference)
+    assert any(not torch.equal(p, closed_form[n]) for n, p in block.named_parameters())
+    first_held = windows - holdout
+    assert {a for a, grad in reads if grad} == set(range(0, first_held, 2))
+    assert {a for a, grad in reads if not grad} == set(range(first_held, windows, 2))
+
+
 def test_micro_batches_cut_every_batch_into_steps_covering_it_once():
     batches = [(0, 8), (8, 16), (16, 19)]
     assert micro_batches(batches, 8) == batches
@@ -142,6 +234,11 @@ def test_bad_refinement_settings_are_refused(tmp_path):
         dict(refine_lr=float("nan")),
         dict(refine_epochs=1, refine_batch=0),
         dict(refine_epochs=1, refine_batch=9),  # more windows than a calibration batch
+        dict(refine_holdout=-1),
+        dict(refine_epochs=0, refine_holdout=2),  # nothing to hold out from
+        dict(nsamples=8, batch_size=4, refine_holdout=8),  # nothing left to train on
+        dict(nsamples=8, batch_size=4, refine_holdout=3),  # 2-window steps: not whole steps
+        dict(nsamples=7, batch_size=4, refine_batch=4, refine_holdout=4),  # the last step: 3
     )
     for bad in bad_settings:
         with pytest.raises(StreamSVDError, match="refine"):
@@ -284,3 +381,123 @@ def test_ranks_split_every_step_into_pieces_that_cover_it_once(ranks):
         assert max(sizes) - min(sizes) <= 1
         seen |= {n for n in sizes if n}
     assert piece_sizes(steps, ranks) == seen  # the block gets arguments for each
+
+
+def test_no_holdout_trains_on_every_window_and_scores_none(setup, monkeypatch):
+    """--refine-holdout 0 (the default) is refinement as it was: every step trained every
+    epoch, nothing scored, the summary's rows as they were, and the bytes of a run that
+    does not name the option."""
+    import streamsvd.refine as refine
+
+    root, model, calib = setup
+    steps = []
+    take_step = refine._take_step
+
+    def counted(*args, windows):
+        steps.append(windows)
+        take_step(*args, windows=windows)
+
+    def never(*args):
+        raise AssertionError("scored held-out windows without a holdout")
+
+    monkeypatch.setattr(refine, "_take_step", counted)
+    monkeypatch.setattr(refine, "_heldout_loss", never)
+    settings = dict(refine_epochs=2, refine_lr=3e-3)
+    unnamed = _compress(model, calib, root / "holdout-unnamed", **settings)
+    zero = _compress(model, calib, root / "holdout-0", refine_holdout=0, **settings)
+    assert output_hashes(root / "holdout-unnamed") == output_hashes(root / "holdout-0")
+    blocks, step_windows = 3, min(DEFAULT_BATCH, SETTINGS["batch_size"])
+    nsamples = SETTINGS["nsamples"]
+    assert steps == [step_windows] * (2 * blocks * settings["refine_epochs"] * nsamples
+                                      // step_windows)  # fmt: skip
+    for summary in (unnamed, zero):
+        assert "refine_declined" not in summary
+        assert [set(r) for r in summary["refine_losses"]] == [
+            {"block", "first_epoch", "last_epoch"}
+        ] * blocks
+
+
+def test_holdout_runs_repeat_their_bytes_and_say_what_each_block_kept(setup, caplog):
+    """Two runs holding out the last 2 of 8 windows give the same bytes; each block's
+    kept factors score no worse on them than its closed form; the summary counts the
+    blocks that declined, the log says per block what was kept, the output's config
+    records the holdout."""
+    root, model, calib = setup
+    caplog.set_level(logging.INFO, logger="streamsvd")
+    settings = dict(refine_epochs=4, refine_lr=3e-3, refine_holdout=2)
+    first = _compress(model, calib, root / "holdout-2", **settings)
+    again = _compress(model, calib, root / "holdout-2-again", **settings)
+    assert output_hashes(root / "holdout-2") == output_hashes(root / "holdout-2-again")
+    rows = first["refine_losses"]
+    assert rows == again["refine_losses"] and [r["block"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert 0 <= r["kept_epoch"] <= settings["refine_epochs"]
+        assert r["heldout_kept"] <= r["heldout_closed_form"]
+        assert (r["heldout_kept"] < r["heldout_closed_form"]) == (r["kept_epoch"] > 0)
+    assert first["refine_declined"] == sum(r["kept_epoch"] == 0 for r in rows)
+    said = [m for m in caplog.messages if "refinement kept epoch" in m or "declined:" in m]
+    assert len(said) == 2 * 3  # each block, each run
+    config = json.loads((root / "holdout-2" / "config.json").read_text())
+    assert config["streamsvd"]["refine"]["holdout"] == 2
+
+
+def test_blocks_that_decline_are_written_as_the_closed_form(setup, caplog):
+    """At lr 1e-1 every epoch of every block loses on the held-out windows: each block
+    declines, and the output's tensors are the closed form's, byte for byte (the next
+    block's compressed stream came from the closed form too); the run says once that
+    most blocks declined."""
+    root, model, calib = setup
+    caplog.set_level(logging.INFO, logger="streamsvd")
+    _compress(model, calib, root / "decline-closed", refine_epochs=0)
+    declined = _compress(model, calib, root / "declined", refine_epochs=4, refine_lr=1e-1,
+                         refine_holdout=4)  # fmt: skip
+    assert declined["refine_declined"] == 3
+    assert all(r["kept_epoch"] == 0 for r in declined["refine_losses"])
+
+    def tensors(out):
+        return {k: v for k, v in output_hashes(root / out).items() if ":" in k}
+
+    assert tensors("declined") == tensors("decline-closed")
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "declined" in r.msg]
+    assert len(warned) == 1 and "3 of 3 blocks" in warned[0].getMessage()
+
+
+# run under torchrun: records what every rank's refinement kept, then compresses as the CLI
+_RECORDING_RUN = """
+import json, os, sys
+import streamsvd.step as step
+from streamsvd.cli import main
+
+refine_block = step.refine_block
+
+def recorded(*args, **kwargs):
+    info = refine_block(*args, **kwargs)
+    with open(os.path.join(os.environ["KEPT_DIR"], f"rank{os.environ['RANK']}.jsonl"), "a") as f:
+        f.write(json.dumps({k: info[k] for k in ("heldout_loss", "kept_epoch")}) + "\\n")
+    return info
+
+step.refine_block = recorded
+sys.exit(main())
+"""
+
+
+def test_two_ranks_keep_the_same_epoch(setup, tmp_path):
+    """Under torchrun (2 gloo processes) each rank scores its piece of every held-out step
+    and the losses are summed over the ranks: every rank records the same held-out losses,
+    to the bit, and keeps the same epoch of every block."""
+    root, model, calib = setup
+    script = tmp_path / "recording_run.py"
+    script.write_text(_RECORDING_RUN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KEPT_DIR": str(tmp_path)}
+    env.pop("STREAMSVD_FAULT", None)
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+            str(script), "compress", "--model", str(model), "--out", str(tmp_path / "out"),
+            "--calib", str(calib), "--refine-epochs", "3", "--refine-lr", "3e-3",
+            "--refine-holdout", "3", "--refine-batch", "3"]  # fmt: skip
+    for key, value in {**SETTINGS, "nsamples": 12, "batch_size": 6}.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [(tmp_path / f"rank{r}.jsonl").read_text().splitlines() for r in (0, 1)]
+    assert len(ranks[0]) == 3 and ranks[0] == ranks[1]
+    assert all(len(json.loads(line)["heldout_loss"]) == 3 + 1 for line in ranks[0])
