@@ -271,6 +271,7 @@ def main() -> None:
             str(calib),
             "--compute-dtype",
             "float32",
+            "--allow-few-tokens",  # 4,096 tokens against 1b's 5,632: equivalence, not quality
         ]
         for variant, options in variants.items():
             for device in ("cuda", "cpu"):

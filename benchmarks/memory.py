@@ -126,7 +126,7 @@ class Bench:
             shutil.rmtree(stale, ignore_errors=True)
         cfg = dict(model=str(ckpt), out=str(out), method=a.method, ratio=a.ratio,
                    nsamples=a.nsamples, seqlen=a.seqlen, batch_size=a.batch_size,
-                   device=a.device, prefetch=prefetch)  # fmt: skip
+                   device=a.device, prefetch=prefetch, allow_few_tokens=True)  # fmt: skip
         plan = self.plan(cfg)
         if cold:
             drop_page_cache(ckpt)
@@ -287,7 +287,7 @@ def demo_allowance(bench: Bench) -> int:
     ckpt = bench.checkpoint(a.demo_shape, a.demo_layers)
     cfg = dict(model=str(ckpt), out=str(bench.runs_dir / "out"), method=a.method,
                ratio=a.ratio, nsamples=a.nsamples, seqlen=a.seqlen,
-               batch_size=a.batch_size, device=a.device)  # fmt: skip
+               batch_size=a.batch_size, device=a.device, allow_few_tokens=True)  # fmt: skip
     return math.ceil(bench.plan(cfg).host_peak_bytes * 1.15 / (GiB / 10)) * GiB // 10
 
 

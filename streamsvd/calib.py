@@ -50,12 +50,15 @@ def python_help_topics() -> str:
 
 def load_text(source: str | None) -> tuple[str, str]:
     """(text, description) from a local file, a Hugging Face dataset name
-    ("name[:config[:split]]", needs the `datasets` package and the hub), or the default."""
+    ("name[:config[:split]]", needs the `datasets` package and the hub), or the default. A
+    file is described by its name alone: the description goes into the output's config.json,
+    which may be published, and the author's directories are nobody's business (the text's
+    SHA-256, recorded beside it, says which text it was)."""
     if source is None or source == DEFAULT_SOURCE:
         return stdlib_docstrings(), f"{DEFAULT_SOURCE} (docstrings of the Python standard library)"
     path = Path(source).expanduser()
     if path.is_file():
-        return read_text_file(path), str(path)
+        return read_text_file(path), path.name
     if path.exists() or not _looks_like_dataset(source):
         raise StreamSVDError(f"calibration text {source}: no such file")
     return _hub_dataset_text(source), f"hub dataset {source}"

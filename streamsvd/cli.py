@@ -251,6 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     c.add_argument("--seed", type=int, default=0, help="seed for drawing windows (default 0)")
     c.add_argument(
+        "--allow-few-tokens",
+        action="store_true",
+        help="go on with fewer calibration tokens (--nsamples × --seqlen) than the widest "
+        "layer has inputs, which is refused otherwise: the statistics are then "
+        "rank-deficient and the output far off (docs/reliability.md)",
+    )
+    c.add_argument(
         "--bos-windows",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -486,6 +493,7 @@ def cmd_compress(args) -> dict:
         bits=args.bits,
         group_size=args.group_size,
         quant_symmetric=not args.asymmetric,
+        allow_few_tokens=args.allow_few_tokens,
     )
     if args.dry_run:
         from .plan import format_plan, make_plan
@@ -527,6 +535,13 @@ def format_summary(s: dict) -> str:
         + (f", peak CUDA {s['peak_cuda_mb']:,.0f} MiB" if "peak_cuda_mb" in s else ""),
         "  time by stage " + ", ".join(f"{k} {v:.1f}s" for k, v in s["stage_seconds"].items()),
     ]
+    rescues = s.get("numerical_rescues")
+    if rescues and (rescues["damped"] or rescues["dead_channels"]):
+        levels = ", ".join(f"{n} at {level}" for level, n in rescues["damped"].items())
+        lines.append(f"  rescues      Cholesky damping of {sum(rescues['damped'].values())} "
+                     f"Grams (× mean diagonal: {levels or 'none'}), "
+                     f"{len(rescues['escalated'])} past the routine level; "
+                     f"{rescues['dead_channels']} dead input channels")  # fmt: skip
     if "low_rank_share" in s:
         kept = ", ".join(n.split(".*.", 1)[-1] for n in s["left_dense"]) or "nothing"
         lines.insert(3, f"  low-rank     {s['low_rank_share']:.1%} of the blocks' parameters; "

@@ -22,7 +22,7 @@ from fractions import Fraction
 import torch
 
 from .errors import StreamSVDError
-from .stats import CHOLESKY_BLOCK, CHUNK_VALUES, damped_cholesky
+from .stats import CHOLESKY_BLOCK, CHUNK_VALUES
 
 Factors = tuple[torch.Tensor, torch.Tensor]
 Clock = Callable[[str], contextlib.AbstractContextManager]
@@ -160,7 +160,7 @@ def refit_up(W: torch.Tensor, B: torch.Tensor, stats, clock: Clock = untimed) ->
     with clock("update"):
         W = W.to(torch.float64)
         H = B @ stats.Gc @ B.T  # (r, r)
-        L = damped_cholesky(H, "B·G'·Bᵀ")
+        L = stats.cholesky(H, "B·G'·Bᵀ")  # damped_cholesky, counted with the group's
         A = torch.cholesky_solve(B @ stats.Gc @ W.T, L).T  # (m, r)
         return A, B
 

@@ -104,7 +104,7 @@ def heal_windows(cfg: HealConfig, tokenizer) -> tuple[torch.Tensor, dict]:
             raise StreamSVDError(
                 f"{path}: each line of a JSONL file must be an object with a 'text' field ({exc})"
             ) from exc
-        source = str(path)
+        source = path.name  # as calib.load_text names a file: no local directories
     else:
         text, source = load_text(cfg.data)
     ids = tokenize(tokenizer, text)  # BOS-led windows where the tokenizer adds BOS, as compress

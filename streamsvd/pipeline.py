@@ -56,6 +56,7 @@ from .refine import (
 )
 from .rundir import RunDir, shard_file
 from .sources import combined_sha256, read_digests
+from .stats import Rescues, escalation_text
 from .step import BlockStep
 from .world import World
 
@@ -101,6 +102,8 @@ class CompressConfig:
     bits: int | None = None  # GPTQ on the factors (quantize.py); None: unquantized
     group_size: int | None = None  # None: quantize.default_group_size of the model's widths
     quant_symmetric: bool = True  # asymmetric: a zero point per group too
+    # Go on with fewer calibration tokens than a layer's inputs (prepare.check_calibration_size)
+    allow_few_tokens: bool = False
 
     def __post_init__(self):
         if not 0 < self.ratio < 1:
@@ -389,7 +392,7 @@ class Compressor:
         quant = self.setup.quant
         step = BlockStep(block, linears, block_kwargs, self._batches(), self.device,
                          self.timer, i, world=self.world,
-                         whitening_damping=DAMP if quant else 0.0)  # fmt: skip
+                         whitening_damping=DAMP if quant else 0.0, rescues=Rescues())  # fmt: skip
         ranks = {  # the allocation's, or the uniform rule's
             name: self.ranks[f"{block_prefix}.{name}"]
             if self.ranks
@@ -409,6 +412,7 @@ class Compressor:
                                         self.rundir.writer(i, digests) if self.streams else None,
                                         self.dtype, self.compute, self.cfg.sequential, stages,
                                         self._phase, keep_dense)  # fmt: skip
+        rescues = self._block_rescues(i, step.rescues)
         refined = {}
         if refine.epochs:
             with self._phase("refine"):
@@ -462,7 +466,8 @@ class Compressor:
             same["written"] = combined_sha256(read_digests(out_tensors))
         self.rundir.commit(f"block.{i}", {"sha256": sha, "ranks": ranks, "activations": digests,
                                     "expert_tokens": expert_tokens,
-                                    **({"refine": losses} if losses else {}), "read": read},
+                                    **({"refine": losses} if losses else {}),
+                                    **({"rescues": rescues} if rescues else {}), "read": read},
                            same)  # fmt: skip
         faults.point("journaled", i)
         empty(block)
@@ -483,6 +488,22 @@ class Compressor:
             if losses
             else "",
         )
+
+    def _block_rescues(self, i: int, mine: Rescues) -> dict:
+        """Block i's Cholesky rescues (stats.damped_cholesky_), every rank's together (each
+        factorised its share of the linears), for its journal entry; damping past the
+        routine level is a warning naming the layers."""
+        rescues = Rescues.total(self.world.gather(mine.as_dict()))
+        if rescues.escalated and self.world.writer:
+            first = rescues.escalated[0]
+            first = {**first, "gram": f"{self.prefix}.{i}.{first['gram']}"}  # the full name
+            more = len(rescues.escalated) - 1
+            log.warning("block %d/%d: %s%s; the calibration cannot support these statistics, "
+                        "and this block's factors may be far off: give more calibration "
+                        "tokens (--nsamples, --seqlen)", i + 1, len(self.blocks),
+                        escalation_text(first),
+                        f" (and {more} more Gram{'s' * (more > 1)})" if more else "")  # fmt: skip
+        return rescues.as_dict() if rescues else {}
 
     @contextlib.contextmanager
     def _phase(self, phase: str):
@@ -695,12 +716,24 @@ class Compressor:
         }
         refined = [self.journal.entry(f"block.{i}").get("refine") for i in range(len(self.blocks))]
         summary |= refine_summary(refined)
+        summary["numerical_rescues"] = self._rescues_summary()
         if expert_tokens:  # calibration tokens the router sent each expert (top-k counted)
             summary["expert_tokens"] = expert_tokens
             summary["experts_without_tokens"] = [e for e, n in expert_tokens.items() if n == 0]
         if self.device.type == "cuda":
             summary["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         return summary
+
+    def _rescues_summary(self) -> dict:
+        """The blocks' Cholesky rescues as journaled (so a resumed run counts them all):
+        Grams damped by level, dead channels, and each escalation with its full name."""
+        entries = []
+        for i in range(len(self.blocks)):
+            entry = self.journal.entry(f"block.{i}").get("rescues", {})
+            escalated = [{**e, "gram": f"{self.prefix}.{i}.{e['gram']}"}
+                         for e in entry.get("escalated", [])]  # fmt: skip
+            entries.append({**entry, "escalated": escalated})
+        return Rescues.total(entries).as_dict()
 
 
 def kept_epoch_line(refined: dict) -> str:

@@ -263,6 +263,9 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
     tensors.check_blocks(prefix)
     tensors.check_unused(prefix)
     check_supported(blocks)
+    from .prepare import check_calibration_size  # prepare imports this module
+
+    check_calibration_size(cfg, blocks)
     method = METHODS[cfg.method]
     shapes = tensors.shapes()
     check_shapes(model, shapes, cfg.model)

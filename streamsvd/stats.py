@@ -11,7 +11,8 @@ of what a group holds, used both to allocate it and by the plan to count it.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +29,9 @@ CHUNK_VALUES = 1 << 22  # float64 values converted at a time while accumulating 
 SUM_DTYPE = torch.float64
 CHOLESKY_BLOCK = 1024  # panel width of the in-place blocked Cholesky
 F64 = 8
+# damped_cholesky_'s damping steps, powers of ten of a Gram's mean diagonal, tried in order
+# after no damping at all
+DAMPING_STEPS = range(-8, 4)
 
 
 def cross_as_product(outs: list[int], n: int) -> bool:
@@ -66,7 +70,8 @@ class InputStats:
 
     def __init__(self, dim: int, needs: frozenset[str], device: torch.device | str,
                  weights: dict[str, torch.Tensor] | None = None,
-                 damping: float = 0.0):  # fmt: skip
+                 damping: float = 0.0, name: str = "",
+                 rescues: Rescues | None = None):  # fmt: skip
         outs = {name: w.shape[0] for name, w in (weights or {}).items()}
         shapes = sum_shapes(dim, outs, needs)
         zeros = lambda s: torch.zeros(s, dtype=SUM_DTYPE, device=device)  # noqa: E731
@@ -83,6 +88,8 @@ class InputStats:
         # A ridge for `whitener`, a fraction of the Gram's mean diagonal: set by compress
         # --bits, whose factors must stay quantizable (BlockStep.whitening_damping).
         self.damping = damping
+        self.name = name  # the group's linears, for messages: "mlp.gate_proj, mlp.up_proj"
+        self.rescues = rescues  # where the Cholesky's damping is counted; None: logged only
 
     def add(self, x: torch.Tensor | None, xc: torch.Tensor | None) -> None:
         """x, xc: (..., n) inputs of the same tokens from the original / compressed stream."""
@@ -114,9 +121,18 @@ class InputStats:
             if gram is None:
                 raise StreamSVDError(f"no {which} Gram was accumulated for this layer")
             gram = gram.to(torch.float64)  # a copy only where the sums are not float64
-            self._factors[which] = damped_cholesky_(gram, "G" if which == "orig" else "G'",
-                                                    self.damping)  # fmt: skip
+            what = self._what("G" if which == "orig" else "G'")
+            self._factors[which] = damped_cholesky_(gram, what, self.damping, self.rescues,
+                                                    self.tokens)  # fmt: skip
         return self._factors[which]
+
+    def cholesky(self, gram: torch.Tensor, what: str) -> torch.Tensor:
+        """`damped_cholesky` of a matrix made from these sums (B·G'·Bᵀ), counted and named
+        as the group's own Grams are."""
+        return damped_cholesky(gram, self._what(what), self.rescues, self.tokens)
+
+    def _what(self, gram: str) -> str:
+        return f"{self.name} {gram}" if self.name else gram
 
     def weighted_cross(self, W: torch.Tensor, name: str | None = None) -> torch.Tensor:
         """W·C (m, n) float64, owned by the caller: the stored product for linear `name`
@@ -177,16 +193,53 @@ class LinearStats:
     def whitener(self, which: str = "comp") -> torch.Tensor:
         return self.group.whitener(which)
 
+    def cholesky(self, gram: torch.Tensor, what: str) -> torch.Tensor:
+        return self.group.cholesky(gram, what)
+
     def weighted_cross(self, W: torch.Tensor) -> torch.Tensor:
         return self.group.weighted_cross(W, self.name)
 
 
-def damped_cholesky(gram: torch.Tensor, what: str = "Gram") -> torch.Tensor:
+@dataclass
+class Rescues:
+    """What `damped_cholesky_` did to make Grams factorisable, counted for a run's summary:
+    Grams damped, by damping step (a power of ten times the mean diagonal: "1e-08"), input
+    channels found dead, and each Gram damped past the routine level, described."""
+
+    damped: dict[str, int] = field(default_factory=dict)
+    dead_channels: int = 0
+    # {"gram", "damping", "routine", "tokens", "inputs"}: the Gram, its damping step and the
+    # routine one, the tokens it was summed from (None: not known) and its width
+    escalated: list[dict] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.damped or self.dead_channels)
+
+    def as_dict(self) -> dict:
+        return {"damped": dict(sorted(self.damped.items())), "dead_channels": self.dead_channels,
+                "escalated": list(self.escalated)}  # fmt: skip
+
+    @classmethod
+    def total(cls, entries: list[dict]) -> Rescues:
+        """The sum of `as_dict` entries (blocks, or ranks of one block)."""
+        out = cls()
+        for entry in entries:
+            for level, count in entry.get("damped", {}).items():
+                out.damped[level] = out.damped.get(level, 0) + count
+            out.dead_channels += entry.get("dead_channels", 0)
+            out.escalated += entry.get("escalated", [])
+        return out
+
+
+def damped_cholesky(gram: torch.Tensor, what: str = "Gram", rescues: Rescues | None = None,
+                    tokens: int | None = None) -> torch.Tensor:  # fmt: skip
     """`damped_cholesky_` on a float64 copy: the Gram is left as it was."""
-    return damped_cholesky_(gram.to(torch.float64, copy=True), what)
+    return damped_cholesky_(gram.to(torch.float64, copy=True), what, 0.0, rescues, tokens)
 
 
-def damped_cholesky_(gram: torch.Tensor, what: str = "Gram", least: float = 0.0) -> torch.Tensor:
+def damped_cholesky_(gram: torch.Tensor, what: str = "Gram", least: float = 0.0,
+                     rescues: Rescues | None = None,
+                     tokens: int | None = None) -> torch.Tensor:  # fmt: skip
     """Overwrite a float64 Gram G (n×n, contiguous) with lower-triangular L, L Lᵀ = G + δI,
     δ as small as works (at least `least` times the mean diagonal), and return it. No n×n
     copy is taken.
@@ -197,7 +250,18 @@ def damped_cholesky_(gram: torch.Tensor, what: str = "Gram", least: float = 0.0)
     mean diagonal, by factors of 10, until the factorisation succeeds with
     min(diag L)² ≥ 1e-12 · max(diag G). A failed attempt has overwritten only the lower
     triangle, which is restored from the upper one. For a finite PSD matrix the last step
-    always succeeds, so this never crashes and never returns NaN. Damping is logged.
+    always succeeds, so this never crashes and never returns NaN.
+
+    Every damping is counted in `rescues` and logged. Damping up to `routine_step` only
+    settles what rounding left undecided, and is logged at DEBUG. Past it, or at any
+    step on a Gram summed from fewer `tokens` than its n inputs (rank-deficient: n − tokens
+    directions no calibration token reached), the damping stands in for statistics the
+    calibration cannot support: an escalation, recorded in `rescues` for the run to report
+    (one warning a block, naming the layers), or a WARNING here where no `rescues` is given.
+    The level alone would not tell: SmolLM2 calibrated on 2,048 tokens needed no damping at
+    all, and on 1,024 every down_proj (1,536 inputs) needed only the smallest step, for an
+    output whose perplexity was in the thousands (issue 41). An expert the router sent
+    fewer tokens than its inputs counts as an escalation too.
     """
     if gram.dtype != torch.float64 or not gram.is_contiguous():
         raise TypeError("damped_cholesky_ needs a contiguous float64 matrix")
@@ -211,13 +275,15 @@ def damped_cholesky_(gram: torch.Tensor, what: str = "Gram", least: float = 0.0)
     if dead.any():
         diag[dead] = 1.0
         log.info("%s: %d dead input channels given unit variance", what, int(dead.sum()))
+        if rescues is not None:
+            rescues.dead_channels += int(dead.sum())
     scale, biggest = float(diag.mean()), float(diag.max())
     if least:
         diag.add_(least * scale)
     n, b = gram.shape[0], CHOLESKY_BLOCK
     # What an attempt overwrites and the strict upper triangle cannot give back.
     diagonal_blocks = [gram[c : c + b, c : c + b].clone() for c in range(0, n, b)]
-    for step in [None, *range(-8, 4)]:
+    for step in [None, *DAMPING_STEPS]:
         damp = 0.0 if step is None else scale * 10.0**step
         if damp:
             _restore_(gram, diagonal_blocks, damp)
@@ -225,10 +291,50 @@ def damped_cholesky_(gram: torch.Tensor, what: str = "Gram", least: float = 0.0)
             pivots = gram.diagonal()
             if bool(torch.isfinite(pivots).all()) and float(pivots.min()) ** 2 >= 1e-12 * biggest:
                 if damp:
-                    log.info("%s: Cholesky needed damping %.3g (mean diagonal %.3g)",
-                             what, damp, scale)  # fmt: skip
+                    _count_damping(what, step, damp, scale, n, tokens, rescues)
                 return gram.tril_()
     raise StreamSVDError(f"{what}: Cholesky failed even with damping {damp:.3g}")
+
+
+def routine_step(n: int) -> int:
+    """The largest damping step (power of ten of the mean diagonal) that a PSD n×n Gram
+    singular only to rounding can need: the float64 sums leave its null directions within
+    about n·u·λ_max ≤ n²·u·mean of zero (u = 2⁻⁵³, λ_max ≤ the trace), and the pivot test
+    asks δ ≥ 1e-12·max diag ≤ 1e-12·n·mean. The smallest step, 1e-8, covers both up to
+    n ≈ 9,500; 70B's 28,672 inputs need 1e-7."""
+    u = torch.finfo(torch.float64).eps / 2
+    return max(DAMPING_STEPS[0], math.ceil(math.log10(max(n * n * u, 1e-12 * n))))
+
+
+def _count_damping(what: str, step: int, damp: float, scale: float, n: int,
+                   tokens: int | None, rescues: Rescues | None) -> None:  # fmt: skip
+    """Count one damped Gram and log it: routine at DEBUG; an escalation (damped_cholesky_)
+    recorded in `rescues` for the run to report, or a WARNING where there is none."""
+    level, routine = f"{10.0**step:.0e}", routine_step(n)
+    log.debug("%s: Cholesky needed damping %.3g (%s × mean diagonal %.3g)", what, damp, level,
+              scale)  # fmt: skip
+    if rescues is not None:
+        rescues.damped[level] = rescues.damped.get(level, 0) + 1
+    if step <= routine and not (tokens is not None and tokens < n):
+        return
+    escalation = {"gram": what, "damping": level, "routine": f"{10.0**routine:.0e}",
+                  "tokens": tokens, "inputs": n}  # fmt: skip
+    if rescues is not None:
+        rescues.escalated.append(escalation)
+    else:
+        log.warning("%s: the calibration cannot support these statistics; give more "
+                    "calibration tokens", escalation_text(escalation))  # fmt: skip
+
+
+def escalation_text(escalation: dict) -> str:
+    """One of `Rescues.escalated` in words."""
+    tokens, inputs = escalation["tokens"], escalation["inputs"]
+    why = (f"from {tokens:,} tokens for {inputs:,} inputs" if tokens is not None and tokens < inputs
+           else f"past the routine {escalation['routine']}")  # fmt: skip
+    return (
+        f"{escalation['gram']} needed Cholesky damping {escalation['damping']} × its mean "
+        f"diagonal, {why}"
+    )
 
 
 def _cholesky_lower_(A: torch.Tensor, block: int = CHOLESKY_BLOCK) -> bool:

@@ -38,7 +38,7 @@ from .quantize import (
     unpacked_weight,
 )
 from .refine import RefineSettings, micro_batches, refine_block
-from .stats import InputStats, release_points
+from .stats import InputStats, Rescues, release_points
 from .world import World
 
 Read = Callable[[str, int, int], torch.Tensor]  # (stream, start, stop) -> batch on the device
@@ -66,6 +66,9 @@ class BlockStep:
     # low-rank v_proj, the o_proj inputs) otherwise gives B = Σ^½ Vᵀ L⁻¹ entries thousands
     # of times the rest, and their rounding error swamps the layer (docs/quantization.md).
     whitening_damping: float = 0.0
+    # Where the Grams' Cholesky damping is counted (stats.damped_cholesky_), for the run to
+    # journal and report; None: an escalation is logged as it happens (the spectra pass).
+    rescues: Rescues | None = None
 
     # -- statistics ------------------------------------------------------------------------
     def statistics(self, needs: frozenset[str], read: Read, write: Write | None,
@@ -114,7 +117,8 @@ class BlockStep:
         for group in shared_input_groups(new):
             weights = {name: linear_weight(self.linears[name]) for name in group}
             shared = InputStats(seen[group[0]].shape[-1], needs, self.device, weights,
-                                self.whitening_damping)  # fmt: skip
+                                self.whitening_damping, ", ".join(group),
+                                self.rescues)  # fmt: skip
             stats.update({name: shared for name in group})
         first = {}  # each group's first linear seen in this batch
         for name in seen:
@@ -134,7 +138,8 @@ class BlockStep:
         for members, dim in everyone:
             if members[0] not in stats:
                 weights = {name: linear_weight(self.linears[name]) for name in members}
-                shared = InputStats(dim, needs, self.device, weights, self.whitening_damping)
+                shared = InputStats(dim, needs, self.device, weights, self.whitening_damping,
+                                    ", ".join(members), self.rescues)  # fmt: skip
                 stats.update({name: shared for name in members})
             group = stats[members[0]]
             tokens = torch.tensor([group.tokens], dtype=torch.float64, device=group.G.device

@@ -10,7 +10,7 @@ from conftest import assert_within_summation_bound
 
 from streamsvd import stats as stats_module
 from streamsvd.errors import StreamSVDError
-from streamsvd.stats import InputStats, damped_cholesky, damped_cholesky_
+from streamsvd.stats import InputStats, Rescues, damped_cholesky, damped_cholesky_, routine_step
 
 N_IN = 40  # input channels
 
@@ -130,7 +130,7 @@ def check_factor(gram: torch.Tensor, L: torch.Tensor) -> float:
 def test_damped_cholesky_survives_singular_grams(make, needs_damping, block, caplog, monkeypatch):
     monkeypatch.setattr(stats_module, "CHOLESKY_BLOCK", block)
     gram = make()
-    caplog.set_level(logging.INFO, logger="streamsvd.stats")
+    caplog.set_level(logging.DEBUG, logger="streamsvd.stats")  # routine damping is DEBUG
     L = damped_cholesky(gram, "test-gram")
     delta = check_factor(gram, L)
     logged = [r.getMessage() for r in caplog.records if "damping" in r.getMessage()]
@@ -148,6 +148,68 @@ def test_damped_cholesky_logs_dead_channels(caplog):
     caplog.set_level(logging.INFO, logger="streamsvd.stats")
     damped_cholesky(dead_channels(), "q_proj")
     assert any("3 dead" in r.getMessage() and "q_proj" in r.getMessage() for r in caplog.records)
+
+
+def test_routine_damping_is_counted_and_quiet(caplog):
+    """An exactly singular Gram of many tokens (two copies of a channel) needs only the
+    routine step: counted, logged at DEBUG alone."""
+    rescues = Rescues()
+    caplog.set_level(logging.DEBUG, logger="streamsvd.stats")
+    damped_cholesky(duplicated_channel(), "mlp.up_proj G'", rescues, tokens=200)
+    assert rescues.damped == {f"{10.0 ** routine_step(N_IN):.0e}": 1}
+    assert rescues.escalated == [] and rescues.dead_channels == 0
+    assert any("mlp.up_proj G'" in r.getMessage() for r in caplog.records)
+    assert all(r.levelno == logging.DEBUG for r in caplog.records)
+
+
+def test_damping_a_gram_of_fewer_tokens_than_inputs_is_an_escalation(caplog):
+    """10 tokens for 40 inputs: whatever the step, the damping decides 30 directions no
+    token reached. Recorded for the run to report or, without `rescues`, a WARNING."""
+    rescues = Rescues()
+    damped_cholesky(rank_deficient(), "mlp.down_proj G'", rescues, tokens=10)
+    (escalation,) = rescues.escalated
+    assert escalation["gram"] == "mlp.down_proj G'"
+    assert (escalation["tokens"], escalation["inputs"]) == (10, N_IN)
+    assert sum(rescues.damped.values()) == 1
+    caplog.set_level(logging.INFO, logger="streamsvd.stats")
+    damped_cholesky(rank_deficient(), "mlp.down_proj G'", tokens=10)
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "mlp.down_proj G'" in warning.getMessage()
+    assert "from 10 tokens for 40 inputs" in warning.getMessage()
+
+
+def test_damping_past_the_routine_step_is_an_escalation(caplog):
+    """A symmetric matrix with an eigenvalue of −1e-6 × its mean diagonal (as sums rounded
+    in too low a precision could give) needs more than rounding's damping."""
+    q, _ = torch.linalg.qr(torch.randn(N_IN, N_IN, dtype=torch.float64, generator=gen(9)))
+    eigenvalues = torch.linspace(1, 2, N_IN, dtype=torch.float64)
+    eigenvalues[0] = -1e-6 * float(eigenvalues[1:].mean())
+    gram = (q * eigenvalues) @ q.T
+    rescues = Rescues()
+    damped_cholesky(gram, "self_attn.o_proj G'", rescues, tokens=10_000)
+    (escalation,) = rescues.escalated
+    assert float(escalation["damping"]) > 10.0 ** routine_step(N_IN)
+    caplog.set_level(logging.WARNING, logger="streamsvd.stats")
+    damped_cholesky(gram, "self_attn.o_proj G'")
+    (warning,) = caplog.records
+    assert f"past the routine {10.0 ** routine_step(N_IN):.0e}" in warning.getMessage()
+
+
+def test_rescues_add_up_and_count_dead_channels():
+    first, second = Rescues(), Rescues()
+    damped_cholesky(dead_channels(), "q_proj G", first)
+    damped_cholesky(duplicated_channel(), "up_proj G", second, tokens=200)
+    damped_cholesky(duplicated_channel(), "up_proj G'", second, tokens=200)
+    total = Rescues.total([first.as_dict(), second.as_dict()])
+    assert total.dead_channels == 3
+    assert sum(total.damped.values()) == sum(second.damped.values()) == 2
+
+
+def test_the_routine_step_covers_rounding_at_the_width():
+    """1e-8 of the mean diagonal covers a PSD Gram's rounding (n²·u) up to ~9,500 inputs;
+    70B's down_proj (28,672) needs 1e-7."""
+    assert routine_step(1536) == routine_step(8192) == -8
+    assert routine_step(28672) == -7
 
 
 def test_damped_cholesky_accepts_float32():
