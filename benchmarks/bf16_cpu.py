@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import platform
 import sys
-import time
+import timeit
 from pathlib import Path
 
 import torch
@@ -28,12 +28,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def best_seconds(fn, repeats: int = 3) -> float:
     fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(timeit.repeat(fn, number=1, repeat=repeats))
 
 
 def main() -> None:
