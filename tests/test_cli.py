@@ -527,9 +527,10 @@ def test_a_signal_mid_run_stops_cleanly_and_the_same_command_resumes(
     stopped.send_signal(sig)
     _, stderr = stopped.communicate(timeout=120)
     assert stopped.returncode == code, stderr
-    assert (
-        stderr == f"streamsvd: {says}; finished blocks are kept: rerun the same command to resume\n"
-    )
+    *before, last = stderr.splitlines()
+    assert last == f"streamsvd: {says}; finished blocks are kept: rerun the same command to resume"
+    # before it, only the warning that SMALL's 4 windows are few for refinement (test_calib.py)
+    assert all("WARNING streamsvd.prepare: refinement trains" in line for line in before), before
     assert json.loads((workdir / "last_error.json").read_text())["error"] == recorded
     stages = json.loads((workdir / "journal.json").read_text())["stages"]
     assert "block.0" in stages and "block.1" not in stages
