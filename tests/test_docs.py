@@ -21,19 +21,26 @@ HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*#*\s*$")
 DECIMAL = r"(?<![\d.]){}(?!\d)"
 
 
-def prose(text: str, inline_code: bool = False) -> str:
-    """The text outside fenced code blocks, and without inline code unless asked: where
-    links and headings live."""
-    lines, fence = [], None
+def with_fences(text: str):
+    """Each line, and whether it belongs to a fenced code block (its fences included)."""
+    fence = None
     for line in text.splitlines():
         opened = FENCE.match(line.lstrip())
         if fence is None and opened:
             fence = opened.group(1)[0] * 3
-        elif fence is not None and line.lstrip().startswith(fence):
-            fence = None
-        elif fence is None:
-            lines.append(line)
-    text = "\n".join(lines)
+            yield line, True
+        elif fence is not None:
+            if line.lstrip().startswith(fence):
+                fence = None
+            yield line, True
+        else:
+            yield line, False
+
+
+def prose(text: str, inline_code: bool = False) -> str:
+    """The text outside fenced code blocks, and without inline code unless asked: where
+    links and headings live."""
+    text = "\n".join(line for line, fenced in with_fences(text) if not fenced)
     return text if inline_code else re.sub(r"`[^`]*`", "", text)
 
 
@@ -112,14 +119,9 @@ def test_slug_follows_github():
 def blocks(text: str) -> list[str]:
     """Paragraphs, tables, list items run together and fenced code blocks: the text
     between blank lines outside fences."""
-    out, current, fence = [], [], None
-    for line in text.splitlines():
-        opened = FENCE.match(line.lstrip())
-        if fence is None and opened:
-            fence = opened.group(1)[0] * 3
-        elif fence is not None and line.lstrip().startswith(fence):
-            fence = None
-        if line.strip() or fence is not None:
+    out, current = [], []
+    for line, fenced in with_fences(text):
+        if line.strip() or fenced:
             current.append(line)
         elif current:
             out.append("\n".join(current))
