@@ -126,10 +126,12 @@ def self_describing(config: dict, out: Path, config_class: str, model_class: str
                                                                     base, base_class)  # fmt: skip
     atomic_write_bytes(out / MODELING_FILE, code.encode())
     config = {**config, "model_type": f"streamsvd_{base}"}
+    # in the order vLLM's Transformers backend loads them: the config class first; then
+    # AutoModel, the base model, which the backend builds (docs/models.md#vllm)
     config["auto_map"] = {
         "AutoConfig": f"{MODELING_FILE[:-3]}.StreamSVDConfig",
-        "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.StreamSVDForCausalLM",
         "AutoModel": f"{MODELING_FILE[:-3]}.StreamSVDModel",
+        "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.StreamSVDForCausalLM",
     }
     config[SECTION] = {**config[SECTION], "base_model_type": base}
     return config
