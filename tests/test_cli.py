@@ -125,6 +125,39 @@ def test_help_runs_as_a_module():
         assert command in result.stdout
 
 
+def test_module_runs_from_the_folder_holding_a_clone_named_streamsvd(tmp_path):
+    """`torchrun ... -m streamsvd` from beside a clone named streamsvd: the clone, holding
+    no __init__.py, is a namespace package `streamsvd` in the current folder, which Python
+    takes over an editable install's import hook (it comes after the path search), and its
+    root cli.py then passed for streamsvd.cli. An editable install of this pyproject puts
+    the clone on sys.path instead, where the package is a regular one and wins."""
+    pytest.importorskip("setuptools")
+    root = Path(__file__).resolve().parents[1]
+    clone = tmp_path / "streamsvd"
+    clone.mkdir()
+    for name in ("pyproject.toml", "README.md", "cli.py"):
+        shutil.copy(root / name, clone / name)
+    shutil.copytree(root / "streamsvd", clone / "streamsvd",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    site = tmp_path / "site"  # the editable install, as `pip install -e` writes it
+    install = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+               "--no-build-isolation", "--target", str(site), "-e", str(clone)]  # fmt: skip
+    done = subprocess.run(install, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        pytest.skip(f"no editable install here: {done.stderr.strip()[-300:]}")
+    hook = tmp_path / "hook"  # site-packages of its own: its .pth files are read at start
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(f"import site\nsite.addsitedir({str(site)!r})\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(hook)}
+    check = "import streamsvd.cli, streamsvd; print(streamsvd.__file__, streamsvd.cli.main)"
+    for argv, cwd in ([["-c", check], tmp_path], [["-m", "streamsvd", "--help"], tmp_path],
+                      [["cli.py", "--help"], clone]):  # fmt: skip
+        result = subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True,
+                                text=True, timeout=300)  # fmt: skip
+        assert result.returncode == 0, (argv, result.stderr[-2000:])
+    assert "usage: streamsvd" in result.stdout
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="plans for a GPU that is not here")
 def test_dry_run_plans_a_gpu_run_on_a_machine_without_one(model_dir, small_calib_text, tmp_path):
     """People plan on a login node and run on a GPU node."""
