@@ -84,9 +84,32 @@ def _model_path(arg: str | None) -> str:
     return str(default_model_path())
 
 
-def _add_model(p: argparse.ArgumentParser, what: str, bundled_default: bool = True) -> None:
-    default = " (default: the bundled SmolLM2-135M-Instruct)" if bundled_default else ""
-    p.add_argument("--model", help=what + default)
+def _add_model(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--model", help=what + " (default: the bundled SmolLM2-135M-Instruct)")
+
+
+def _add_device(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help=f"{what} (default: cuda when available)")  # fmt: skip
+
+
+# --threads, in each command's words: what the threads do there, and what a rerun keeps
+THREADS_DEFAULT = (
+    "default: OMP_NUM_THREADS where set, else one per core, capped by the cores this process "
+    "may use: its CPU affinity and its cgroup's CPU quota"
+)
+THREADS_HELP = {
+    "compress": "CPU threads for the blocks' work on a CPU ({default}). A resumed run keeps "
+    "the count it began with, whatever is given: CPU sums round by thread count, and a "
+    "resumed output is byte-identical to an uninterrupted one",
+    "eval": "CPU threads for scoring on a CPU ({default})",
+    "generate": "CPU threads for generating on a CPU ({default})",
+    "export-dense": "CPU threads for multiplying the factors back ({default})",
+    "heal": "CPU threads for training on a CPU ({default})",
+    "synth": "CPU threads for drawing the random weights ({default})",
+    "demo": "CPU threads for its three compressions, scoring and replies on a CPU ({default}; "
+    "each compression starts afresh)",
+}
 
 
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
@@ -97,8 +120,7 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
                    "P1 uses 128)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=8,
                    help="windows per forward pass (default %(default)s)")  # fmt: skip
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                   help="default: cuda when available")  # fmt: skip
+    _add_device(p, "where the model runs")
 
 
 def _positive_int(text: str) -> int:
@@ -124,9 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Compress every linear layer of every decoder block to rank "
                        "floor((1-ratio)·m·n/(m+n)). Interrupted runs resume when the same "
                        "command is run again.")  # fmt: skip
-    _add_model(c, "checkpoint folder (safetensors) or hub id (org/name: from the local "
-               "Hugging Face cache, else downloaded into it); required",
-               bundled_default=False)  # fmt: skip
+    c.add_argument("--model", required=True,
+                   help="checkpoint folder (safetensors) or hub id (org/name: from the local "
+                   "Hugging Face cache, else downloaded into it); `streamsvd demo` compresses "
+                   "the bundled SmolLM2-135M-Instruct")  # fmt: skip
     c.add_argument("--out", required=True, help="output directory (must not exist yet)")
     c.add_argument(
         "--ratio",
@@ -266,12 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
         "calibration sees the first position as the model does)",
     )
     c.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
-    c.add_argument(
-        "--device",
-        choices=["cpu", "cuda"],
-        default=None,
-        help="where blocks run (default: cuda when available)",
-    )
+    _add_device(c, "where blocks run")
     c.add_argument(
         "--compute-dtype",
         choices=["auto", "checkpoint", "float32"],
@@ -350,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="send the prompt through the tokenizer's chat template (default: "
                    "when the tokenizer has one; --no-chat continues the raw text)")  # fmt: skip
+    _add_device(g, "where the model runs")
 
     st = sub.add_parser("status", help="where an interrupted or running compress run stands",
                         description="Where a compress run stands, read from its run "
@@ -369,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--out", required=True, help="output directory (must not exist yet)")
     sy.add_argument("--dtype", choices=list(DTYPES), default="bf16",
                     help="weights' dtype (default %(default)s)")  # fmt: skip
-    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--seed", type=int, default=0,
+                    help="seed for the random weights (default %(default)s)")  # fmt: skip
     sy.add_argument("--max-shard-size", type=float, default=2.0, help="GiB (default 2)")
     sy.add_argument("--shape-only", action="store_true",
                     help="write the shapes with all-zero weights in sparse files (no disk, "
@@ -401,8 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (default 16)")
     h.add_argument("--batch-size", type=int, default=4, help="windows per step (default 4)")
     h.add_argument("--seed", type=int, default=0, help="seed for windows and order (default 0)")
-    h.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                   help="default: cuda when available")  # fmt: skip
+    _add_device(h, "where the model trains")
     h.add_argument("--summary-json", help="also write the run summary to this JSON file")
 
     d = sub.add_parser("demo", help="compress the bundled SmolLM2-135M and compare",
@@ -449,23 +468,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_eval_options(d)
     d.set_defaults(windows=16, seqlen=256)
-    for command in sub.choices.values():
-        command.add_argument("--threads", type=_positive_int, default=None,
-                             help="CPU threads (default: OMP_NUM_THREADS where set, else one "
-                             "per core, capped by the cores this process may use: its CPU "
-                             "affinity and its cgroup's CPU quota; a resumed compress run "
-                             "keeps the count it began with)")  # fmt: skip
+    for name, command in sub.choices.items():  # status reads files: no threads to set
+        if name in THREADS_HELP:
+            command.add_argument(
+                "--threads",
+                type=_positive_int,
+                default=None,
+                help=THREADS_HELP[name].format(default=THREADS_DEFAULT),
+            )
     return parser
 
 
 def cmd_compress(args) -> dict:
     from .pipeline import CompressConfig, compress
 
-    if not args.model:  # a forgotten --model must not quietly compress the bundled model
-        raise StreamSVDError(
-            "compress needs --model, the checkpoint folder to compress; "
-            "`streamsvd demo` compresses the bundled SmolLM2-135M-Instruct"
-        )
     cfg = CompressConfig(
         model=locate_checkpoint(args.model),
         out=args.out,
@@ -625,7 +641,7 @@ def cmd_generate(args) -> str:
     chat = bool(tokenizer.chat_template) if args.chat is None else args.chat
     if chat and not tokenizer.chat_template:
         raise StreamSVDError(f"--chat: the tokenizer of {model} has no chat template")
-    text = generate(_load_any(model, _default_device()), tokenizer, args.prompt,
+    text = generate(_load_any(model, args.device or _default_device()), tokenizer, args.prompt,
                     args.max_new_tokens, chat=chat)  # fmt: skip
     print(text if chat else args.prompt + text)
     return text
@@ -781,7 +797,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     threads = torch.get_num_threads()  # OMP_NUM_THREADS where set, else one per core
-    torch.set_num_threads(args.threads or process_threads(threads))
+    torch.set_num_threads(getattr(args, "threads", None) or process_threads(threads))
     try:
         with _sigterm_raises():
             result = COMMANDS[args.command](args)

@@ -96,6 +96,26 @@ def test_generate_continues_the_prompt(compressed):
     assert stdout.rstrip("\n") == prompt + expected
 
 
+def test_generate_runs_on_the_device_given(compressed, monkeypatch):
+    """generate takes --device as eval and compress do, rather than always cuda where
+    there is one."""
+    from streamsvd import cli
+
+    code, _, stderr, out = compressed
+    assert code == 0, stderr
+    loaded_on = []
+    load_any = cli._load_any
+    monkeypatch.setattr(cli, "_load_any", lambda path, device: loaded_on.append(device)
+                        or load_any(path, device))  # fmt: skip
+    monkeypatch.setattr(cli, "_default_device", lambda: "cuda")  # what it took before
+    code, _, stderr = run(["generate", "--model", str(out), "--prompt", "The", "--max-new-tokens",
+                           "2", "--device", "cpu"])  # fmt: skip
+    assert code == 0, stderr
+    assert loaded_on == ["cpu"]
+    code, _, stderr = run(["generate", "--model", str(out), "--prompt", "x", "--device", "tpu"])
+    assert code == 2 and "invalid choice: 'tpu'" in stderr
+
+
 def test_export_dense_writes_a_plain_checkpoint(compressed, tmp_path):
     code, _, stderr, out = compressed
     assert code == 0, stderr
@@ -214,10 +234,13 @@ def check_refused(argv, out, stderr_has: str, code=None) -> None:
 
 def test_compress_without_model_is_refused(tmp_path, small_calib_text):
     """A forgotten --model would otherwise compress the bundled SmolLM2 under the user's
-    output name."""
+    output name; the usage says so before it is tried."""
     out = tmp_path / "out"
     check_refused(["compress", "--out", str(out), "--calib", str(small_calib_text), *SMALL],
-                  out, "compress needs --model", code=2)  # fmt: skip
+                  out, "the following arguments are required: --model", code=2)  # fmt: skip
+    code, stdout, _ = run(["compress", "--help"])
+    usage = stdout.split("\n\n")[0]
+    assert code == 0 and "--model MODEL" in usage and "[--model" not in usage
 
 
 MODEL_COMMANDS = {
@@ -388,6 +411,26 @@ def test_every_option_help_states_its_default():
                     name, action.option_strings)  # fmt: skip
 
 
+def test_every_option_has_help_of_its_own():
+    """Each option says what it does in its command: --threads speaks of resuming only where
+    a run resumes (compress), status (which reads files) takes none, every command that
+    runs a model takes --device."""
+    from streamsvd.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions
+                    if isinstance(a, argparse._SubParsersAction)).choices  # fmt: skip
+    for name, command in commands.items():
+        options = {a.option_strings[-1]: a for a in command._actions if a.option_strings}
+        for option, action in options.items():
+            assert action.help, f"{name} {option} has no help"
+        threads = options.get("--threads")
+        assert (threads is None) == (name == "status"), name
+        if threads is not None:
+            assert ("resum" in threads.help) == (name == "compress"), (name, threads.help)
+        runs_a_model = name in ("compress", "eval", "generate", "heal", "demo")
+        assert ("--device" in options) == runs_a_model, name
+
+
 def test_own_loader_never_asks_about_remote_code(compressed):
     """streamsvd's loader knows the modeling code is its own: a script reading a compressed
     output with stdin not a terminal must print nothing but its own output (transformers
@@ -466,14 +509,16 @@ def test_threads_option_sets_torch_threads_after_the_command(monkeypatch):
     from streamsvd import cli
 
     seen = []
-    monkeypatch.setitem(cli.COMMANDS, "status", lambda args: seen.append(torch.get_num_threads()))
+    monkeypatch.setitem(cli.COMMANDS, "export-dense",
+                        lambda args: seen.append(torch.get_num_threads()))  # fmt: skip
     before = torch.get_num_threads()
-    assert run(["status", "--threads", "3", "--workdir", "/nonexistent"])[0] == 0
+    given = ["export-dense", "--model", "/nonexistent", "--out", "/nonexistent"]
+    assert run([*given, "--threads", "3"])[0] == 0
     assert seen == [3]  # while the command ran
     assert torch.get_num_threads() == before  # and as it was after
-    run(["status", "--workdir", "/nonexistent"])
+    run(given)
     assert seen[-1] == min(before, usable_cpus())  # the caller's count, capped by the cores
-    code, _, stderr = run(["status", "--threads", "0", "--workdir", "/nonexistent"])
+    code, _, stderr = run([*given, "--threads", "0"])
     assert code == 2 and "must be 1 or more" in stderr
 
 
