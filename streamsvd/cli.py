@@ -799,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()  # OMP_NUM_THREADS where set, else one per core
     torch.set_num_threads(getattr(args, "threads", None) or process_threads(threads))
     try:
-        with _sigterm_raises():
+        with _sigterm_raises(), _logs_above_bars():
             result = COMMANDS[args.command](args)
         if args.command == "compress" and args.dry_run and not result["ok"]:
             return EXIT_RESOURCES  # the plan says NOT ENOUGH
@@ -811,6 +811,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         torch.set_num_threads(threads)  # as it was, for a caller in this process
     return 0
+
+
+@contextlib.contextmanager
+def _logs_above_bars():
+    """For the command's duration, log lines to the console go through tqdm.write, which
+    clears a live progress bar, prints the line and draws the bar again below it: else the
+    line lands on the bar's own line. Nothing changes where the console gets no log lines
+    (a caller that configured logging its own way)."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    console = [h for h in logging.root.handlers if isinstance(h, logging.StreamHandler)
+               and h.stream in (sys.stdout, sys.stderr)]  # fmt: skip
+    with logging_redirect_tqdm() if console else contextlib.nullcontext():
+        yield
 
 
 @contextlib.contextmanager

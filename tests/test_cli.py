@@ -522,6 +522,41 @@ def test_threads_option_sets_torch_threads_after_the_command(monkeypatch):
     assert code == 2 and "must be 1 or more" in stderr
 
 
+def test_log_lines_print_above_a_live_progress_bar(monkeypatch):
+    """A log line written while a bar is drawn (the run's "block 3/30: ..." under the
+    Compressing bar) starts a line of its own; without tqdm's logging redirect it printed on
+    the bar's line, after the bar."""
+    import logging
+
+    from tqdm import tqdm
+
+    from streamsvd import cli
+
+    def command(args):
+        bar = tqdm(total=2, desc="Compressing", file=sys.stderr, disable=False)  # as on a tty
+        bar.update(1)
+        logging.getLogger("streamsvd.pipeline").warning("block 1/2 done")
+        bar.update(1)
+        bar.close()
+
+    monkeypatch.setitem(cli.COMMANDS, "export-dense", command)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        console = logging.StreamHandler(sys.stderr)  # as logging.basicConfig makes it
+        logging.root.addHandler(console)
+        try:
+            code = main(["-q", "export-dense", "--model", "/nonexistent", "--out", "/nowhere"])
+        finally:
+            logging.root.removeHandler(console)
+    assert code == 0
+    line = next(line for line in err.getvalue().split("\n") if "block 1/2 done" in line)
+    assert line.rsplit("\r", 1)[-1] == "block 1/2 done", repr(line)  # what the terminal shows
+    assert "Compressing: 100%" in err.getvalue()  # the bar drawn again, then finished
+    assert logging.root.handlers.count(console) == 0 and not any(
+        type(h).__name__ == "_TqdmLoggingHandler" for h in logging.root.handlers
+    )  # the console handlers as they were
+
+
 def test_the_command_line_lets_idle_openmp_threads_sleep():
     """OpenMP threads that spin while they wait took the cores of other jobs on a shared
     machine (blocks 10-20x slower): the command line sets OMP_WAIT_POLICY=PASSIVE before
