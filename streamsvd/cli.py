@@ -540,8 +540,12 @@ def format_summary(s: dict) -> str:
     quant = s.get("quantization")
     bits = (f", factors in {quant['bits']} bits (groups of {quant['group_size']}, "
             f"{'symmetric' if quant['symmetric'] else 'asymmetric'})" if quant else "")  # fmt: skip
+    sessions = s.get("sessions", 1)
+    across = (f" ({s['seconds_all_sessions']:.1f}s across {sessions} sessions, each earlier "
+              "one's up to its last finished block)" if sessions > 1 else "")  # fmt: skip
     lines = [
-        f"compressed with {s['method']} at ratio {s['ratio']}{bits} in {s['seconds']:.1f}s",
+        f"compressed with {s['method']} at ratio {s['ratio']}{bits} in {s['seconds']:.1f}s"
+        + across,
         f"  parameters   {s['params_before']:,} -> {s['params_after']:,} "
         f"({s['params_after'] / s['params_before']:.1%})",
         f"  linear params {s['linear_params_before']:,} -> {s['linear_params_after']:,} "
@@ -585,6 +589,8 @@ def format_summary(s: dict) -> str:
             + ", ".join(f"{k} {v:.1f}s" for k, v in overhead.items())
             + ")"
         )
+    if "out" in s:  # last, where a reader of the log looks for it
+        lines.append(f"  output       {s['out']}")
     return "\n".join(lines)
 
 

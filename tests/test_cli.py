@@ -58,6 +58,7 @@ def test_compress_succeeds(compressed, model_dir):
     code, stdout, stderr, out = compressed
     assert code == 0, stderr
     assert "compressed with svdllm-a at ratio 0.25" in stdout
+    assert stdout.splitlines()[-1] == f"  output       {out.resolve()}"  # last, where it is seen
     section = json.loads((out / "config.json").read_text())["streamsvd"]
     assert section["complete"] is True and section["method"] == "svdllm-a"
     assert section["ratio"] == 0.25 and len(section["ranks"]) == 14
