@@ -44,7 +44,7 @@ log = logging.getLogger("streamsvd")
 DEMO_PROMPTS = ["What is the capital of France?", "Name three colours.",
                 "Give me a tip for sleeping better."]  # fmt: skip
 DEMO_RATIO = 0.2  # P1's lightest ratio; the README shows what it prints
-DEMO_REFINE_EPOCHS = 4  # a quarter of compress's default: the demo stays near 20 minutes
+DEMO_REFINE_EPOCHS = 4  # a quarter of compress's default, to keep the demo short
 
 EXAMPLES = """\
 examples:
@@ -716,7 +716,7 @@ def cmd_heal(args) -> dict:
 
 def cmd_demo(args) -> None:
     """Plain SVD and the default method at the same ratio, side by side with the original:
-    what the calibration buys, in a few minutes on a laptop CPU."""
+    what the calibration buys, on a laptop CPU (its time: docs/results.md#the-demo)."""
     import shutil
 
     from .calib import as_chat, load_text
