@@ -383,7 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "small whatever its size): for measuring memory and time at scale. "
                         "Shapes: " + ", ".join(f"{k} ({v.source})" for k, v in SHAPES.items())
                         )  # fmt: skip
-    sy.add_argument("--shape", choices=list(SHAPES), required=True)
+    sy.add_argument(
+        "--shape",
+        choices=list(SHAPES),
+        required=True,
+        help="the model whose shapes to write (sources: the description above)",
+    )
     sy.add_argument("--layers", type=int, help="decoder blocks (default: the real model's)")
     sy.add_argument("--out", required=True, help="output directory (must not exist yet)")
     sy.add_argument("--dtype", choices=list(DTYPES), default="bf16",
