@@ -363,7 +363,7 @@ class Compressor:
                 have["device"] = (free + torch.cuda.memory_reserved(self.device), "device")
             fixed = {"peak": rss, "after": rss}  # the setup is behind it
             keep = make_plan(self.cfg, fixed, timing=False, processes=self.world.size,
-                             have=have, warn=False).refine_streams  # fmt: skip
+                             have=have, warn=False, model=self.model).refine_streams  # fmt: skip
         if keep:
             log.info(
                 "refinement keeps each block's streams %s",

@@ -247,7 +247,7 @@ def measure_baseline(cfg, timing: dict | None = None) -> dict:
 
 def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | None = None,
               timing: bool = True, processes: int = 1, have: dict | None = None,
-              warn: bool = True) -> Plan:  # fmt: skip
+              warn: bool = True, model=None) -> Plan:  # fmt: skip
     """The plan of compress run `cfg` (a CompressConfig). `fixed`: the setup's memory as
     `measure_baseline` returns it, measured when not given. `device_memory`: bytes of the
     GPU the run is meant for, where that GPU is not visible here (planning on a login
@@ -256,13 +256,14 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
     block and whole sums as one process does, but streams only its share of the windows,
     and factorises its share of each stage's linears. have: the memory the run may use, as
     `memory_have` gives it (measured here when not given). warn=False: the calibration's
-    warnings are not repeated (a run planning itself has given them)."""
+    warnings are not repeated, and `model`: its skeleton, not built again (a run planning
+    itself has given the one and has the other)."""
     reader = CheckpointReader(cfg.model)
     config = load_config(cfg.model)
     dtype = reader.dtype()
     item = dtype.itemsize  # on disk
     compute = compute_dtype(cfg.compute_dtype, dtype, cfg.device)
-    model = build_skeleton(config, compute)
+    model = model or build_skeleton(config, compute)
     tensors = ModelTensors(reader, model)  # named and shaped as the model's parameters
     prefix, blocks = find_blocks(model)
     tensors.check_blocks(prefix)
