@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import hashlib
-from collections import defaultdict
+from collections import defaultdict, deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -103,6 +105,99 @@ class ActivationStore:
             stop = min(start + batch, self.shape[0])
             digest.update(self.read(stream, slot, start, stop).view(-1).view(torch.uint8).numpy())
         return digest.hexdigest()
+
+
+HELD = ("device", "host")  # where a block's windows can be held whole
+KEEP = ("auto", *HELD, "store")  # "auto": where the memory plan says (plan.refine_keep)
+
+
+def keep_text(keep: str, cuda: bool) -> str:
+    """Where a block's held windows are, for the log and --dry-run."""
+    return {
+        "device": "held on the device, each read from the store once",
+        "host": f"held in {'pinned ' * cuda}host memory, each read from the store once",
+        "store": "read from the store on every epoch, a step ahead of the compute",
+    }[keep]
+
+
+class HeldWindows:
+    """A block's windows of some streams, for a pass that reads them over and over
+    (refinement's epochs), read from the store at most once each where they fit.
+
+    keep "device" or "host": every window of every stream is read up front and held, on
+    the device or in host memory (pinned on a GPU, copied over each time it is asked for);
+    keep "store": each is read when asked, by a background thread one step ahead of the
+    compute (`expect` tells it which windows come next). `reads` give a stream's windows
+    on the host (pinned on a GPU) without timing themselves, as the background thread
+    calls them; the waits for them are timed here, as "activations"."""
+
+    def __init__(self, reads: dict[str, Callable[[int, int], torch.Tensor]],
+                 windows: list[tuple[int, int]], keep: str, device: torch.device,
+                 clock: Callable = lambda stage: contextlib.nullcontext()):  # fmt: skip
+        if keep not in KEEP[1:]:
+            raise ValueError(f"keep must be one of {KEEP[1:]}, got {keep!r}")
+        self.reads, self.keep, self.device, self.clock = reads, keep, device, clock
+        self.held: dict[tuple[str, int, int], torch.Tensor] = {}
+        self._ahead: deque[tuple[str, int, int]] = deque()  # expected, not yet submitted
+        self._pending: dict[tuple[str, int, int], Future] = {}
+        self._reader = None
+        if keep == "store":
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
+            return
+        # held tensors are used by autograd later: not inference tensors
+        with clock("activations"), torch.inference_mode(False):
+            for name, read in reads.items():
+                for start, stop in windows:
+                    batch = read(start, stop)
+                    if keep == "device":
+                        batch = batch.to(device, non_blocking=True)
+                    self.held[name, start, stop] = batch
+
+    def __call__(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Windows start:stop of stream `name` on the device, a tensor of their own (a
+        block may write its input in place)."""
+        key = (name, start, stop)
+        if self.keep != "store":
+            batch = self.held[key]
+            if self.keep == "device" or self.device.type == "cpu":
+                return batch.clone()
+            return batch.to(self.device, non_blocking=True)
+        future = self._pending.pop(key, None)
+        with self.clock("activations"):
+            batch = future.result() if future is not None else self.reads[name](start, stop)
+        self._read_ahead()
+        return batch.to(self.device, non_blocking=True)
+
+    def expect(self, keys: list[tuple[str, int, int]]) -> None:
+        """The windows the coming pass asks for, (stream, start, stop) in order: read ahead
+        where they are not held. What an earlier pass left unasked is dropped."""
+        if self._reader is None:
+            return
+        for future in self._pending.values():
+            future.cancel()
+        self._pending.clear()
+        self._ahead = deque(keys)
+        self._read_ahead()
+
+    def _read_ahead(self) -> None:
+        """Keep one step ahead: a window of each stream in flight."""
+        while self._ahead and len(self._pending) < len(self.reads):
+            key = self._ahead.popleft()
+            if key not in self._pending:
+                self._pending[key] = self._reader.submit(self.reads[key[0]], *key[1:])
+
+    def close(self) -> None:
+        """Drop what is held and stop reading ahead (waiting for a read in flight)."""
+        self.held.clear()
+        if self._reader is not None:
+            self._reader.shutdown(wait=True, cancel_futures=True)
+            self._pending.clear()
+
+    def __enter__(self) -> HeldWindows:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _fsync_files(paths: list[Path]) -> None:

@@ -21,7 +21,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from . import __version__  # noqa: E402
-from .activations import finish_zarr_io  # noqa: E402
+from .activations import KEEP, finish_zarr_io  # noqa: E402
 from .allocate import ALLOCATIONS  # noqa: E402
 from .checkpoint import locate_checkpoint  # noqa: E402
 from .cpus import process_threads  # noqa: E402
@@ -239,6 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="refinement also trains the block's norms and the factorised linears' biases "
         "(default: factors only)",
+    )
+    c.add_argument(
+        "--refine-streams",
+        choices=KEEP,
+        default="auto",
+        help="where refinement keeps each block's two streams between its epochs: held on "
+        "the device, held in host memory (pinned on a GPU), or read from the store on every "
+        "epoch, a step ahead of the compute; the output is the same bytes in every case "
+        "(default auto: the first that the memory plan fits, as --dry-run says; "
+        "docs/memory.md)",
     )
     c.add_argument(
         "--bits",
@@ -511,6 +521,7 @@ def cmd_compress(args) -> dict:
         refine_target=args.refine_target,
         refine_batch=args.refine_batch,
         refine_holdout=args.refine_holdout,
+        refine_streams=args.refine_streams,
         bits=args.bits,
         group_size=args.group_size,
         quant_symmetric=not args.asymmetric,

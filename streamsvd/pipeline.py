@@ -17,11 +17,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import psutil
 import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from . import faults
+from .activations import KEEP, keep_text
 from .allocate import ALLOCATIONS, Matrix, allocate
 from .checkpoint import (
     CheckpointReader,
@@ -100,6 +102,9 @@ class CompressConfig:
     refine_batch: int | None = None  # windows per refinement step; None: refine.step_windows
     # the last N calibration windows are scored, not trained on; the best epoch is kept
     refine_holdout: int = 0
+    # where refinement keeps a block's streams between epochs: activations.KEEP; "auto": as
+    # the memory plan says (plan.refine_keep). Bytes are the same in every place.
+    refine_streams: str = "auto"
     bits: int | None = None  # GPTQ on the factors (quantize.py); None: unquantized
     group_size: int | None = None  # None: quantize.default_group_size of the model's widths
     quant_symmetric: bool = True  # asymmetric: a zero point per group too
@@ -135,6 +140,15 @@ class CompressConfig:
             raise StreamSVDError(
                 f"--refine-batch must be 1 to --batch-size ({self.batch_size}) windows, got "
                 f"{self.refine_batch}: refinement's steps are cut from the calibration batches"
+            )
+        if self.refine_streams not in KEEP:
+            raise StreamSVDError(
+                f"--refine-streams must be one of {', '.join(KEEP)}, got {self.refine_streams!r}"
+            )
+        if self.refine_streams == "device" and not self.device.startswith("cuda"):
+            raise StreamSVDError(
+                "--refine-streams device holds the streams in GPU memory: it needs --device "
+                "cuda (on a CPU, host memory is the device: --refine-streams host)"
             )
         if self.refine_holdout:  # whole steps at the end, at least one left to train on
             held_out_steps(micro_batches(calibration_batches(self), self.refine.batch),
@@ -234,6 +248,7 @@ class Compressor:
         self.journal, self.store = self.rundir.journal, self.rundir.store
         self.ranks: dict[str, int] | None = None  # the allocation's; None: the uniform rule
         self.spectra_seconds = 0.0  # spent in this process on the allocation's first pass
+        self.refine_keep = ""  # where refinement keeps the streams, once the run starts
 
     # -- the run -----------------------------------------------------------------------
     def run(self) -> dict:
@@ -279,6 +294,7 @@ class Compressor:
         bar = tqdm(total=n_blocks, initial=first, desc="Compressing", unit="block",
                    disable=None if self.world.writer else True)  # fmt: skip
         if first < n_blocks:
+            self.refine_keep = self._refine_keep()
             planned = self._planned_seconds()
             log.info("estimated %.0fs per block, %.0fs for the %d left (device micro-benchmark)",
                      planned, planned * (n_blocks - first), n_blocks - first)  # fmt: skip
@@ -331,7 +347,33 @@ class Compressor:
             rates |= measure_store(self.cfg.run_dir, self.cfg.seqlen, text.hidden_size,
                                    self.compute)  # fmt: skip
         mine = process_share(self.cfg, self.world.size)  # this process's windows
+        mine = dataclasses.replace(mine, refine_streams=self.refine_keep or "auto")
         return block_seconds(mine, text, linears, groups, rates)["total"]
+
+    def _refine_keep(self) -> str:
+        """Where refinement keeps a block's streams: as asked, or as the memory plan says
+        (plan.refine_keep) with what this process holds now as its fixed part, against
+        what it holds plus what is still free."""
+        if not self.cfg.refine_epochs or self.cfg.refine_streams != "auto":
+            keep = self.cfg.refine_streams if self.cfg.refine_epochs else ""
+        else:
+            from .plan import host_memory_available, make_plan
+
+            rss = psutil.Process().memory_info().rss  # the processes on this machine share it
+            free = host_memory_available()[0] // self.world.local_size
+            have = {"host": (free + rss, "host memory")}
+            if self.device.type == "cuda":
+                free = torch.cuda.mem_get_info(self.device)[0]
+                have["device"] = (free + torch.cuda.memory_reserved(self.device), "device")
+            fixed = {"peak": rss, "after": rss}  # the setup is behind it
+            keep = make_plan(self.cfg, fixed, timing=False, processes=self.world.size,
+                             have=have, warn=False, model=self.model).refine_streams  # fmt: skip
+        if keep:
+            log.info(
+                "refinement keeps each block's streams %s",
+                keep_text(keep, self.device.type == "cuda"),
+            )
+        return keep
 
     def _embedding_stage(self, stage: str = "inputs", streams: tuple | None = None) -> list[dict]:
         """Fill what runs before block 0 (every non-block tensor but the LM head: token and
@@ -420,8 +462,9 @@ class Compressor:
         refined = {}
         if refine.epochs:
             with self._phase("refine"):
-                refined = step.refine(refine, self.rundir.reader(i), self.rundir.reader(i + 1),
-                                      self.dtype)  # fmt: skip
+                refined = step.refine(refine, self.rundir.host_reader(i),
+                                      self.rundir.host_reader(i + 1), self.dtype,
+                                      self.refine_keep)  # fmt: skip
         quantized = {}
         if quant:
             with self._phase("quantize"):
@@ -703,6 +746,7 @@ class Compressor:
             "allocation": self.cfg.allocation,
             "sequential": self.cfg.sequential,
             "refine": dataclasses.asdict(self.cfg.refine),
+            "refine_streams": self.refine_keep,  # where this run's refinement held them
             "quantization": self.setup.manifest["quantization"],
             "spectra_seconds": round(self.spectra_seconds, 2),  # the allocation's first pass
             "params_before": before,

@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from .activations import keep_text
 from .checkpoint import CheckpointReader
 from .errors import StreamSVDError
 from .factorize import METHODS, rank_for
@@ -117,6 +118,7 @@ class Plan:
     timing_note: str = ""  # where the time estimate comes from, or why there is none
     checks: list[dict] = field(default_factory=list)  # {what, need, have, ok}
     processes: int = 1  # torch.distributed: memory and time are each process's
+    refine_streams: str = ""  # where refinement keeps a block's streams (refine_keep)
 
     @property
     def host_peak_bytes(self) -> int:
@@ -244,20 +246,24 @@ def measure_baseline(cfg, timing: dict | None = None) -> dict:
 
 
 def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | None = None,
-              timing: bool = True, processes: int = 1) -> Plan:  # fmt: skip
+              timing: bool = True, processes: int = 1, have: dict | None = None,
+              warn: bool = True, model=None) -> Plan:  # fmt: skip
     """The plan of compress run `cfg` (a CompressConfig). `fixed`: the setup's memory as
     `measure_baseline` returns it, measured when not given. `device_memory`: bytes of the
     GPU the run is meant for, where that GPU is not visible here (planning on a login
     node); the time estimate then is unavailable. timing=False skips the micro-benchmark.
     processes: plan each of that many torch.distributed processes (world.py): it holds a
     block and whole sums as one process does, but streams only its share of the windows,
-    and factorises its share of each stage's linears."""
+    and factorises its share of each stage's linears. have: the memory the run may use, as
+    `memory_have` gives it (measured here when not given). warn=False: the calibration's
+    warnings are not repeated, and `model`: its skeleton, not built again (a run planning
+    itself has given the one and has the other)."""
     reader = CheckpointReader(cfg.model)
     config = load_config(cfg.model)
     dtype = reader.dtype()
     item = dtype.itemsize  # on disk
     compute = compute_dtype(cfg.compute_dtype, dtype, cfg.device)
-    model = build_skeleton(config, compute)
+    model = model or build_skeleton(config, compute)
     tensors = ModelTensors(reader, model)  # named and shaped as the model's parameters
     prefix, blocks = find_blocks(model)
     tensors.check_blocks(prefix)
@@ -265,7 +271,7 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
     check_supported(blocks)
     from .prepare import check_calibration_size  # prepare imports this module
 
-    check_calibration_size(cfg, blocks)
+    check_calibration_size(cfg, blocks, warn)
     method = METHODS[cfg.method]
     shapes = tensors.shapes()
     check_shapes(model, shapes, cfg.model)
@@ -311,6 +317,9 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
     if "timing" in fixed:
         first["timing"] = fixed["timing"]
     host = {**first, **host}
+    have = have or memory_have(total_cfg, device_memory)
+    keep = refine_keep(cfg, host, device, refine_held_bytes(cfg, text.hidden_size, compute),
+                       have)  # fmt: skip
 
     seconds, note, spectra = None, "", None
     if timing:
@@ -323,7 +332,8 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
             if streams:  # the activation store's speed, where the run will keep it
                 rates |= measure_store(existing(Path(cfg.run_dir)), cfg.seqlen,
                                        text.hidden_size, compute)  # fmt: skip
-            seconds = block_seconds(cfg, text, linears, groups, rates)
+            seconds = block_seconds(dataclasses.replace(cfg, refine_streams=keep or "auto"),
+                                    text, linears, groups, rates)  # fmt: skip
             note = f"from a micro-benchmark of {rates['device_name']}"
             if processes > 1:  # each factorises about its share of the linears
                 for stage in ("cholesky", "svd", "update"):
@@ -362,8 +372,9 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
         spectra_seconds_per_block=spectra,
         timing_note=note,
         processes=processes,
+        refine_streams=keep,
     )
-    plan.checks = _checks(plan, total_cfg, device_memory)
+    plan.checks = _checks(plan, total_cfg, have)
     return plan
 
 
@@ -510,6 +521,37 @@ def refine_memory(cfg, text, linears: list[LinearPlan], item: int) -> int:
     return trainable_bytes(params, kept) + local + saved
 
 
+def refine_held_bytes(cfg, hidden: int, compute: torch.dtype) -> int:
+    """Bytes of refinement's two streams held whole (activations.HeldWindows): the
+    compressed stream's inputs and the original stream's outputs of this process's
+    windows, in the compute dtype, as the store keeps them."""
+    return 2 * cfg.nsamples * cfg.seqlen * hidden * compute.itemsize
+
+
+def refine_keep(cfg, host: dict[str, int], device: dict[str, int], held: int,
+                have: dict[str, tuple[int, str]]) -> str:  # fmt: skip
+    """Where refinement keeps a block's streams between its epochs, and the phases' bytes
+    updated to match (in place): "device" where the device's peak with them fits its
+    memory, else "host" (pinned on a GPU) where the host's does, else "store": read from
+    the store on every step, a step ahead of the compute. --refine-streams other than
+    auto: as asked. "" without refinement."""
+    if not getattr(cfg, "refine_epochs", 0):
+        return ""
+    keep = getattr(cfg, "refine_streams", "auto")
+    on_host = host.get("refine", host.get("block", 0)) + held  # on a GPU: the block phase's
+    if keep == "auto":
+        keep = "store"
+        if device and max(*device.values(), device["refine"] + held) <= have["device"][0]:
+            keep = "device"
+        elif max(*host.values(), on_host) <= have["host"][0]:
+            keep = "host"
+    if keep == "device":
+        device["refine"] += held
+    elif keep == "host":
+        host["refine"] = on_host
+    return keep
+
+
 def largest_block(shapes: dict[str, tuple], prefix: str, n_blocks: int) -> tuple[int, int]:
     """(index, parameters) of the block with the most parameters. Blocks may differ
     (DeepSeek-V3's first blocks are dense, the rest mixtures of experts): memory and time
@@ -627,20 +669,29 @@ def existing(path: Path) -> Path:
     return path
 
 
-def _checks(plan: Plan, cfg, device_memory: int | None = None) -> list[dict]:
+def memory_have(cfg, device_memory: int | None = None) -> dict[str, tuple[int, str]]:
+    """The memory a run may use, (bytes, where the figure comes from): "host" always,
+    "device" on a GPU (`device_memory` where given, else what is free on it now)."""
     have, source = host_memory_available()
-    checks = [{"what": f"host memory ({source})", "need": plan.host_peak_bytes, "have": have}]
-    if plan.device_phases:
+    out = {"host": (have, f"host memory ({source})")}
+    if cfg.device.startswith("cuda"):
         if device_memory is not None:
-            free, what = device_memory, "device memory (--device-memory)"
+            out["device"] = (device_memory, "device memory (--device-memory)")
         elif torch.cuda.is_available():
             free = torch.cuda.mem_get_info(torch.device(cfg.device))[0]
-            what = "device memory (free)"
+            out["device"] = (free, "device memory (free)")
         else:
             raise StreamSVDError(
                 "no CUDA GPU is visible to check the plan against: give the GPU's memory "
                 "with --device-memory GIB (e.g. 24) to plan for it here"
             )
+    return out
+
+
+def _checks(plan: Plan, cfg, have: dict[str, tuple[int, str]]) -> list[dict]:
+    checks = [{"what": have["host"][1], "need": plan.host_peak_bytes, "have": have["host"][0]}]
+    if plan.device_phases:
+        free, what = have["device"]
         checks.append({"what": what, "need": plan.device_peak_bytes, "have": free})
     for where, need, what in disk_needs(cfg, plan.disk_bytes):
         checks.append(
@@ -717,6 +768,9 @@ def format_plan(plan: Plan) -> str:
             + ", ".join(f"{k} {size_text(v)}" for k, v in plan.device_phases.items())
             + ")"
         )
+    if plan.refine_streams:
+        where = keep_text(plan.refine_streams, plan.device.startswith("cuda"))
+        lines.append(f"  refinement    each block's streams {where}")
     if plan.seconds_per_block:
         per = plan.seconds_per_block
         lines.append(

@@ -12,9 +12,12 @@ with the dense block's outputs on the compressed stream: at λ = 1 the block is 
 cancel all the error earlier blocks handed it, which it cannot predict from X′, and on
 held-out text that made SmolLM2 worse than no refinement (benchmarks/results/
 refine_heldout.md). The dense block's outputs on X′ are computed once per block, before
-training, and held until it ends. Both streams are on disk, read one micro-batch at a time,
-so the training memory is one block's trainable parameters, their gradients and AdamW's
-two moments, one micro-batch's activations for backward, and those outputs.
+training, and held until it ends. Both streams are on disk; where the memory plan fits
+them (plan.refine_keep), each is read once and held across the epochs on the device or in
+host memory, else read a micro-batch at a time, a step ahead of the compute
+(activations.HeldWindows). The training memory is one block's trainable parameters, their
+gradients and AdamW's two moments, one micro-batch's activations for backward, those
+outputs, and the streams where held.
 
 Training runs in float32 whatever the compute dtype (no mixed precision: not measured to
 cost nothing; float64 for a float64 checkpoint, whose values float32 would round), AdamW
@@ -48,6 +51,7 @@ from .modeling import LowRankLinear
 from .world import World
 
 Read = Callable[[int, int], torch.Tensor]  # (start, stop) -> a micro-batch on the device
+Ahead = Callable[[list[tuple[int, int]]], None]  # the (start, stop) this rank's pass reads next
 
 # 2-window steps at lr 3e-4 beat the closed form on held-out text at ratios 0.2, 0.4 and
 # 0.6 (benchmarks/results/refine_heldout.md), so refinement is on by default, as issue 20
@@ -175,7 +179,8 @@ def saved_values_per_token(hidden: int, intermediate: int, ranks: int) -> int:
 
 def refine_block(block: nn.Module, arguments: dict[int, dict], batches: list[tuple[int, int]],
                  read_inputs: Read, read_targets: Read, settings: RefineSettings, index: int,
-                 dtype: torch.dtype, world: World | None = None) -> dict:  # fmt: skip
+                 dtype: torch.dtype, world: World | None = None,
+                 ahead: Ahead | None = None) -> dict:  # fmt: skip
     """Train the block in place. Each trained parameter ends rounded to `dtype` (the
     output's), in the dtype it had before, so that the block runs the values written;
     everything else ends as it was. Returns the mean loss of the first and the last epoch,
@@ -189,7 +194,8 @@ def refine_block(block: nn.Module, arguments: dict[int, dict], batches: list[tup
     them, each rank trains on its piece (rank_piece), and the gradients are averaged over
     the step's windows before every rank takes the same optimiser step. N processes thus
     take one process's steps, up to rounding. The held-out loss is summed over the ranks'
-    pieces as the training loss is: every rank keeps the same epoch."""
+    pieces as the training loss is: every rank keeps the same epoch. `ahead`: told what
+    each pass will read (a streamed source reads ahead of the compute)."""
     world = world or World()
     names = trainable_names(block, settings.norms)
     before = {n: t.dtype for n, t in [*block.named_parameters(), *block.named_buffers()]}
@@ -208,7 +214,7 @@ def refine_block(block: nn.Module, arguments: dict[int, dict], batches: list[tup
         owners = [r for r, mine in enumerate(everyone) for _ in mine]
         trained_on = len(steps) - held_out_steps(steps, settings.holdout)
         schedule = warmup_cosine(optimizer, settings.epochs * trained_on)
-        fetch = _Fetch(read_inputs, read_targets, batches[0], train, world)
+        fetch = _Fetch(read_inputs, read_targets, batches[0], train, world, ahead)
         gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)
         step_with = (params, optimizer, schedule, world)
         held_out = list(zip(steps[trained_on:], owners[trained_on:], strict=True))
@@ -259,9 +265,10 @@ class _Fetch:
     broadcasts them (the others learn their shape from their own first micro-batch)."""
 
     def __init__(self, read_inputs: Read, read_targets: Read, first: tuple[int, int],
-                 dtype: torch.dtype, world: World):  # fmt: skip
+                 dtype: torch.dtype, world: World, ahead: Ahead | None = None):  # fmt: skip
         self.read_inputs, self.read_targets, self.dtype, self.world = (
             read_inputs, read_targets, dtype, world)  # fmt: skip
+        self.ahead = ahead
         if world.distributed:
             probe = read_inputs(*first)
             self.window_shape, self.device = probe.shape[1:], probe.device
@@ -280,6 +287,13 @@ class _Fetch:
         a, b = rank_piece(start, stop, world.rank, world.size)
         return x[a:b], y[a:b]
 
+    def expect(self, windows: list[tuple[int, int]], owners: list[int]) -> None:
+        """A pass will fetch `windows` (with their owners) in this order: tell `ahead` the
+        ones this rank reads."""
+        if self.ahead is not None:
+            mine = self.world.rank if self.world.distributed else None
+            self.ahead([w for w, o in zip(windows, owners, strict=True) if mine in (None, o)])
+
     def _read(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.read_inputs(start, stop).to(self.dtype)
         return x, self.read_targets(start, stop).to(self.dtype)
@@ -294,6 +308,7 @@ def _epoch(block: nn.Module, arguments: dict[int, dict], fetch: _Fetch,
     world = step_with[-1]
     total = tokens = 0
     overflowed = False
+    fetch.expect([steps[k] for k in order], [owners[k] for k in order])
     for k in order:
         start, stop = steps[k]
         x, y = fetch(start, stop, owners[k])
@@ -319,6 +334,7 @@ def _heldout_loss(block: nn.Module, arguments: dict[int, dict], fetch: _Fetch,
     targets held NaN or inf."""
     total = windows = 0
     overflowed = False
+    fetch.expect([w for w, _ in held_out], [o for _, o in held_out])
     with torch.no_grad():
         for (start, stop), owner in held_out:
             x, y = fetch(start, stop, owner)

@@ -265,15 +265,32 @@ class RunDir:
 
         return write
 
+    def host_reader(self, i: int):
+        """Block i's input batches as `reader`'s, but left on the host (pinned on a GPU)
+        and untimed: for a reader that holds them or reads ahead on a thread of its own
+        (activations.HeldWindows), which times its waits itself."""
+
+        def read(stream: str, start: int, stop: int) -> torch.Tensor:
+            with self.writing(self.store.root):
+                return self.host_batch(stream, i % 2, start, stop)
+
+        return read
+
+    def host_batch(self, stream: str, slot: int, start: int, stop: int) -> torch.Tensor:
+        """A micro-batch of a stream on the host, pinned on a GPU (windows numbered as in
+        the whole run)."""
+        batch = self.store.read(stream, slot, start - self.offset, stop - self.offset)
+        return batch.pin_memory() if self.device.type == "cuda" else batch
+
     def read(self, stream: str, slot: int, start: int, stop: int) -> torch.Tensor:
         """A micro-batch of a stream on the device (windows numbered as in the whole run).
         The one host-to-device copy of the run's activations: on a GPU from pinned memory,
         asynchronously (the caching host allocator keeps the pinned buffer alive until the
         copy is done)."""
         with self.timer("activations"):
-            batch = self.store.read(stream, slot, start - self.offset, stop - self.offset)
+            batch = self.host_batch(stream, slot, start, stop)
             if self.device.type == "cuda":
-                return batch.pin_memory().to(self.device, non_blocking=True)
+                return batch.to(self.device, non_blocking=True)
             return batch
 
     def write(self, stream: str, slot: int, start: int, values, digest) -> None:

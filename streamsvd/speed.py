@@ -142,14 +142,18 @@ def activation_passes(cfg, stages: int, reads_comp: bool) -> tuple[int, int]:
     """How many times a block reads and writes a whole stream of activations: every stage's
     statistics read the original stream (and the compressed one where the method pairs
     them), the first writes the original's next; the advance reads and writes the
-    compressed stream; each refinement epoch reads the compressed inputs and the targets;
-    quantizing reads the compressed stream once per stage."""
+    compressed stream; refinement reads the compressed inputs and the targets once where
+    it holds them (plan.refine_keep), else on every epoch, and the compressed inputs once
+    more for the dense block's share of the target; quantizing reads the compressed
+    stream once per stage."""
     reads = stages * (1 + reads_comp)
     writes = 1
     if "comp" in cfg.streams:
         reads, writes = reads + 1, writes + 1
     epochs = getattr(cfg, "refine_epochs", 0)
-    if epochs:
+    if epochs and getattr(cfg, "refine_streams", "store") in ("device", "host"):
+        reads += 2
+    elif epochs:
         reads += 2 * epochs + (cfg.refine_target < 1)
     if getattr(cfg, "bits", None):  # the compressed stream once more per stage
         reads += stages

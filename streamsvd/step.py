@@ -18,6 +18,7 @@ Two ways to take a block's statistics:
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from . import faults
+from .activations import HeldWindows
 from .experts import same_routing
 from .factorize import METHODS, Clock, Method, untimed
 from .model import capture_inputs, run_block, shared_input_groups
@@ -240,32 +242,43 @@ class BlockStep:
             self.dense = dense
         return written, tokens
 
-    def refine(self, settings: RefineSettings, read: Read, read_next: Read,
-               dtype: torch.dtype) -> dict:  # fmt: skip
+    def refine(self, settings: RefineSettings, read: Read, read_next: Read, dtype: torch.dtype,
+               keep: str = "store") -> dict:  # fmt: skip
         """Train the compressed block (refine.py), fed the compressed stream's inputs
         (`read`), towards λ times the original stream's outputs, which the statistics wrote
         to the next block's inputs (`read_next`), plus 1 − λ times the dense block's outputs
         on the compressed stream, computed here first. Trained values are rounded to
-        `dtype`, as written."""
+        `dtype`, as written. `read` and `read_next` give host batches, untimed
+        (RunDir.host_reader); `keep` says where the windows stay between epochs
+        (activations.HeldWindows: "device", "host", or "store", read ahead)."""
         steps = micro_batches(self.batches, settings.batch)
-        local = {}
-        if settings.target < 1:
-            with self.clock("forward"), _swapped(self.block, self.dense):
-                for start, stop in steps:
-                    local[start] = run_block(self.block, read("comp", start, stop),
-                                             self.arguments)  # fmt: skip
-            self.dense = {}  # not needed for training
+        reads = {
+            "comp": functools.partial(read, "comp"),
+            "orig": functools.partial(read_next, "orig"),
+        }
+        with HeldWindows(reads, steps, keep, self.device, self.clock) as windows:
+            local = {}
+            if settings.target < 1:
+                windows.expect([("comp", start, stop) for start, stop in steps])
+                with self.clock("forward"), _swapped(self.block, self.dense):
+                    for start, stop in steps:
+                        local[start] = run_block(self.block, windows("comp", start, stop),
+                                                 self.arguments)  # fmt: skip
+                self.dense = {}  # not needed for training
 
-        def target(start: int, stop: int) -> torch.Tensor:
-            y = read_next("orig", start, stop)
-            if not local:
-                return y
-            return torch.lerp(local[start].float(), y.float(), settings.target)
+            def target(start: int, stop: int) -> torch.Tensor:
+                y = windows("orig", start, stop)
+                if not local:
+                    return y
+                return torch.lerp(local[start].float(), y.float(), settings.target)
 
-        with self.clock("refine"):
-            return refine_block(self.block, self.arguments, steps,
-                                lambda start, stop: read("comp", start, stop), target,
-                                settings, self.index, dtype, self.world)  # fmt: skip
+            def ahead(pieces: list[tuple[int, int]]) -> None:  # inputs, then targets
+                windows.expect([(s, a, b) for a, b in pieces for s in ("comp", "orig")])
+
+            with self.clock("refine"):
+                return refine_block(self.block, self.arguments, steps,
+                                    functools.partial(windows, "comp"), target, settings,
+                                    self.index, dtype, self.world, ahead)  # fmt: skip
 
     def quantize(self, settings: QuantSettings, read: Read, stages: list[list[str]] | None,
                  dtype: torch.dtype) -> dict[str, dict]:  # fmt: skip
