@@ -67,13 +67,17 @@ class ActivationStore:
         data = torch.from_numpy(np.ascontiguousarray(self._array(stream, slot)[start:stop]))
         return data.view(self.dtype) if self.dtype == torch.bfloat16 else data
 
-    def write(self, stream: str, slot: int, start: int, values: torch.Tensor) -> None:
-        values = values.detach().to("cpu", self.dtype)
-        if self.dtype == torch.bfloat16:
-            values = values.view(torch.int16)
-        self._array(stream, slot)[start : start + values.shape[0]] = values.numpy()
+    def write(self, stream: str, slot: int, start: int, values: torch.Tensor,
+              digest=None) -> None:  # fmt: skip
+        """Store a micro-batch; with `digest`, feed it the bytes stored (as `checksum` reads
+        them), from the same host copy: one device-to-host copy a write."""
+        host = values.detach().to("cpu", self.dtype)
+        if digest is not None:
+            tensor_digest(digest, host, self.dtype)
+        stored = host.view(torch.int16) if self.dtype == torch.bfloat16 else host
+        self._array(stream, slot)[start : start + stored.shape[0]] = stored.numpy()
         if self._syncer is not None:
-            chunks = [self._chunk(stream, slot, k) for k in range(start, start + len(values))]
+            chunks = [self._chunk(stream, slot, k) for k in range(start, start + len(host))]
             self._pending[f"{stream}{slot}"].append(self._syncer.submit(_fsync_files, chunks))
 
     def sync(self, stream: str, slot: int) -> None:
@@ -206,7 +210,8 @@ def _fsync_files(paths: list[Path]) -> None:
 
 
 def tensor_digest(digest, values: torch.Tensor, dtype: torch.dtype):
-    """Feed what `write` stores into a running hash, in the same byte form `checksum` reads."""
+    """Feed what `write` stores into a running hash, in the same byte form `checksum` reads
+    (no copy of a contiguous host tensor already in `dtype`)."""
     digest.update(values.detach().to("cpu", dtype).contiguous().view(-1).view(torch.uint8).numpy())
     return digest
 

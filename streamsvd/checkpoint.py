@@ -322,14 +322,14 @@ def save_shard(
     before_rename: Callable[[], None] | None = None,
 ) -> str | None:
     """Write one safetensors shard to a temporary name, fsync it, rename it into place;
-    returns its SHA-256. durable=False skips the fsyncs and the hash (benchmarking only).
-    `before_rename` runs between writing and renaming (fault injection)."""
+    returns its SHA-256, hashed from the bytes written (`written_sha256`), never read back.
+    durable=False skips the fsyncs and the hash (benchmarking only). `before_rename` runs
+    between writing and renaming (fault injection)."""
     tmp = path.with_name(path.name + ".tmp")
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
     try:
         try:
-            save_file(
-                {k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"}
-            )
+            save_file(tensors, tmp, metadata={"format": "pt"})
         except SafetensorError as exc:  # its I/O errors are not OSErrors: make them so
             code = re.search(r"os error (\d+)", str(exc))
             if code is None:
@@ -341,7 +341,7 @@ def save_shard(
         digest = None
         if durable:
             fsync_path(tmp)
-            digest = file_sha256(tmp)
+            digest = written_sha256(tmp, tensors)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -349,6 +349,29 @@ def save_shard(
     if durable:
         fsync_path(path.parent)
     return digest
+
+
+def written_sha256(path: Path, tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the safetensors file just written from `tensors` (contiguous, in host
+    memory): its header read back, then the tensors' bytes from memory in the header's
+    order; the file read whole only if its data is not exactly those bytes end to end."""
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        header = f.read(struct.unpack("<Q", prefix)[0])
+    entries = json.loads(header)
+    entries.pop("__metadata__", None)
+    layout = sorted((tuple(e["data_offsets"]), name) for name, e in entries.items())
+    end = 0
+    for (start, stop), name in layout:
+        if start != end or stop - start != tensors[name].nbytes:
+            return file_sha256(path)
+        end = stop
+    if len(prefix) + len(header) + end != path.stat().st_size:
+        return file_sha256(path)
+    digest = hashlib.sha256(prefix + header)
+    for _, name in layout:
+        digest.update(tensors[name].detach().cpu().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def shard_name(i: int, n: int) -> str:

@@ -28,7 +28,6 @@ from .allocate import ALLOCATIONS, Matrix, allocate
 from .checkpoint import (
     CheckpointReader,
     check_finite,
-    file_sha256,
 )
 from .errors import NotEnoughResources, StreamSVDError
 from .experts import expert_index, fuse_dense_experts
@@ -199,29 +198,53 @@ WORK_STAGES = (
 class StageTimer:
     """Wall seconds per named stage. Stages nest: time inside an inner stage counts for it
     alone, not also for the stage around it, so the stages never add up to more than the
-    wall time. With `cuda`, a stage ends with a synchronize, so that kernels count for
-    the stage that queued them."""
+    wall time. With `cuda`, each stage boundary is a CUDA event recorded on the current
+    stream, so that kernels count for the stage that queued them; the events are resolved
+    (one wait, for the last of them) when `seconds` is read, once per block, never between
+    stages, which would stall the copies and kernels queued ahead."""
 
     def __init__(self, cuda: bool = False):
-        self.seconds: dict[str, float] = defaultdict(float)
+        self._seconds: dict[str, float] = defaultdict(float)
         self._open: list[list] = []  # [stage, since] of the stages entered, innermost last
         self._cuda = cuda
+        self._pending: list[tuple] = []  # CUDA: (stage, start event, end event) unresolved
 
     @contextlib.contextmanager
     def __call__(self, stage: str):
-        now = time.perf_counter()
+        now = self._now()
         if self._open:  # pause the enclosing stage
-            self.seconds[self._open[-1][0]] += now - self._open[-1][1]
+            self._add(self._open[-1][0], self._open[-1][1], now)
         self._open.append([stage, now])
         try:
             yield
         finally:
-            if self._cuda:
-                torch.cuda.synchronize()
-            now = time.perf_counter()
-            self.seconds[stage] += now - self._open.pop()[1]
+            now = self._now()
+            self._add(stage, self._open.pop()[1], now)
             if self._open:
                 self._open[-1][1] = now
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        """Stage -> seconds of the stages ended so far (on CUDA: waits for their events)."""
+        if self._pending:
+            self._pending[-1][2].synchronize()  # the last event: every earlier one is done
+            for stage, start, end in self._pending:
+                self._seconds[stage] += start.elapsed_time(end) / 1000  # ms
+            self._pending.clear()
+        return self._seconds
+
+    def _now(self):
+        if not self._cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _add(self, stage: str, start, end) -> None:
+        if self._cuda:
+            self._pending.append((stage, start, end))
+        else:
+            self._seconds[stage] += end - start
 
 
 def peak_rss_mb() -> float:
@@ -501,9 +524,9 @@ class Compressor:
         digests = {stream: digest.hexdigest() for stream, digest in digests.items()}
         with self.timer("write"):
             self.rundir.sync((i + 1) % 2)
-        sha = self.rundir.save(
+        shard = self.rundir.save(
             out_tensors, self.rundir.shards / shard_file(i), lambda: faults.point("shard-write", i)
-        )  # rank 0's; else None
+        )  # rank 0 records its sha256 and stat
         faults.point("before-journal", i)
         losses = {k: v for k, v in refined.items() if k.startswith("loss")}
         if refined.get("heldout_loss"):  # with a holdout: the epoch kept, 0 if declined
@@ -515,7 +538,7 @@ class Compressor:
         self.session["last_commit"] = now
         if self.world.distributed:
             same["written"] = combined_sha256(read_digests(out_tensors))
-        self.rundir.commit(f"block.{i}", {"sha256": sha, "ranks": ranks, "activations": digests,
+        self.rundir.commit(f"block.{i}", {**shard, "ranks": ranks, "activations": digests,
                                     "expert_tokens": expert_tokens,
                                     **({"refine": losses} if losses else {}),
                                     **({"rescues": rescues} if rescues else {}), "read": read,
@@ -652,9 +675,8 @@ class Compressor:
         n_blocks = len(self.blocks)
         done = 0
         while (done < n_blocks and self.journal.done(f"spectra.{done}")
-               and self._spectra_file(done).exists()
-               and file_sha256(self._spectra_file(done))
-               == self.journal.entry(f"spectra.{done}")["sha256"]):  # fmt: skip
+               and self.rundir.file_ok(self._spectra_file(done),
+                                       self.journal.entry(f"spectra.{done}"))):  # fmt: skip
             done += 1
         done = self.world.agree(done)  # rank 0's files
         if done == n_blocks:
@@ -702,13 +724,13 @@ class Compressor:
         self.world.sum_([energy])
         with self.timer("write"):
             self.rundir.sync((i + 1) % 2, ("orig",))
-        sha = self.rundir.save(sigma2, self._spectra_file(i),
-                               lambda: faults.point("spectra-write", i))  # fmt: skip
+        shard = self.rundir.save(sigma2, self._spectra_file(i),
+                                 lambda: faults.point("spectra-write", i))  # fmt: skip
         info = {"energy": float(energy), "activations": {"orig": digests["orig"].hexdigest()}}
         same = {"read": combined_sha256(weights)}
         if self.world.distributed:
             same["written"] = combined_sha256(read_digests(sigma2))
-        self.rundir.commit(f"spectra.{i}", {"sha256": sha, **info, "read": weights}, same)
+        self.rundir.commit(f"spectra.{i}", {**shard, **info, "read": weights}, same)
         empty(block)
 
     def _write_rest(self) -> None:
@@ -719,8 +741,8 @@ class Compressor:
         shard = self.rundir.shards / shard_file(None)
         tensors = self.tensors.tensors(names)
         read = self._digests("rest", tensors)  # not changed since block 1's inputs were made
-        sha = self.rundir.save(tensors, shard, lambda: faults.point("rest"))
-        self.rundir.record("rest", {"sha256": sha, "read": read})
+        saved = self.rundir.save(tensors, shard, lambda: faults.point("rest"))
+        self.rundir.record("rest", {**saved, "read": read})
 
     def _summary(self, seconds: float, ranks: dict) -> dict:
         shapes_before = self.tensors.shapes()

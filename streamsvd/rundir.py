@@ -19,13 +19,14 @@ import json
 import logging
 import os
 import shutil
+import time
 import weakref
 from pathlib import Path
 
 import torch
 
 from . import __version__, faults
-from .activations import ActivationStore, tensor_digest
+from .activations import ActivationStore
 from .checkpoint import (
     atomic_write_bytes,
     copy_side_files,
@@ -42,7 +43,7 @@ from .lowrank import export_dense, self_describing
 from .modeling import SECTION
 from .plan import disk_needs, existing, size_text
 from .quantize import QuantSettings
-from .sources import changed_read, changed_since, describe, refusal, shard_stats
+from .sources import changed_read, changed_since, describe, file_stat, refusal, shard_stats
 from .world import World
 
 log = logging.getLogger(__name__)
@@ -141,8 +142,17 @@ class RunDir:
         return recorded[self.world.rank] if isinstance(recorded, list) else recorded
 
     def shard_ok(self, stage: str, block: int | None) -> bool:
-        path = self.shards / shard_file(block)
-        return path.exists() and file_sha256(path) == self.journal.entry(stage)["sha256"]
+        return self.file_ok(self.shards / shard_file(block), self.journal.entry(stage))
+
+    def file_ok(self, path: Path, entry: dict) -> bool:
+        """Whether a file the journal vouches for (`entry`: what `save` returned) is as it
+        was written: by its stat where that was recorded and is unchanged, else by hashing
+        it whole."""
+        if not path.exists():
+            return False
+        if entry.get("stat") is not None and file_stat(path) == entry["stat"]:
+            return True
+        return file_sha256(path) == entry["sha256"]
 
     def forget_blocks(self, blocks) -> None:
         stages = [f"block.{i}" for i in blocks] + (["inputs"] if self.streams else [])
@@ -229,13 +239,15 @@ class RunDir:
         with self.writing(self.journal.workdir / JOURNAL):
             self.journal.record(stage, info)
 
-    def save(self, tensors: dict[str, torch.Tensor], path: Path, fault) -> str | None:
-        """Write a shard (rank 0 alone; the others get None): temporary name, fsync, rename;
-        its SHA-256. `fault` runs before the rename (fault injection)."""
+    def save(self, tensors: dict[str, torch.Tensor], path: Path, fault) -> dict:
+        """Write a shard (rank 0 alone): temporary name, fsync, rename. Returns what the
+        stage's journal entry records of it: its SHA-256 (None on the other ranks) and the
+        stat that `file_ok` checks on resume. `fault` runs before the rename."""
         if not self.world.writer:
-            return None
+            return {"sha256": None}
         with self.timer("write"), self.writing(path):
-            return save_shard(tensors, path, self.durable, fault)
+            sha = save_shard(tensors, path, self.durable, fault)
+            return {"sha256": sha, "stat": _settled_stat(path) if sha else None}
 
     def sync(self, slot: int, streams: tuple | None = None) -> None:
         """Make the streams' activations in `slot` durable before a stage is recorded."""
@@ -296,9 +308,8 @@ class RunDir:
     def write(self, stream: str, slot: int, start: int, values, digest) -> None:
         """Store a micro-batch of a stream and feed it to the stream's checksum."""
         with self.timer("activations"):
-            self.store.write(stream, slot, start - self.offset, values)
-            if self.durable:
-                tensor_digest(digest, values, self.compute)
+            self.store.write(stream, slot, start - self.offset, values,
+                             digest if self.durable else None)  # fmt: skip
 
     # -- the output ------------------------------------------------------------------------
     def assemble(self, config: dict, classes: tuple[str, str, str]) -> dict[str, int]:
@@ -402,6 +413,23 @@ class RunDir:
 def shard_file(block: int | None) -> str:
     """A block's shard in the run directory; None: the embedding/head shard."""
     return "rest.safetensors" if block is None else f"block-{block:05d}.safetensors"
+
+
+def _settled_stat(path: Path, wait: float = 0.1) -> list[int] | None:
+    """`path`'s stat once its filesystem's clock (probed on its folder) has moved past its
+    ctime, so that any later change to the file changes the stat: a change within the same
+    tick could leave every field as it was (git's "racily clean" files). None where the
+    clock does not move on within `wait` seconds (whole-second timestamps): the file is
+    then hashed on resume."""
+    stat, folder = file_stat(path), path.parent
+    deadline = time.monotonic() + wait
+    while True:
+        os.utime(folder)  # the folder's times to the filesystem's "now"
+        if os.stat(folder).st_ctime_ns > stat[2]:
+            return stat
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.001)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -16,6 +16,7 @@ check; this one sees a change anywhere in a shard.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import defaultdict
 
 import torch
@@ -47,11 +48,13 @@ def combined_sha256(digests: dict[str, str]) -> str:
 def shard_stats(reader) -> dict[str, list[int]]:
     """Each shard's [size, mtime_ns, ctime_ns, inode]: a write, a replaced file or a copy
     changes one of them (ctime cannot be set back by hand, as mtime can)."""
-    out = {}
-    for shard in sorted(set(reader.stored.values())):
-        st = (reader.path / shard).stat()
-        out[shard] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-    return out
+    return {shard: file_stat(reader.path / shard) for shard in sorted(set(reader.stored.values()))}
+
+
+def file_stat(path) -> list[int]:
+    """A file's [size, mtime_ns, ctime_ns, inode]."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 def changed_read(tensors, stages: dict[str, dict], shards: set[str]) -> str | None:

@@ -452,3 +452,72 @@ def test_a_checkpoint_touched_or_copied_with_the_same_content_resumes(setup, tmp
     assert "is the same: going on" in result.stderr
     assert blocks_computed(result.stderr) == [3]
     assert output_hashes(out) == reference("svdllm-a")
+
+
+def test_a_shard_is_hashed_as_written_not_read_back(tmp_path, monkeypatch):
+    """save_shard's SHA-256 is the file's, though only its header is read back: the data's
+    bytes are hashed from the tensors written (a bf16, a transposed, an empty and a
+    0-d tensor among them)."""
+    reads = []
+
+    class Counted:
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, *args):
+            data = self.f.read(*args)
+            reads.append(len(data))
+            return data
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def whole_file(path):
+        raise AssertionError(f"{path} read back whole")
+
+    monkeypatch.setattr(checkpoint_module, "open", lambda *a: Counted(open(*a)), raising=False)
+    monkeypatch.setattr(checkpoint_module, "file_sha256", whole_file)
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"w": torch.randn(64, 48, generator=gen).bfloat16(),
+               "t": torch.randn(32, 16, generator=gen).T, "empty": torch.zeros(0, 4),
+               "scale": torch.tensor(0.5, dtype=torch.float64),
+               "q": torch.randint(-8, 8, (40,), generator=gen, dtype=torch.int8)}  # fmt: skip
+    path = tmp_path / "x.safetensors"
+    sha = save_shard(tensors, path)
+    raw = path.read_bytes()
+    assert sha == hashlib.sha256(raw).hexdigest()
+    header = 8 + int.from_bytes(raw[:8], "little")
+    assert sum(reads) == header < len(raw)
+
+
+def test_a_finished_shard_is_checked_by_its_stat_on_resume(setup, tmp_path, monkeypatch):
+    """Resumed, a finished shard whose stat is as recorded is not read to hash it again;
+    one whose stat changed (here only its times) is, and, the same, is kept."""
+    from streamsvd import rundir as rundir_module
+
+    model, calib, reference = setup
+    out, shards = tmp_path / "out", tmp_path / "out.work" / "shards"
+    hashed = []
+
+    def file_sha256(path):
+        hashed.append(Path(path).name)
+        return checkpoint_module.file_sha256(path)
+
+    monkeypatch.setattr(rundir_module, "file_sha256", file_sha256)
+
+    def interrupted(fault: str) -> None:
+        monkeypatch.setenv("STREAMSVD_FAULT", fault)
+        with pytest.raises(StreamSVDError, match="no space left"):
+            compress(_config(model, calib, out, "svdllm-a"))
+        monkeypatch.delenv("STREAMSVD_FAULT")
+
+    interrupted("between:1:enospc")  # block 1 done
+    interrupted("between:2:enospc")  # resumed at block 2, which is then done
+    assert hashed == []
+    os.utime(shards / "block-00001.safetensors")  # the same bytes, new times (at once)
+    compress(_config(model, calib, out, "svdllm-a"))
+    assert hashed == ["block-00001.safetensors"]
+    assert output_hashes(out) == reference("svdllm-a")

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -267,15 +268,53 @@ def test_streamed_eval_equals_in_memory_on_bf16_gqa_shards(tiny_synth, tmp_path)
 # -- time breakdown and prefetching -----------------------------------------------------
 
 
-def test_stage_timer_counts_nested_time_once(monkeypatch):
+class _FakeCuda:
+    """torch.cuda's timing calls, stubbed on a CPU: an event records `clock()` when
+    recorded; every wait (a device synchronize, an event's) is counted."""
+
+    def __init__(self, monkeypatch, clock):
+        fake = self
+
+        class Event:
+            def __init__(self, enable_timing: bool = False):
+                assert enable_timing
+                self.at = None
+
+            def record(self, stream=None):
+                self.at = clock()
+                fake.recorded += 1
+
+            def synchronize(self):
+                fake.event_waits += 1
+
+            def elapsed_time(self, end) -> float:
+                return (end.at - self.at) * 1000  # ms, as torch's
+
+        self.recorded = self.event_waits = self.device_syncs = 0
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.cuda, "synchronize", self._synchronize)
+
+    def _synchronize(self, device=None):
+        self.device_syncs += 1
+
+    @property
+    def waits(self) -> int:
+        return self.event_waits + self.device_syncs
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_stage_timer_counts_nested_time_once(monkeypatch, cuda):
     """On a clock the test moves by hand: time inside an inner stage counts for it alone,
     an enclosing stage resumes where the inner one ends, time outside stages counts for
-    none, and a stage entered twice adds up."""
+    none, and a stage entered twice adds up. On CUDA (stubbed: events read the same clock)
+    no stage waits for the device: the events are resolved, with one wait, when the
+    seconds are read."""
     from streamsvd import pipeline
 
     now = [100.0]
     monkeypatch.setattr(pipeline.time, "perf_counter", lambda: now[0])
-    timer = StageTimer()
+    fake = _FakeCuda(monkeypatch, lambda: now[0])
+    timer = StageTimer(cuda=cuda)
     with timer("forward"):
         now[0] += 2
         with timer("activations"):
@@ -286,7 +325,79 @@ def test_stage_timer_counts_nested_time_once(monkeypatch):
     now[0] += 7
     with timer("write"):
         now[0] += 0.25
+    assert fake.waits == 0
     assert dict(timer.seconds) == {"forward": 3.0, "activations": 3.5, "write": 0.25}
+    assert dict(timer.seconds) == {"forward": 3.0, "activations": 3.5, "write": 0.25}
+    assert (fake.recorded, fake.event_waits) == ((8, 1) if cuda else (0, 0))  # 4 stages
+    assert fake.device_syncs == 0
+
+
+def test_a_blocks_stages_wait_for_the_device_at_most_once(tiny_synth, tmp_path, monkeypatch):
+    """A run timed as on CUDA (the calls stubbed, the compute on the CPU): its stages record
+    events and never synchronize; each block waits at most once, when its stage times are
+    read (block 1 once more, for the stages before it), and the times still account for
+    the block."""
+    from streamsvd import pipeline
+
+    fake = _FakeCuda(monkeypatch, time.perf_counter)
+    monkeypatch.setattr(pipeline, "StageTimer", lambda cuda=False: StageTimer(cuda=True))
+    per_block = []
+    compress_block = pipeline.Compressor._compress_block
+
+    def counted(self, i, kwargs):
+        before, recorded = fake.waits, fake.recorded
+        compress_block(self, i, kwargs)
+        per_block.append((fake.waits - before, fake.recorded - recorded))
+
+    monkeypatch.setattr(pipeline.Compressor, "_compress_block", counted)
+    summary = compress(CompressConfig(model=str(tiny_synth), out=str(tmp_path / "out"),
+                                      nsamples=4, seqlen=16, batch_size=2, calib=None,
+                                      allow_few_tokens=True, refine_epochs=1))  # fmt: skip
+    assert len(per_block) == 2 and fake.device_syncs == 0
+    # block 1 also resolves the stages before it (block 0's inputs) as it starts
+    waits = [w for w, _ in per_block]
+    assert waits[0] <= 2 and waits[1] <= 1, waits
+    assert all(recorded > 20 for _, recorded in per_block)  # dozens of stage boundaries
+    for block in summary["block_seconds"]:
+        stages = {k: v for k, v in block.items() if k not in ("block", "total")}
+        assert {"load", "forward", "stats", "refine", "write"} <= set(stages)
+        assert sum(stages.values()) <= block["total"] + 0.05  # each rounded to 0.01 s
+
+
+class _CountedCopies(torch.Tensor):
+    """A tensor that counts the copies made from it (as a device tensor's to the host)."""
+
+    copies = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        copying = (torch.Tensor.to, torch.Tensor.cpu, torch.Tensor.contiguous, torch.Tensor.clone)
+        if func in copying and out is not args[0]:
+            cls.copies += 1
+        return out
+
+
+def test_an_activation_write_copies_to_the_host_once(tmp_path):
+    """RunDir.write stores a batch and feeds its stream's digest from one host copy (made
+    here by a dtype change, as a device tensor's copy would be); the digest is still the
+    stored bytes', as a resume reads them back."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from streamsvd.activations import ActivationStore
+    from streamsvd.rundir import RunDir
+
+    store = ActivationStore(tmp_path / "acts", 3, 4, 8, torch.bfloat16)
+    store.reset("orig", 0)
+    run = SimpleNamespace(timer=StageTimer(), store=store, offset=10, durable=True)
+    values = torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(0))
+    digest = hashlib.sha256()
+    _CountedCopies.copies = 0
+    RunDir.write(run, "orig", 0, 10, values.as_subclass(_CountedCopies), digest)
+    assert _CountedCopies.copies == 1
+    assert torch.equal(store.read("orig", 0, 0, 3), values.to(torch.bfloat16))
+    assert digest.hexdigest() == store.checksum("orig", 0)
 
 
 def test_data_ranges_locate_every_tensor(tiny_synth):
