@@ -306,8 +306,7 @@ def _epoch(block: nn.Module, arguments: dict[int, dict], fetch: _Fetch,
     over every rank's windows, and whether inputs or targets held NaN or inf (not the
     optimiser's doing)."""
     world = step_with[-1]
-    total = tokens = 0
-    overflowed = False
+    tally = _Tally()
     fetch.expect([steps[k] for k in order], [owners[k] for k in order])
     for k in order:
         start, stop = steps[k]
@@ -316,13 +315,11 @@ def _epoch(block: nn.Module, arguments: dict[int, dict], fetch: _Fetch,
             _take_step(*step_with, windows=0)
             continue
         loss = _loss(block, arguments, x, y)
-        if not torch.isfinite(loss):
-            overflowed |= not bool(torch.isfinite(x).all() and torch.isfinite(y).all())
         loss.backward()
         _take_step(*step_with, windows=len(x))
-        total += loss.item() * len(x)
-        tokens += len(x)
+        tally.add(loss, x, y)
         del x, y, loss
+    total, tokens, overflowed = tally.read()
     return _mean_over_ranks(total, tokens, world), overflowed
 
 
@@ -332,20 +329,40 @@ def _heldout_loss(block: nn.Module, arguments: dict[int, dict], fetch: _Fetch,
     """The block's mean loss on the held-out steps ((start, stop), owner), the training
     objective without gradients, over every rank's pieces; and whether their inputs or
     targets held NaN or inf."""
-    total = windows = 0
-    overflowed = False
+    tally = _Tally()
     fetch.expect([w for w, _ in held_out], [o for _, o in held_out])
     with torch.no_grad():
         for (start, stop), owner in held_out:
             x, y = fetch(start, stop, owner)
             if len(x) == 0:  # fewer windows in this step than ranks
                 continue
-            loss = _loss(block, arguments, x, y)
-            if not torch.isfinite(loss):
-                overflowed |= not bool(torch.isfinite(x).all() and torch.isfinite(y).all())
-            total += loss.item() * len(x)
-            windows += len(x)
+            tally.add(_loss(block, arguments, x, y), x, y)
+    total, windows, overflowed = tally.read()
     return _mean_over_ranks(total, windows, world), overflowed
+
+
+class _Tally:
+    """A loss summed over windows, and whether a non-finite loss came from inputs or
+    targets holding NaN or inf, kept on the device and read once per pass: a step never
+    waits for the host. (float64 sums of float32 losses: the same bytes as Python floats.)"""
+
+    def __init__(self):
+        self.total: torch.Tensor | None = None
+        self.windows = 0
+        self.bad_inputs: torch.Tensor | None = None
+
+    def add(self, loss: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
+        loss = loss.detach()
+        part = loss.double() * len(x)
+        bad = ~torch.isfinite(loss) & ~(torch.isfinite(x).all() & torch.isfinite(y).all())
+        self.total = part if self.total is None else self.total + part
+        self.bad_inputs = bad if self.bad_inputs is None else self.bad_inputs | bad
+        self.windows += len(x)
+
+    def read(self) -> tuple[float, int, bool]:
+        if self.total is None:
+            return 0.0, 0, False
+        return self.total.item(), self.windows, bool(self.bad_inputs)
 
 
 def _loss(block: nn.Module, arguments: dict[int, dict], x: torch.Tensor,

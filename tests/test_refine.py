@@ -501,3 +501,41 @@ def test_two_ranks_keep_the_same_epoch(setup, tmp_path):
     ranks = [(tmp_path / f"rank{r}.jsonl").read_text().splitlines() for r in (0, 1)]
     assert len(ranks[0]) == 3 and ranks[0] == ranks[1]
     assert all(len(json.loads(line)["heldout_loss"]) == 3 + 1 for line in ranks[0])
+
+
+def test_a_refinement_step_never_waits_for_the_host(monkeypatch):
+    """Each step's loss and overflow check stay on the device (refine._Tally) and are read
+    once per pass: streamsvd's host reads of tensor values (`.item()`, `bool()`) do not grow
+    with the steps, so on CUDA the steps queue without waiting. (torch's AdamW reads its
+    step counters, which live on the host unless `capturable`: no device wait.)"""
+    dense, arguments, x = _block_and_arguments(16, 8)
+    target = _output(dense, x, arguments)
+    reads = {"item": 0, "bool": 0}
+    item, to_bool = torch.Tensor.item, torch.Tensor.__bool__
+
+    def counted(name, fn):
+        def wrapper(self, *args):
+            caller = sys._getframe(1).f_code.co_filename
+            reads[name] += os.path.join("streamsvd", "") in caller  # streamsvd's, not torch's
+            return fn(self, *args)
+
+        return wrapper
+
+    def run(steps: int) -> dict:
+        block = _low_rank(dense, 0.5)
+        reads.update(item=0, bool=0)
+        monkeypatch.setattr(torch.Tensor, "item", counted("item", item))
+        monkeypatch.setattr(torch.Tensor, "__bool__", counted("bool", to_bool))
+        size = 16 // steps
+        batches = [(s, s + size) for s in range(0, 16, size)]
+        info = refine_block(block, {size: {**arguments, "position_embeddings": tuple(
+            t[:size] for t in arguments["position_embeddings"])}}, batches,
+            lambda a, b: x[a:b], lambda a, b: target[a:b], RefineSettings(epochs=3, lr=1e-3),
+            0, torch.float32)  # fmt: skip
+        monkeypatch.undo()
+        return {**reads, "info": info}
+
+    few, many = run(2), run(8)
+    assert many["item"] == few["item"] and many["bool"] == few["bool"], (few, many)
+    assert few["item"] <= 3 * 2  # the epochs' losses (first and last read at most twice)
+    assert many["info"]["loss_last_epoch"] < many["info"]["loss_first_epoch"]
