@@ -120,17 +120,23 @@ def main() -> None:
                             job.wait()
                     print(f"[{r + 1}/{args.repeats}] {name}, {condition}: "
                           f"{runs[name, condition][-1]['wall_s']:.0f} s", flush=True)  # fmt: skip
+                    write(args, summarise_all(args, runs))  # a run cut short keeps what it did
+
+
+def summarise_all(args, runs: dict) -> list[dict]:
     rows = []
     for name in args.settings:
+        if not runs[name, "shared"]:
+            continue
         row = summarise(name, runs[name, "shared"])
-        if args.alone_too:
+        if args.alone_too and runs[name, "alone"]:
             alone = summarise(name, runs[name, "alone"])
             row["alone_wall_s"] = alone["wall_s"]
             row["shared_over_alone"] = round(
                 statistics.median(row["wall_s"]) / statistics.median(alone["wall_s"]), 2
             )
         rows.append(row)
-    write(args, rows)
+    return rows
 
 
 def write(args, rows: list[dict]) -> None:
@@ -159,7 +165,7 @@ def write(args, rows: list[dict]) -> None:
         walls, loads = ", ".join(map(str, row["wall_s"])), ", ".join(map(str, row["load_average"]))
         line = (f"| {row['setting']} | {walls} | {row['block_min_s']:.1f} | "
                 f"{row['block_median_s']:.1f} | {row['block_max_s']:.1f} | {loads} |")  # fmt: skip
-        if ratio:
+        if ratio and "alone_wall_s" in row:
             line += f" {', '.join(map(str, row['alone_wall_s']))} | {row['shared_over_alone']}× |"
         lines.append(line)
     (results_dir / f"{args.name}.md").write_text("\n".join(lines) + "\n")
