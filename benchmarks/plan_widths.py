@@ -48,12 +48,17 @@ def main() -> None:
             for epochs, bits in [(e, b) for b in BITS for e in REFINE_EPOCHS]:
                 cfg = {"model": str(ckpt), "out": str(RUNS / "plan-out-unused"),
                        "calib": str(CALIB), "ratio": ratio, "refine_epochs": epochs,
-                       "bits": bits}  # fmt: skip
-                cpu = CompressConfig(device="cpu", **cfg)
+                       "bits": bits,
+                       # 405B's down_proj has 53,248 inputs: a run needs --nsamples 104 there
+                       "allow_few_tokens": True}  # fmt: skip
+                # a CPU holds refinement's streams in host memory where it has the room
+                # (what --refine-streams auto picks then): fixed here, not this machine's
+                cpu = CompressConfig(device="cpu", refine_streams="host", **cfg)
                 gpu = CompressConfig(device="cuda", **cfg)
                 fixed = fixed or measure_baseline(cpu)
                 on_cpu = make_plan(cpu, fixed, timing=False)
-                in_bf16 = CompressConfig(device="cpu", compute_dtype="checkpoint", **cfg)
+                in_bf16 = CompressConfig(device="cpu", compute_dtype="checkpoint",
+                                         refine_streams="host", **cfg)  # fmt: skip
                 on_cpu_bf16 = make_plan(in_bf16, fixed, timing=False)
                 on_gpu = make_plan(gpu, fixed, device_memory=24 * GiB, timing=False)
                 rows.append({"width": width, "ratio": ratio, "refine_epochs": epochs,
@@ -62,6 +67,7 @@ def main() -> None:
                              "cpu_host_bf16": on_cpu_bf16.host_peak_bytes,
                              "gpu_device": on_gpu.device_peak_bytes,
                              "gpu_host": on_gpu.host_peak_bytes,
+                             "gpu_refine_streams": on_gpu.refine_streams or "–",
                              "cpu_host_phases": on_cpu.host_phases,
                              "gpu_device_phases": on_gpu.device_phases})  # fmt: skip
                 print(f"{width} ratio {ratio} refine {epochs} bits {bits}: CPU host "
@@ -77,16 +83,20 @@ def main() -> None:
              f"batch 8, refinement steps of {DEFAULT_BATCH} windows; shape-only checkpoints; "
              "the GPU is one of 24 GiB, planned without it. A CPU runs the bf16 blocks in "
              "float32 (compute dtype auto); the next column keeps them in bf16 "
-             "(`--compute-dtype checkpoint`), as the GPU does.",
+             "(`--compute-dtype checkpoint`), as the GPU does. With refinement a CPU run holds "
+             "its streams in host memory (`--refine-streams host`, what auto picks where "
+             "there is room); the GPU run's place is auto's on 24 GiB. At 405B, 64×512 tokens "
+             "are fewer than down_proj's 53,248 inputs: a run needs `--nsamples 104` (or "
+             "`--allow-few-tokens`); planned here with 64×512 like the others.",
              "", "| width | ratio | refine epochs | bits | CPU run: host | CPU run in bf16: "
-             "host | GPU run: device | GPU run: host |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "host | GPU run: device | GPU run: host | GPU: refinement's streams |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         bits = r.get("bits") or "–"
         lines.append(f"| {r['width']} | {r['ratio']} | {r['refine_epochs']} | {bits} | "
                      f"{r['cpu_host'] / GiB:.1f} GiB | {r['cpu_host_bf16'] / GiB:.1f} GiB | "
                      f"{r['gpu_device'] / GiB:.1f} GiB | "
-                     f"{r['gpu_host'] / GiB:.1f} GiB |")  # fmt: skip
+                     f"{r['gpu_host'] / GiB:.1f} GiB | {r['gpu_refine_streams']} |")  # fmt: skip
     RESULTS.joinpath("plan_widths.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
