@@ -17,7 +17,6 @@ from test_resume import output_hashes
 
 from streamsvd import CompressConfig, compress
 from streamsvd.activations import ActivationStore, HeldWindows
-from streamsvd.calib import stdlib_docstrings
 from streamsvd.errors import StreamSVDError
 from streamsvd.plan import format_plan, make_plan, refine_held_bytes, refine_keep
 from streamsvd.refine import micro_batches
@@ -30,12 +29,10 @@ GiB = 1 << 30
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, small_calib_text):
     root = tmp_path_factory.mktemp("held")
     model = write_checkpoint(root / "model", tiny_config(layers=2))
-    calib = root / "calib.txt"
-    calib.write_text(stdlib_docstrings(40_000))
-    return root, model, calib
+    return root, model, small_calib_text
 
 
 def _compress(model, calib, out, **changes) -> dict:

@@ -246,14 +246,10 @@ def test_bad_refinement_settings_are_refused(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, small_calib_text):
     root = tmp_path_factory.mktemp("refine")
     model = write_checkpoint(root / "model", tiny_config(layers=3))
-    calib = root / "calib.txt"
-    from streamsvd.calib import stdlib_docstrings
-
-    calib.write_text(stdlib_docstrings(40_000))
-    return root, model, calib
+    return root, model, small_calib_text
 
 
 def _compress(model, calib, out, **changes):

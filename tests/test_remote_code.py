@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from streamsvd import CompressConfig, compress, load_compressed
-from streamsvd.calib import stdlib_docstrings
 from streamsvd.synth import FAMILIES, write_family
 
 ONE_OF_EACH_KIND = ["llama", "qwen3_moe", "gpt2", "gemma2"]
@@ -56,18 +55,11 @@ def run_stock(script: str, args: list[str], tmp_path, timeout: int) -> tuple[dic
     return json.loads(done.stdout.split("\nRESULT ")[-1]), done.stdout + done.stderr
 
 
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(stdlib_docstrings(40_000))
-    return path
-
-
 @pytest.mark.parametrize("family", ONE_OF_EACH_KIND)
-def test_stock_transformers_loads_the_low_rank_output(family, calib, tmp_path):
+def test_stock_transformers_loads_the_low_rank_output(family, small_calib_text, tmp_path):
     model = write_family(family, tmp_path / "model", dtype=torch.float64, layers=2)
     out = tmp_path / "out"
-    compress(CompressConfig(model=str(model), out=str(out), calib=str(calib), ratio=0.3,
+    compress(CompressConfig(model=str(model), out=str(out), calib=str(small_calib_text), ratio=0.3,
                             nsamples=8, seqlen=32, batch_size=4))  # fmt: skip
     ids = torch.randint(2, 500, (2, 24), generator=torch.Generator().manual_seed(3))
     result, said = run_stock(STOCK, [str(out), json.dumps(ids.tolist())], tmp_path, 300)
@@ -106,7 +98,7 @@ print("\nRESULT", json.dumps(result))
 """
 
 
-def test_every_family_loads_through_its_own_code(calib, tmp_path):
+def test_every_family_loads_through_its_own_code(small_calib_text, tmp_path):
     """Every family streamsvd compresses (synth.FAMILIES), in one process that cannot import
     streamsvd: each output is refused without trust_remote_code and, with it, gives
     `load_compressed`'s logits; its base model alone (AutoModel, what vLLM's Transformers
@@ -120,7 +112,7 @@ def test_every_family_loads_through_its_own_code(calib, tmp_path):
     for family in FAMILIES:
         model = write_family(family, tmp_path / family, dtype=torch.float32, layers=2)
         outs[family] = str(tmp_path / f"{family}-out")
-        compress(CompressConfig(model=str(model), out=outs[family], calib=str(calib),
+        compress(CompressConfig(model=str(model), out=outs[family], calib=str(small_calib_text),
                                 ratio=0.3, nsamples=4, seqlen=16, batch_size=4,
                                 allow_few_tokens=True))  # loaders, not quality  # fmt: skip
         loaded = load_compressed(outs[family])

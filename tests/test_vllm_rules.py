@@ -30,7 +30,6 @@ import torch
 from test_remote_code import run_stock
 
 from streamsvd import CompressConfig, compress
-from streamsvd.calib import stdlib_docstrings
 from streamsvd.synth import write_family
 
 AS_VLLM_LOADS = r"""
@@ -83,12 +82,10 @@ print("\nRESULT", json.dumps({
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
-def test_output_meets_vllm_transformers_backend_rules(family, tmp_path):
-    calib = tmp_path / "calib.txt"
-    calib.write_text(stdlib_docstrings(40_000))
+def test_output_meets_vllm_transformers_backend_rules(family, small_calib_text, tmp_path):
     model = write_family(family, tmp_path / "model", dtype=torch.float64, layers=2)
     out = tmp_path / "out"
-    compress(CompressConfig(model=str(model), out=str(out), calib=str(calib), ratio=0.3,
+    compress(CompressConfig(model=str(model), out=str(out), calib=str(small_calib_text), ratio=0.3,
                             nsamples=8, seqlen=32, batch_size=4))  # fmt: skip
     ids = torch.randint(2, 500, (2, 24), generator=torch.Generator().manual_seed(3))
     got, _ = run_stock(AS_VLLM_LOADS, [str(out), json.dumps(ids.tolist())], tmp_path, 300)
