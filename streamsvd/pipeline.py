@@ -377,9 +377,10 @@ class Compressor:
         """Where refinement keeps a block's streams: as asked, or as the memory plan says
         (plan.refine_keep) with what this process holds now as its fixed part, against
         what it holds plus what is still free."""
-        if not self.cfg.refine_epochs or self.cfg.refine_streams != "auto":
-            keep = self.cfg.refine_streams if self.cfg.refine_epochs else ""
-        else:
+        if not self.cfg.refine_epochs:
+            return ""
+        keep = self.cfg.refine_streams
+        if keep == "auto":
             from .plan import host_memory_available, make_plan
 
             rss = psutil.Process().memory_info().rss  # the processes on this machine share it
@@ -391,11 +392,8 @@ class Compressor:
             fixed = {"peak": rss, "after": rss}  # the setup is behind it
             keep = make_plan(self.cfg, fixed, timing=False, processes=self.world.size,
                              have=have, warn=False, model=self.model).refine_streams  # fmt: skip
-        if keep:
-            log.info(
-                "refinement keeps each block's streams %s",
-                keep_text(keep, self.device.type == "cuda"),
-            )
+        log.info("refinement keeps each block's streams %s",
+                 keep_text(keep, self.device.type == "cuda"))  # fmt: skip
         return keep
 
     def _embedding_stage(self, stage: str = "inputs", streams: tuple | None = None) -> list[dict]:
