@@ -483,11 +483,19 @@ def test_a_70b_block_fits_in_20_gib_of_host_and_24_gib_of_gpu_by_the_plan(tmp_pa
     ckpt = synthesize(tmp_path / "70b", "70b", 1, values=False)
     assert sum(p.stat().st_blocks for p in ckpt.iterdir()) * 512 < 2**20  # sparse
     fixed = {"peak": 600 * 2**20, "after": 550 * 2**20}  # the interpreter, as measured
+    # the plan adapts to the memory it is given (refinement holds its streams where there
+    # is room): plan for a 20 GiB host, not for whatever this machine has free
+    host20 = {"host": (20 * 2**30, "host memory (test)")}
     cpu = make_plan(CompressConfig(model=str(ckpt), out=str(tmp_path / "o")), fixed,
-                    timing=False)  # fmt: skip
+                    timing=False, have=host20)  # fmt: skip
     assert cpu.method == "svdllm-a" and cpu.host_peak_bytes <= 20 * 2**30
+    assert cpu.refine_streams == "store" and all(c["ok"] for c in cpu.checks[:1])
+    # with room, auto holds the streams in host memory instead, and counts them
+    roomy = make_plan(CompressConfig(model=str(ckpt), out=str(tmp_path / "o")), fixed,
+                      timing=False, have={"host": (64 * 2**30, "host memory (test)")})  # fmt: skip
+    assert roomy.refine_streams == "host" and roomy.host_peak_bytes > cpu.host_peak_bytes
     bf16_cfg = CompressConfig(model=str(ckpt), out=str(tmp_path / "o"), compute_dtype="checkpoint")
-    in_bf16 = make_plan(bf16_cfg, fixed, timing=False)
+    in_bf16 = make_plan(bf16_cfg, fixed, timing=False, have=host20)
     # the CPU runs the bf16 block in float32: at least its weights take 2 bytes more each
     shapes = CheckpointReader(ckpt).shapes()
     block_params = sum(math.prod(s) for n, s in shapes.items() if n.startswith("model.layers.0."))
@@ -507,7 +515,8 @@ def test_a_70b_block_fits_in_20_gib_of_host_and_24_gib_of_gpu_by_the_plan(tmp_pa
     for device, plan in (("cpu", None), ("cuda", None)):
         cfg = CompressConfig(model=str(ckpt), out=str(tmp_path / "o"), device=device, bits=4,
                              compute_dtype="checkpoint")  # fmt: skip
-        plan = make_plan(cfg, fixed, device_memory=24 * 2**30, timing=False)
+        gib24 = {"device": (24 * 2**30, "device memory (test)")}
+        plan = make_plan(cfg, fixed, timing=False, have=host20 | gib24)
         peak = plan.host_peak_bytes if device == "cpu" else plan.device_peak_bytes
         assert peak <= (20 if device == "cpu" else 24) * 2**30, device
         phases = plan.host_phases if device == "cpu" else plan.device_phases
