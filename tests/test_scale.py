@@ -150,12 +150,13 @@ def run_measured_from_outside(cmd: list[str]) -> tuple[subprocess.CompletedProce
 @pytest.mark.parametrize(
     "statistics",
     [
-        "--sequential",
-        "--no-sequential",
-        "--refine-epochs=1",  # steps of 2 windows, from batches of 4
+        # one refinement epoch where refinement is not what the case is about: memory does
+        # not grow with the epochs (the 4-epoch case checks it), time does
+        "--sequential --refine-epochs=1",  # refinement steps of 2 windows, from batches of 4
+        "--no-sequential --refine-epochs=1",
         "--refine-epochs=1 --refine-batch=4",  # steps of a whole calibration batch
-        "--refine-epochs=4",  # memory does not grow with the epochs; the default 16 is slower
-        "--bits=4",
+        "--refine-epochs=4",
+        "--bits=4 --refine-epochs=1",
     ],  # fmt: skip
 )
 def test_plan_is_within_25_percent_of_a_real_run(tmp_path, small_calib_text, statistics):
@@ -251,7 +252,8 @@ def test_plan_finds_shared_inputs_and_ranks_without_loading_weights(tiny_synth, 
 @torch.no_grad()
 def test_streamed_eval_equals_in_memory_on_bf16_gqa_shards(tiny_synth, tmp_path):
     out = tmp_path / "compressed"
-    compress(CompressConfig(model=str(tiny_synth), out=str(out), method="svd", ratio=0.5))
+    compress(CompressConfig(model=str(tiny_synth), out=str(out), method="svd", ratio=0.5,
+                          refine_epochs=0))  # fmt: skip
     windows = torch.randint(1, 1024, (5, 24), generator=torch.Generator().manual_seed(0))
     # on a CPU the streamed evaluation runs bf16 weights in float32 (model.compute_dtype)
     plain = AutoModelForCausalLM.from_pretrained(tiny_synth, dtype=torch.float32).eval()
@@ -332,7 +334,8 @@ def test_stage_timer_counts_nested_time_once(monkeypatch, cuda):
     assert fake.device_syncs == 0
 
 
-def test_a_blocks_stages_wait_for_the_device_at_most_once(tiny_synth, tmp_path, monkeypatch):
+def test_a_blocks_stages_wait_for_the_device_at_most_once(tiny_synth, tmp_path, monkeypatch,
+                                                          small_calib_text):  # fmt: skip
     """A run timed as on CUDA (the calls stubbed, the compute on the CPU): its stages record
     events and never synchronize; each block waits at most once, when its stage times are
     read (block 1 once more, for the stages before it), and the times still account for
@@ -351,8 +354,9 @@ def test_a_blocks_stages_wait_for_the_device_at_most_once(tiny_synth, tmp_path, 
 
     monkeypatch.setattr(pipeline.Compressor, "_compress_block", counted)
     summary = compress(CompressConfig(model=str(tiny_synth), out=str(tmp_path / "out"),
-                                      nsamples=4, seqlen=16, batch_size=2, calib=None,
-                                      allow_few_tokens=True, refine_epochs=1))  # fmt: skip
+                                      nsamples=4, seqlen=16, batch_size=2,
+                                      calib=str(small_calib_text), allow_few_tokens=True,
+                                      refine_epochs=1))  # fmt: skip
     assert len(per_block) == 2 and fake.device_syncs == 0
     # block 1 also resolves the stages before it (block 0's inputs) as it starts
     waits = [w for w, _ in per_block]
@@ -547,14 +551,14 @@ def test_the_plan_of_the_measured_70b_run_matches_what_it_measured(tmp_path):
     assert plan.host_peak_bytes == pytest.approx(measured["peak_rss"], rel=0.05)
 
 
-def test_out_of_memory_names_the_phase(tiny_synth, tmp_path):
+def test_out_of_memory_names_the_phase(tiny_synth, tmp_path, small_calib_text):
     """A device OOM inside a phase becomes a message that names it and says what to do
     (on a GPU run it also gives the plan's figure for that phase)."""
     from streamsvd.errors import StreamSVDError
     from streamsvd.pipeline import Compressor
 
     cfg = CompressConfig(model=str(tiny_synth), out=str(tmp_path / "out"), nsamples=2,
-                         seqlen=16, calib=None, allow_few_tokens=True)  # fmt: skip
+                         seqlen=16, calib=str(small_calib_text), allow_few_tokens=True)  # fmt: skip
     compressor = Compressor(cfg)
     with pytest.raises(StreamSVDError, match="factorise phase.*--batch-size.*resumes"):
         with compressor._phase("factorise"):
