@@ -1,4 +1,6 @@
-"""Command line: argument parsing and messages, nothing else."""
+"""Command line: argument parsing and messages, nothing else. compress's and heal's options
+are made from their settings' declarations (config.CompressConfig, heal.HealConfig); the
+options several commands share are declared once, here."""
 
 from __future__ import annotations
 
@@ -12,19 +14,22 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+import typing  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from . import __version__  # noqa: E402
-from .activations import KEEP, finish_zarr_io  # noqa: E402
-from .allocate import ALLOCATIONS  # noqa: E402
+from .activations import finish_zarr_io  # noqa: E402
 from .checkpoint import locate_checkpoint  # noqa: E402
+from .config import DEFAULT_METHOD, CompressConfig  # noqa: E402
 from .cpus import process_threads  # noqa: E402
+from .demo import DEMO_PROMPTS, DEMO_RATIO, DEMO_REFINE_EPOCHS  # noqa: E402
 from .errors import (  # noqa: E402
     EXIT_INTERRUPTED,
     EXIT_RESOURCES,
@@ -33,18 +38,13 @@ from .errors import (  # noqa: E402
     Terminated,
 )
 from .factorize import METHODS  # noqa: E402
+from .heal import HealConfig  # noqa: E402
 from .memory import return_freed_memory  # noqa: E402
-from .pipeline import DEFAULT_ALLOCATION, DEFAULT_METHOD  # noqa: E402
-from .quantize import BITS, GROUP_SIZES  # noqa: E402
-from .refine import DEFAULT_BATCH, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_TARGET  # noqa: E402
+from .refine import DEFAULT_EPOCHS  # noqa: E402
 from .synth import DTYPES, SHAPES  # noqa: E402
 from .world import DEFAULT_TIMEOUT, World  # noqa: E402
 
 log = logging.getLogger("streamsvd")
-DEMO_PROMPTS = ["What is the capital of France?", "Name three colours.",
-                "Give me a tip for sleeping better."]  # fmt: skip
-DEMO_RATIO = 0.2  # P1's lightest ratio; the README shows what it prints
-DEMO_REFINE_EPOCHS = 4  # a quarter of compress's default, to keep the demo short
 
 EXAMPLES = """\
 examples:
@@ -65,6 +65,26 @@ exit codes:
   130  interrupted (Ctrl-C); rerun the same command to resume
   143  stopped by SIGTERM; rerun the same command to resume
 """
+
+# --threads, in each command's words: what the threads do there, and what a rerun keeps
+THREADS_DEFAULT = (
+    "default: OMP_NUM_THREADS where set, else one per core, capped by the cores this process "
+    "may use: its CPU affinity and its cgroup's CPU quota"
+)
+THREADS_HELP = {
+    "compress": "CPU threads for the blocks' work on a CPU ({default}). A resumed run keeps "
+    "the count it began with, whatever is given: CPU sums round by thread count, and a "
+    "resumed output is byte-identical to an uninterrupted one",
+    "eval": "CPU threads for scoring on a CPU ({default})",
+    "generate": "CPU threads for generating on a CPU ({default})",
+    "export-dense": "CPU threads for multiplying the factors back ({default})",
+    "heal": "CPU threads for training on a CPU ({default})",
+    "synth": "CPU threads for drawing the random weights ({default})",
+    "demo": "CPU threads for its three compressions, scoring and replies on a CPU ({default}; "
+    "each compression starts afresh)",
+}
+# Not a setting of the command it runs: main's, and the parser's own
+GLOBAL_DESTS = ("command", "quiet", "threads")
 
 
 def _default_device() -> str:
@@ -93,23 +113,8 @@ def _add_device(p: argparse.ArgumentParser, what: str) -> None:
                    help=f"{what} (default: cuda when available)")  # fmt: skip
 
 
-# --threads, in each command's words: what the threads do there, and what a rerun keeps
-THREADS_DEFAULT = (
-    "default: OMP_NUM_THREADS where set, else one per core, capped by the cores this process "
-    "may use: its CPU affinity and its cgroup's CPU quota"
-)
-THREADS_HELP = {
-    "compress": "CPU threads for the blocks' work on a CPU ({default}). A resumed run keeps "
-    "the count it began with, whatever is given: CPU sums round by thread count, and a "
-    "resumed output is byte-identical to an uninterrupted one",
-    "eval": "CPU threads for scoring on a CPU ({default})",
-    "generate": "CPU threads for generating on a CPU ({default})",
-    "export-dense": "CPU threads for multiplying the factors back ({default})",
-    "heal": "CPU threads for training on a CPU ({default})",
-    "synth": "CPU threads for drawing the random weights ({default})",
-    "demo": "CPU threads for its three compressions, scoring and replies on a CPU ({default}; "
-    "each compression starts afresh)",
-}
+def _add_summary_json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--summary-json", help="also write the run summary to this JSON file")
 
 
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
@@ -123,11 +128,63 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     _add_device(p, "where the model runs")
 
 
+def _add_threads(commands: dict[str, argparse.ArgumentParser]) -> None:
+    for name, command in commands.items():  # status reads files: no threads to set
+        if name in THREADS_HELP:
+            command.add_argument(
+                "--threads",
+                type=_positive_int,
+                default=None,
+                help=THREADS_HELP[name].format(default=THREADS_DEFAULT),
+            )
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
     return value
+
+
+def _add_settings(p: argparse.ArgumentParser, settings: type) -> None:
+    """One option per field of the dataclass `settings` that declares one (config.option),
+    in the fields' order: its name, type, default and help are the field's. A field
+    without a default is a required option; `device`'s default is cuda where there is one,
+    as every command's."""
+    hints = typing.get_type_hints(settings)
+    for field in dataclasses.fields(settings):
+        if "help" not in field.metadata:
+            continue  # not on the command line
+        flag = dict(field.metadata)
+        if field.name == "device":
+            _add_device(p, flag["help"])
+            continue
+        name = flag.pop("flag", "--" + field.name.replace("_", "-"))
+        value = next(t for t in typing.get_args(hints[field.name]) or [hints[field.name]]
+                     if t is not type(None))  # fmt: skip
+        if field.default is dataclasses.MISSING:
+            flag["required"] = True
+        else:
+            flag["default"] = field.default
+        if value is bool:
+            off = field.default is False
+            flag.setdefault("action", "store_true" if off else argparse.BooleanOptionalAction)
+        elif value is not str:
+            flag.setdefault("type", value)
+        p.add_argument(name, dest=field.name, **flag)
+
+
+def _settings(args: argparse.Namespace, settings: type, **resolved):
+    """The dataclass `settings` of the options parsed into `args` (_add_settings), with
+    `resolved`'s values in place of theirs."""
+    fields = dataclasses.fields(settings)
+    values = {f.name: getattr(args, f.name) for f in fields if "help" in f.metadata}
+    return settings(**{**values, **resolved})
+
+
+def _command_options(args: argparse.Namespace) -> dict:
+    """The options parsed into `args` that belong to its command, by name."""
+    return {k: v for k, v in vars(args).items() if k not in GLOBAL_DESTS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,223 +198,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"streamsvd {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_compress, _add_eval, _add_generate, _add_status, _add_synth,
+                _add_export_dense, _add_heal, _add_demo):  # fmt: skip
+        add(sub)
+    _add_threads(sub.choices)
+    return parser
 
+
+def _add_compress(sub) -> None:
     c = sub.add_parser("compress", help="compress a safetensors checkpoint",
                        description="Compress every linear layer of every decoder block to rank "
                        "floor((1-ratio)·m·n/(m+n)). Interrupted runs resume when the same "
                        "command is run again.")  # fmt: skip
-    c.add_argument("--model", required=True,
-                   help="checkpoint folder (safetensors) or hub id (org/name: from the local "
-                   "Hugging Face cache, else downloaded into it); `streamsvd demo` compresses "
-                   "the bundled SmolLM2-135M-Instruct")  # fmt: skip
-    c.add_argument("--out", required=True, help="output directory (must not exist yet)")
-    c.add_argument(
-        "--ratio",
-        type=float,
-        default=0.2,
-        help="fraction of the decoder's linear-layer parameters to remove (default 0.2): "
-        "of each layer's with --allocation uniform, spread unevenly by the others",
-    )
-    methods = "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
-    c.add_argument(
-        "--method",
-        choices=list(METHODS),
-        default=DEFAULT_METHOD,
-        help=f"{methods} (default {DEFAULT_METHOD})",
-    )
-    c.add_argument(
-        "--allocation",
-        choices=list(ALLOCATIONS),
-        default=DEFAULT_ALLOCATION,
-        help="how the ratio's parameter budget is spread over the linears. uniform: the "
-        "same ratio for each; grouped: SVD-LLM V2's per-type allocation; residual: by each "
-        "error's weight on the residual stream. Other than uniform, a first pass over the "
-        f"checkpoint reads every matrix's spectrum (default {DEFAULT_ALLOCATION})",
-    )
-    c.add_argument(
-        "--sequential",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="within each block, compress q/k/v, then o, then gate/up, then down, each "
-        "taking its compressed-stream statistics after the ones before it are compressed "
-        "(one pass over the calibration batches per stage; the default, chosen on held-out "
-        "text). --no-sequential takes every linear's statistics from one run of the "
-        "still-dense block: fewer forward passes, more memory for sums",
-    )
-    c.add_argument(
-        "--refine-epochs",
-        type=int,
-        default=DEFAULT_EPOCHS,
-        metavar="N",
-        help="after each block's closed form, train its low-rank factors for N epochs over "
-        "the calibration batches so that the compressed block, fed the compressed model's "
-        f"inputs, reproduces the original block's outputs (default {DEFAULT_EPOCHS}, with "
-        f"{DEFAULT_BATCH}-window steps at lr {DEFAULT_LR:g}: 4, 8 and 16 each beat the fewer "
-        "on held-out text at ratios 0.2, 0.4 and 0.6; 16 take three quarters of a CPU "
-        "compression's time, 4 about half for 54-67%% of 16's gain; 0: the closed form "
-        "alone, docs/method.md)",
-    )
-    c.add_argument(
-        "--refine-lr",
-        type=float,
-        default=DEFAULT_LR,
-        help=f"refinement's peak AdamW learning rate (default {DEFAULT_LR:g})",
-    )
-    c.add_argument(
-        "--refine-target",
-        type=float,
-        default=DEFAULT_TARGET,
-        metavar="LAMBDA",
-        help="refinement's target is LAMBDA times the original model's block outputs plus "
-        "1 - LAMBDA times the original block's outputs on the compressed model's inputs; 1 "
-        "asks each block to cancel all the error before it, as svdllm-a's λ does for one "
-        f"layer (default {DEFAULT_TARGET:g})",
-    )
-    c.add_argument(
-        "--refine-batch",
-        type=int,
-        default=None,
-        metavar="N",
-        help="windows per refinement step, cut from the calibration batches (at most "
-        f"--batch-size; default {DEFAULT_BATCH}, or --batch-size where smaller). Smaller "
-        "steps, more of them, trained a block further on held-out text "
-        "(benchmarks/results/refine_probe.md)",
-    )
-    c.add_argument(
-        "--refine-holdout",
-        type=int,
-        default=0,
-        metavar="N",
-        help="hold the last N calibration windows out of refinement's training (whole "
-        "refinement steps, fewer than --nsamples): each block is scored on them before its "
-        "first epoch and after each, and the factors that score best are kept; where no "
-        "epoch beats the closed form, refinement is declined for that block (default 0: "
-        "train on every window and keep the last epoch)",
-    )
-    c.add_argument(
-        "--refine-norms",
-        action="store_true",
-        help="refinement also trains the block's norms and the factorised linears' biases "
-        "(default: factors only)",
-    )
-    c.add_argument(
-        "--refine-streams",
-        choices=KEEP,
-        default="auto",
-        help="where refinement keeps each block's two streams between its epochs: held on "
-        "the device, held in host memory (pinned on a GPU), or read from the store on every "
-        "epoch, a step ahead of the compute; the output is the same bytes in every case "
-        "(default auto: the first that the memory plan fits, as --dry-run says; "
-        "docs/memory.md)",
-    )
-    c.add_argument(
-        "--bits",
-        type=int,
-        choices=BITS,
-        help="store the factors in this many bits: GPTQ on each factor pair, in the stream, "
-        "after the block is factorised (and refined); written as compressed-tensors "
-        "pack-quantized, which transformers (with compressed-tensors) and vLLM load "
-        "(default: unquantized)",
-    )
-    c.add_argument(
-        "--group-size",
-        type=int,
-        metavar="N",
-        help="one scale per N input columns of each factor row (default: the first of "
-        f"{', '.join(map(str, GROUP_SIZES[4]))} at 4 bits, or of "
-        f"{', '.join(map(str, GROUP_SIZES[8]))} at 8 bits, that divides every layer's "
-        "input width and is no larger than any rank; ranks are rounded to whole groups)",
-    )
-    c.add_argument(
-        "--asymmetric",
-        action="store_true",
-        help="with --bits, a zero point per group besides its scale (default symmetric: "
-        "compressed-tensors 0.20 loads asymmetric packed weights in streamsvd only)",
-    )
-    c.add_argument(
-        "--calib",
-        help="calibration text: a local text file, or a Hugging Face "
-        "dataset 'name[:config[:split]]' when online (default: docstrings of the "
-        "Python standard library, offline)",
-    )
-    c.add_argument("--nsamples", type=int, default=64, help="calibration windows (default 64)")
-    c.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
-    c.add_argument("--seed", type=int, default=0, help="seed for drawing windows (default 0)")
-    c.add_argument(
-        "--allow-few-tokens",
-        action="store_true",
-        help="go on with fewer calibration tokens (--nsamples × --seqlen) than the widest "
-        "layer has inputs, which is refused otherwise: the statistics are then "
-        "rank-deficient and the output far off (docs/reliability.md)",
-    )
-    c.add_argument(
-        "--bos-windows",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="start every calibration window with the tokenizer's BOS token (default: when "
-        "the tokenizer adds one to every text, as Llama, Gemma and Mistral do, so that "
-        "calibration sees the first position as the model does)",
-    )
-    c.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
-    _add_device(c, "where blocks run")
-    c.add_argument(
-        "--compute-dtype",
-        choices=["auto", "checkpoint", "float32"],
-        default="auto",
-        help="dtype the blocks and activations run in; the output keeps the checkpoint's. "
-        "auto (default): float32 for float16 checkpoints, whose activations can overflow "
-        "float16's range (65504), and for bf16 ones on a CPU (slow there without native "
-        "bf16); else the checkpoint's own",
-    )
-    c.add_argument(
-        "--workdir",
-        help="run directory for activations, shards and the journal "
-        "(default: OUT.work); deleted when the run finishes",
-    )
-    c.add_argument(
-        "--dense",
-        action="store_true",
-        help="write W = A·B as a standard checkpoint instead of the two factors",
-    )
-    c.add_argument(
-        "--restart",
-        action="store_true",
-        help="discard an interrupted run in the workdir instead of resuming it",
-    )
-    c.add_argument("--summary-json", help="also write the run summary to this JSON file")
-    c.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="print the plan instead of running: ranks, parameters, output size, activation "
-        "disk, expected peak host/device memory, estimated time per block and in total "
-        "(from a few-second micro-benchmark of the device), and whether this machine has "
-        "enough",
-    )
-    c.add_argument(
-        "--dist-timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT,
-        metavar="SECONDS",
-        help="launched by torchrun or accelerate launch: how long a process waits for the "
-        "others before failing with a message naming the step (default "
-        f"{DEFAULT_TIMEOUT:.0f}); docs/distributed.md",
-    )
-    c.add_argument(
-        "--processes",
-        type=int,
-        default=None,
-        metavar="N",
-        help="with --dry-run: plan for N processes, each with its share of the windows "
-        "(default: WORLD_SIZE as torchrun sets it, else 1)",
-    )
-    c.add_argument(
-        "--device-memory",
-        type=float,
-        metavar="GIB",
-        help="with --dry-run --device cuda on a machine without the GPU (a login node): "
-        "the GPU's memory in GiB to check the plan against",
-    )
+    _add_settings(c, CompressConfig)
+    _add_summary_json(c)
+    c.add_argument("--dry-run", action="store_true",
+                   help="print the plan instead of running: ranks, parameters, output size, "
+                   "activation disk, expected peak host/device memory, estimated time per "
+                   "block and in total (from a few-second micro-benchmark of the device), "
+                   "and whether this machine has enough")  # fmt: skip
+    c.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help="launched by torchrun or accelerate launch: how long a process waits "
+                   "for the others before failing with a message naming the step (default "
+                   "%(default).0f); docs/distributed.md")  # fmt: skip
+    c.add_argument("--processes", type=int, default=None, metavar="N",
+                   help="with --dry-run: plan for N processes, each with its share of the "
+                   "windows (default: WORLD_SIZE as torchrun sets it, else 1)")  # fmt: skip
+    c.add_argument("--device-memory", type=float, metavar="GIB",
+                   help="with --dry-run --device cuda on a machine without the GPU (a login "
+                   "node): the GPU's memory in GiB to check the plan against")  # fmt: skip
 
+
+def _add_eval(sub) -> None:
     e = sub.add_parser("eval", help="perplexity, block by block from disk",
                        description="Perplexity of a plain or streamsvd checkpoint: the first "
                        "--windows non-overlapping windows of --seqlen tokens of --data, each "
@@ -367,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="text file to score (default: Python's help topics, offline)")
     _add_eval_options(e)
 
+
+def _add_generate(sub) -> None:
     g = sub.add_parser("generate", help="greedy generation from a checkpoint",
                        description="Greedy (deterministic) generation from a plain or "
                        "compressed checkpoint: an instruct model answers the prompt as a "
@@ -374,12 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "it.")  # fmt: skip
     _add_model(g, "checkpoint folder or hub id, plain or compressed")
     g.add_argument("--prompt", required=True, help="the question, or the text to continue")
-    g.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (default 40)")
+    g.add_argument("--max-new-tokens", type=int, default=40,
+                   help="tokens to generate (default %(default)s)")  # fmt: skip
     g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="send the prompt through the tokenizer's chat template (default: "
                    "when the tokenizer has one; --no-chat continues the raw text)")  # fmt: skip
     _add_device(g, "where the model runs")
 
+
+def _add_status(sub) -> None:
     st = sub.add_parser("status", help="where an interrupted or running compress run stands",
                         description="Where a compress run stands, read from its run "
                         "directory: blocks done, the next one, disk used, its settings, "
@@ -387,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "did. Reads only; safe while the run goes on.")  # fmt: skip
     st.add_argument("--workdir", required=True, help="the run directory (compress's OUT.work)")
 
+
+def _add_synth(sub) -> None:
     sy = sub.add_parser("synth", help="write a random checkpoint of a real shape (dense or MoE)",
                         description="A checkpoint of a named shape and any depth with random "
                         "weights of decaying spectra, written tensor by tensor (memory stays "
@@ -405,11 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="weights' dtype (default %(default)s)")  # fmt: skip
     sy.add_argument("--seed", type=int, default=0,
                     help="seed for the random weights (default %(default)s)")  # fmt: skip
-    sy.add_argument("--max-shard-size", type=float, default=2.0, help="GiB (default 2)")
+    sy.add_argument("--max-shard-size", type=float, default=2.0,
+                    help="GiB (default %(default)g)")  # fmt: skip
     sy.add_argument("--shape-only", action="store_true",
                     help="write the shapes with all-zero weights in sparse files (no disk, "
                     "instant): enough to plan a run with compress --dry-run")  # fmt: skip
 
+
+def _add_export_dense(sub) -> None:
     x = sub.add_parser("export-dense", help="write a compressed checkpoint as plain W = A·B",
                        description="Write a compressed checkpoint as a plain one (each "
                        "factor pair multiplied back to W = A·B): the original's size, but "
@@ -417,28 +299,19 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--model", required=True, help="streamsvd compressed checkpoint")
     x.add_argument("--out", required=True, help="output directory")
 
+
+def _add_heal(sub) -> None:
     h = sub.add_parser("heal", help="LoRA fine-tuning of a low-rank output, merged into it",
                        description="Heal a compressed model as the SVD-LLM code does after "
                        "compression: LoRA (peft) on every low-rank factor, trained on text as a "
                        "causal LM, then merged into the factors. The output has the same ranks "
                        "and loads like any streamsvd output. The whole model is in memory "
                        "(gradient checkpointing); its bytes are logged first.")  # fmt: skip
-    h.add_argument("--model", required=True, help="streamsvd low-rank output")
-    h.add_argument("--out", required=True, help="output directory (must not exist yet)")
-    h.add_argument("--data", help="training text: a local text file, a JSONL file (a 'text' "
-                   "field per line), or a Hugging Face dataset 'name[:config[:split]]' when "
-                   "online (default: docstrings of the Python standard library)")  # fmt: skip
-    h.add_argument("--nsamples", type=int, default=128, help="training windows (default 128)")
-    h.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
-    h.add_argument("--epochs", type=int, default=1, help="passes over the windows (default 1)")
-    h.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (default 1e-4)")
-    h.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default 8)")
-    h.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (default 16)")
-    h.add_argument("--batch-size", type=int, default=4, help="windows per step (default 4)")
-    h.add_argument("--seed", type=int, default=0, help="seed for windows and order (default 0)")
-    _add_device(h, "where the model trains")
-    h.add_argument("--summary-json", help="also write the run summary to this JSON file")
+    _add_settings(h, HealConfig)
+    _add_summary_json(h)
 
+
+def _add_demo(sub) -> None:
     d = sub.add_parser("demo", help="compress the bundled SmolLM2-135M and compare",
                        description="Compress SmolLM2-135M at --ratio with plain SVD, with "
                        "--method's closed form and with it refined block by block, then print "
@@ -448,97 +321,39 @@ def build_parser() -> argparse.ArgumentParser:
         "--ratio",
         type=float,
         default=DEMO_RATIO,
-        help=f"fraction of each linear's parameters removed (default {DEMO_RATIO})",
+        help="fraction of each linear's parameters removed (default %(default)s)",
     )
+    d.add_argument("--method", choices=list(METHODS), default=DEFAULT_METHOD,
+                   help="the calibrated method shown beside plain SVD (default "
+                   "%(default)s)")  # fmt: skip
     d.add_argument(
-        "--method",
-        choices=list(METHODS),
-        default=DEFAULT_METHOD,
-        help=f"the calibrated method shown beside plain SVD (default {DEFAULT_METHOD})",
-    )
-    d.add_argument("--refine-epochs", type=int, default=DEMO_REFINE_EPOCHS, metavar="N",
-                   help="block refinement's epochs in the refined run (default "
-                   f"{DEMO_REFINE_EPOCHS}, to keep the demo short; compress refines "
-                   f"{DEFAULT_EPOCHS} by default)")  # fmt: skip
-    d.add_argument(
-        "--calib",
-        help="calibration text (default: Python docstrings, offline, "
-        "each as a chat answer when the model has a chat template)",
-    )
-    d.add_argument("--data", help="evaluation text (default: Python's help topics, offline)")
-    d.add_argument(
-        "--nsamples",
+        "--refine-epochs",
         type=int,
-        default=64,
-        help="calibration windows of --seqlen tokens (default 64)",
+        default=DEMO_REFINE_EPOCHS,
+        metavar="N",
+        help="block refinement's epochs in the refined run (default %(default)s, to "
+        f"keep the demo short; compress refines {DEFAULT_EPOCHS} by default)",
     )
+    d.add_argument("--calib", help="calibration text (default: Python docstrings, offline, "
+                   "each as a chat answer when the model has a chat template)")  # fmt: skip
+    d.add_argument("--data", help="evaluation text (default: Python's help topics, offline)")
+    d.add_argument("--nsamples", type=int, default=64,
+                   help="calibration windows of --seqlen tokens (default %(default)s)")  # fmt: skip
     d.add_argument("--out", default="streamsvd-demo",
                    help="output directory, replaced if there (default %(default)s)")  # fmt: skip
-    d.add_argument(
-        "--prompt",
-        nargs="+",
-        default=DEMO_PROMPTS,
-        metavar="PROMPT",
-        help="what each model is asked (default: three short questions)",
-    )
+    d.add_argument("--prompt", nargs="+", default=DEMO_PROMPTS, metavar="PROMPT",
+                   help="what each model is asked (default: three short questions)")  # fmt: skip
     _add_eval_options(d)
     d.set_defaults(windows=16, seqlen=256)
-    for name, command in sub.choices.items():  # status reads files: no threads to set
-        if name in THREADS_HELP:
-            command.add_argument(
-                "--threads",
-                type=_positive_int,
-                default=None,
-                help=THREADS_HELP[name].format(default=THREADS_DEFAULT),
-            )
-    return parser
 
 
 def cmd_compress(args) -> dict:
-    from .pipeline import CompressConfig, compress
+    from .pipeline import compress
 
-    cfg = CompressConfig(
-        model=locate_checkpoint(args.model),
-        out=args.out,
-        ratio=args.ratio,
-        method=args.method,
-        calib=args.calib,
-        nsamples=args.nsamples,
-        seqlen=args.seqlen,
-        seed=args.seed,
-        bos_windows=args.bos_windows,
-        batch_size=args.batch_size,
-        device=args.device or _default_device(),
-        workdir=args.workdir,
-        dense=args.dense,
-        restart=args.restart,
-        compute_dtype=args.compute_dtype,
-        allocation=args.allocation,
-        sequential=args.sequential,
-        refine_epochs=args.refine_epochs,
-        refine_lr=args.refine_lr,
-        refine_norms=args.refine_norms,
-        refine_target=args.refine_target,
-        refine_batch=args.refine_batch,
-        refine_holdout=args.refine_holdout,
-        refine_streams=args.refine_streams,
-        bits=args.bits,
-        group_size=args.group_size,
-        quant_symmetric=not args.asymmetric,
-        allow_few_tokens=args.allow_few_tokens,
-    )
+    cfg = _settings(args, CompressConfig, model=locate_checkpoint(args.model),
+                    device=args.device or _default_device())  # fmt: skip
     if args.dry_run:
-        from .plan import format_plan, make_plan
-
-        if int(os.environ.get("RANK", "0")):  # launched by torchrun: rank 0 plans
-            return {"ok": True}
-        memory = None if args.device_memory is None else int(args.device_memory * 2**30)
-        processes = args.processes or int(os.environ.get("WORLD_SIZE", "1"))
-        plan = make_plan(cfg, device_memory=memory, processes=processes)
-        print(format_plan(plan))
-        if args.summary_json:
-            Path(args.summary_json).write_text(json.dumps(plan.to_dict(), indent=2))
-        return {**plan.to_dict(), "ok": plan.ok}
+        return _dry_run(cfg, args)
     world = World.from_env(cfg.device, args.dist_timeout)
     try:
         summary = compress(cfg, world)
@@ -550,6 +365,20 @@ def cmd_compress(args) -> dict:
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _dry_run(cfg: CompressConfig, args) -> dict:
+    from .plan import format_plan, make_plan
+
+    if int(os.environ.get("RANK", "0")):  # launched by torchrun: rank 0 plans
+        return {"ok": True}
+    memory = None if args.device_memory is None else int(args.device_memory * 2**30)
+    processes = args.processes or int(os.environ.get("WORLD_SIZE", "1"))
+    plan = make_plan(cfg, device_memory=memory, processes=processes)
+    print(format_plan(plan))
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(plan.to_dict(), indent=2))
+    return {**plan.to_dict(), "ok": plan.ok}
 
 
 def format_summary(s: dict) -> str:
@@ -610,22 +439,11 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-def _eval_windows(model: str, data: str | None, seqlen: int, windows: int):
-    from .calib import eval_windows, python_help_topics, read_text_file, tokenize
-    from .model import load_tokenizer
-
-    if data is not None and not Path(data).is_file():
-        raise StreamSVDError(f"evaluation text {data}: no such file")
-    text = read_text_file(Path(data)) if data else python_help_topics()
-    tokenizer = load_tokenizer(model)
-    return eval_windows(tokenize(tokenizer, text, special_tokens=True), seqlen, windows)
-
-
 def cmd_eval(args) -> float:
-    from .evaluate import perplexity
+    from .evaluate import perplexity, text_windows
 
     model = _model_path(args.model)
-    win = _eval_windows(model, args.data, args.seqlen, args.windows)
+    win = text_windows(model, args.data, args.seqlen, args.windows)
     start = time.perf_counter()
     ppl = perplexity(model, win, args.batch_size, args.device or _default_device())
     print(f"perplexity {ppl:.3f} over {win.shape[0]} windows of {win.shape[1]} tokens "
@@ -633,29 +451,8 @@ def cmd_eval(args) -> float:
     return ppl
 
 
-def _load_any(path: str, device: str):
-    """A plain checkpoint through transformers, a streamsvd one through load_compressed."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    from .lowrank import load_compressed, read_section
-    from .model import compute_dtype
-
-    if read_section(Path(path), required=False) is not None:
-        return load_compressed(path, device, as_stored=False)
-    # transformers' "Loading weights" bar would land among the results printed next
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
-        return model.to(device, compute_dtype("auto", model.dtype, device)).eval()
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def cmd_generate(args) -> str:
-    from .evaluate import generate
+    from .evaluate import generate, load_any
     from .model import load_tokenizer
 
     model = _model_path(args.model)
@@ -663,7 +460,7 @@ def cmd_generate(args) -> str:
     chat = bool(tokenizer.chat_template) if args.chat is None else args.chat
     if chat and not tokenizer.chat_template:
         raise StreamSVDError(f"--chat: the tokenizer of {model} has no chat template")
-    text = generate(_load_any(model, args.device or _default_device()), tokenizer, args.prompt,
+    text = generate(load_any(model, args.device or _default_device()), tokenizer, args.prompt,
                     args.max_new_tokens, chat=chat)  # fmt: skip
     print(text if chat else args.prompt + text)
     return text
@@ -697,13 +494,9 @@ def cmd_status(args) -> dict:
 
 
 def cmd_synth(args) -> Path:
-    from .synth import synthesize
+    from .synth import synth_command
 
-    out = synthesize(args.out, args.shape, args.layers, DTYPES[args.dtype], args.seed,
-                     int(args.max_shard_size * 2**30), not args.shape_only)  # fmt: skip
-    size = sum(p.stat().st_size for p in out.iterdir())
-    print(f"wrote {out} ({size / 2**30:,.2f} GiB)")
-    return out
+    return synth_command(**_command_options(args))
 
 
 def cmd_export_dense(args) -> None:
@@ -715,13 +508,10 @@ def cmd_export_dense(args) -> None:
 
 
 def cmd_heal(args) -> dict:
-    from .heal import HealConfig, heal
+    from .heal import heal
 
-    summary = heal(HealConfig(model=locate_checkpoint(args.model), out=args.out, data=args.data,
-                              nsamples=args.nsamples, seqlen=args.seqlen, epochs=args.epochs,
-                              lr=args.lr, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                              batch_size=args.batch_size, seed=args.seed,
-                              device=args.device or _default_device()))  # fmt: skip
+    summary = heal(_settings(args, HealConfig, model=locate_checkpoint(args.model),
+                             device=args.device or _default_device()))  # fmt: skip
     print(f"healed in {summary['seconds']:.0f}s, {summary['steps']} steps, loss "
           f"{summary['first_loss']:.3f} -> {summary['last_loss']:.3f}; "
           f"wrote {args.out}")  # fmt: skip
@@ -731,68 +521,9 @@ def cmd_heal(args) -> dict:
 
 
 def cmd_demo(args) -> None:
-    """Plain SVD and the default method at the same ratio, side by side with the original:
-    what the calibration buys, on a laptop CPU (its time: docs/results.md#the-demo)."""
-    import shutil
+    from .demo import demo
 
-    from .calib import as_chat, load_text
-    from .evaluate import generate, perplexity
-    from .model import load_tokenizer
-    from .pipeline import CompressConfig, compress
-
-    model = _model_path(None)
-    device = args.device or _default_device()
-    tokenizer = load_tokenizer(model)
-    # plain SVD, the closed form, the closed form refined block by block
-    runs = {"svd": ("svd", 0), args.method: (args.method, 0),
-            f"{args.method}+refine": (args.method, args.refine_epochs)}  # fmt: skip
-    outputs = {"original": model}
-    calib, calib_label = args.calib, args.calib
-    if calib is None and tokenizer.chat_template:  # an instruct model: calibrate on chats
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        calib = Path(args.out) / "calib-chat.txt"
-        calib.write_text(as_chat(load_text(None)[0], tokenizer), encoding="utf-8")
-        calib_label = "Python docstrings, each as a chat answer"
-    for label, (method, epochs) in runs.items():
-        out = Path(args.out) / label
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.rmtree(f"{out}.work", ignore_errors=True)
-        print(f"compressing with {label} at ratio {args.ratio} ...", flush=True)
-        summary = compress(CompressConfig(model=model, out=str(out), ratio=args.ratio,
-                                          method=method, calib=calib,
-                                          nsamples=args.nsamples, seqlen=args.seqlen,
-                                          batch_size=args.batch_size, device=device,
-                                          refine_epochs=epochs))  # fmt: skip
-        print(
-            f"  {summary['seconds']:.0f}s, linear parameters "
-            f"{summary['linear_params_after'] / summary['linear_params_before']:.0%} "
-            f"of the original's, peak RSS {summary['peak_rss_mb']:.0f} MB"
-        )
-        outputs[f"{label} {args.ratio}"] = str(out)
-    win = _eval_windows(model, args.data, args.seqlen, args.windows)
-    where = f"{win.shape[0]} windows × {win.shape[1]} tokens of {args.data or 'Python help topics'}"
-    print(
-        f"\nperplexity on {where} (lower is better; how well each model predicts text it "
-        "was not calibrated on):"
-    )
-    width = max(map(len, outputs))  # one column for every label and number
-    for label, path in outputs.items():
-        ppl = perplexity(path, win, args.batch_size, device, progress=False)
-        print(f"  {label:<{width}} {ppl:12.2f}")
-    models = {label: _load_any(path, device) for label, path in outputs.items()}
-    for prompt in args.prompt:
-        print(f"\nreply to {prompt!r} (greedy, through the chat template, 40 tokens at most):")
-        for label, loaded in models.items():
-            text = generate(loaded, tokenizer, prompt, chat=True)
-            print(f"  {label:<{width}} {text.strip()!r}")
-    print(
-        f"\nsvd: W's own best rank-r approximation, blind to data. {args.method}: the "
-        "closed-form factorisation that keeps each layer's outputs on the calibration text "
-        f"(SVD-LLM), from {args.nsamples} windows of {args.seqlen} tokens of "
-        f"{calib_label or 'Python docstrings'}. {args.method}+refine: the same, then each "
-        f"block's factors trained for {args.refine_epochs} epochs to reproduce the original "
-        f"block's outputs. All keep the same parameters; outputs in {args.out}/."
-    )
+    demo(**{**_command_options(args), "device": args.device or _default_device()})
 
 
 COMMANDS = {

@@ -1,5 +1,5 @@
 """Perplexity computed block by block from disk, so a model larger than memory can be
-scored; and greedy generation from a loaded model."""
+scored; and greedy generation from a loaded model (plain or streamsvd)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import StreamSVDError
 from .lowrank import skeleton_for
 from .model import (
     block_arguments,
@@ -95,3 +96,37 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 40, chat: bool
         ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
     out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def text_windows(model: str, data: str | None, seqlen: int, windows: int) -> torch.Tensor:
+    """The first `windows` non-overlapping windows of `seqlen` tokens of the text file
+    `data` (default: Python's help topics, offline), tokenized by `model`'s tokenizer."""
+    from .calib import eval_windows, python_help_topics, read_text_file, tokenize
+    from .model import load_tokenizer
+
+    if data is not None and not Path(data).is_file():
+        raise StreamSVDError(f"evaluation text {data}: no such file")
+    text = read_text_file(Path(data)) if data else python_help_topics()
+    tokenizer = load_tokenizer(model)
+    return eval_windows(tokenize(tokenizer, text, special_tokens=True), seqlen, windows)
+
+
+def load_any(path: str, device: str) -> nn.Module:
+    """A plain checkpoint through transformers, a streamsvd one through load_compressed."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from .lowrank import load_compressed, read_section
+    from .model import compute_dtype
+
+    if read_section(Path(path), required=False) is not None:
+        return load_compressed(path, device, as_stored=False)
+    # transformers' "Loading weights" bar would land among the results printed next
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+        return model.to(device, compute_dtype("auto", model.dtype, device)).eval()
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()

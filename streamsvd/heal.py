@@ -36,6 +36,7 @@ from .checkpoint import (
     save_shard,
     write_index,
 )
+from .config import option
 from .errors import StreamSVDError
 from .lowrank import load_compressed, read_section
 from .memory import peak_rss_bytes
@@ -49,18 +50,26 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class HealConfig:
-    model: str  # a low-rank streamsvd output
-    out: str
-    data: str | None = None  # local text or JSONL file, hub dataset name; None: default text
-    nsamples: int = 128  # training windows
-    seqlen: int = 512
-    epochs: int = 1
-    lr: float = 1e-4
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    batch_size: int = 4
-    seed: int = 0
-    device: str = "cpu"
+    """`streamsvd heal`'s settings, each with its command-line option (config.option)."""
+
+    model: str = option(help="streamsvd low-rank output")
+    out: str = option(help="output directory (must not exist yet)")
+    data: str | None = option(
+        None,
+        "training text: a local text file, a JSONL file (a 'text' field per line), or a "
+        "Hugging Face dataset 'name[:config[:split]]' when online (default: docstrings of the "
+        "Python standard library)",
+    )
+    nsamples: int = option(128, "training windows (default %(default)s)")
+    seqlen: int = option(512, "tokens per window (default %(default)s)")
+    epochs: int = option(1, "passes over the windows (default %(default)s)")
+    lr: float = option(1e-4, "peak AdamW learning rate (default %(default)g)")
+    lora_rank: int = option(8, "LoRA rank (default %(default)s)")
+    lora_alpha: int = option(16, "LoRA alpha (default %(default)s)")
+    batch_size: int = option(4, "windows per step (default %(default)s)")
+    seed: int = option(0, "seed for windows and order (default %(default)s)")
+    # the command line's default is cuda where there is one (cli._add_device)
+    device: str = option("cpu", "where the model trains", choices=["cpu", "cuda"])
 
     def __post_init__(self):
         for name in ("nsamples", "seqlen", "epochs", "lora_rank", "batch_size"):

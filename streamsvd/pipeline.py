@@ -13,7 +13,6 @@ import re
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -23,18 +22,18 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from . import faults
-from .activations import KEEP, keep_text
-from .allocate import ALLOCATIONS, Matrix, allocate
+from .activations import keep_text
+from .allocate import Matrix, allocate
 from .checkpoint import (
     CheckpointReader,
     check_finite,
 )
+from .config import CompressConfig
 from .errors import NotEnoughResources, StreamSVDError
 from .experts import expert_index, fuse_dense_experts
 from .factorize import METHODS, rank_for
 from .memory import peak_rss_bytes, phase_peak_bytes, reset_peak
 from .model import (
-    COMPUTE_DTYPES,
     before_blocks,
     block_arguments,
     catch_block_inputs,
@@ -45,16 +44,10 @@ from .model import (
 )
 from .modeling import linear_shape
 from .prepare import calibration_batches, prepare
-from .quantize import DAMP, QuantSettings, quantized_rank
+from .quantize import DAMP, quantized_rank
 from .refine import (
-    DEFAULT_EPOCHS,
-    DEFAULT_LR,
-    DEFAULT_TARGET,
-    RefineSettings,
-    held_out_steps,
     micro_batches,
     piece_sizes,
-    step_windows,
 )
 from .rundir import RunDir, shard_file
 from .sources import combined_sha256, read_digests
@@ -64,119 +57,7 @@ from .world import World
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METHOD = "svdllm-a"
-DEFAULT_ALLOCATION = "uniform"
 PLAIN = METHODS["svd"]  # for a linear without calibration statistics
-
-
-@dataclass(frozen=True)
-class CompressConfig:
-    model: str
-    out: str
-    ratio: float = 0.2
-    method: str = DEFAULT_METHOD
-    calib: str | None = None  # local text file, hub dataset name, or None for the default
-    nsamples: int = 64
-    seqlen: int = 512
-    seed: int = 0
-    # BOS-led calibration windows: None as the tokenizer does (calib.leading_bos)
-    bos_windows: bool | None = None
-    batch_size: int = 8  # calibration windows per forward
-    device: str = "cpu"
-    workdir: str | None = None  # default: <out>.work
-    dense: bool = False
-    restart: bool = False
-    # False: no journal, fsyncs or checksums, so not resumable. For measuring what the
-    # commit protocol costs (benchmarks/journal_overhead.py), not for real runs.
-    journal: bool = True
-    # Read the next block's tensors into the page cache while this one computes.
-    prefetch: bool = True
-    compute_dtype: str = "auto"  # model.COMPUTE_DTYPES; the output keeps the checkpoint's
-    allocation: str = DEFAULT_ALLOCATION  # allocate.ALLOCATIONS: how the ratio's budget is spread
-    sequential: bool = True  # statistics stage by stage within a block (step.py)
-    refine_epochs: int = DEFAULT_EPOCHS  # block refinement (refine.py); 0: closed form only
-    refine_lr: float = DEFAULT_LR
-    refine_norms: bool = False  # refinement also trains norms and the factors' biases
-    refine_target: float = DEFAULT_TARGET  # λ: the original outputs' share of its target
-    refine_batch: int | None = None  # windows per refinement step; None: refine.step_windows
-    # the last N calibration windows are scored, not trained on; the best epoch is kept
-    refine_holdout: int = 0
-    # where refinement keeps a block's streams between epochs: activations.KEEP; "auto": as
-    # the memory plan says (plan.refine_keep). Bytes are the same in every place.
-    refine_streams: str = "auto"
-    bits: int | None = None  # GPTQ on the factors (quantize.py); None: unquantized
-    group_size: int | None = None  # None: quantize.default_group_size of the model's widths
-    quant_symmetric: bool = True  # asymmetric: a zero point per group too
-    # Go on with fewer calibration tokens than a layer's inputs (prepare.check_calibration_size)
-    allow_few_tokens: bool = False
-
-    def __post_init__(self):
-        if not 0 < self.ratio < 1:
-            raise StreamSVDError(f"ratio must be in (0, 1), got {self.ratio}")
-        if self.method not in METHODS:
-            raise StreamSVDError(f"unknown method {self.method!r}; choose from {list(METHODS)}")
-        for name in ("nsamples", "seqlen", "batch_size"):
-            if getattr(self, name) < 1:
-                raise StreamSVDError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise StreamSVDError(
-                f"compute dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}"
-            )
-        if self.allocation not in ALLOCATIONS:
-            raise StreamSVDError(
-                f"unknown allocation {self.allocation!r}; choose from {list(ALLOCATIONS)}"
-            )
-        if self.allocation != "uniform" and not METHODS[self.method].needs:
-            raise StreamSVDError(
-                f"allocation {self.allocation!r} reads each matrix's spectrum on calibration "
-                f"text, which method {self.method!r} does not take: use --allocation uniform "
-                "or a calibrated method"
-            )
-        if self.device.split(":")[0] not in ("cpu", "cuda"):
-            raise StreamSVDError(f"device must be cpu or cuda, got {self.device!r}")
-        _ = self.refine  # checks the refinement settings
-        if self.refine_batch is not None and not 1 <= self.refine_batch <= self.batch_size:
-            raise StreamSVDError(
-                f"--refine-batch must be 1 to --batch-size ({self.batch_size}) windows, got "
-                f"{self.refine_batch}: refinement's steps are cut from the calibration batches"
-            )
-        if self.refine_streams not in KEEP:
-            raise StreamSVDError(
-                f"--refine-streams must be one of {', '.join(KEEP)}, got {self.refine_streams!r}"
-            )
-        if self.refine_streams == "device" and not self.device.startswith("cuda"):
-            raise StreamSVDError(
-                "--refine-streams device holds the streams in GPU memory: it needs --device "
-                "cuda (on a CPU, host memory is the device: --refine-streams host)"
-            )
-        if self.refine_holdout:  # whole steps at the end, at least one left to train on
-            held_out_steps(micro_batches(calibration_batches(self), self.refine.batch),
-                           self.refine_holdout)  # fmt: skip
-        if self.bits is not None:
-            QuantSettings(self.bits, self.group_size or 128, self.quant_symmetric)  # checks
-            if self.dense:
-                raise StreamSVDError(
-                    "--dense writes each layer as one dense matrix, --bits quantizes the "
-                    "factors: choose one (streamsvd export-dense dequantizes a quantized output)"
-                )
-
-    @property
-    def refine(self) -> RefineSettings:
-        batch = step_windows(self.refine_batch, self.batch_size)
-        return RefineSettings(self.refine_epochs, self.refine_lr, self.refine_norms, self.seed,
-                              self.refine_target, batch, self.refine_holdout)  # fmt: skip
-
-    @property
-    def streams(self) -> tuple[str, ...]:
-        """The activation streams the run carries: the method's, and both when blocks are
-        refined (the original stream's outputs are the target, the compressed stream's
-        inputs what the refined block is fed)."""
-        both = self.refine_epochs or self.bits  # quantization reads the compressed stream
-        return ("orig", "comp") if both else METHODS[self.method].streams
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.workdir) if self.workdir else Path(f"{self.out}.work")
 
 
 # The work any compressor must do: read the checkpoint, run the blocks, accumulate the

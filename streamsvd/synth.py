@@ -392,3 +392,14 @@ def write_family(model_type: str, path: Path, seed: int = 0, layers: int = 4,
     model.save_pretrained(path, max_shard_size="200KB")
     synthetic_tokenizer(TOKENIZER_VOCAB // 2).save_pretrained(path)
     return Path(path)
+
+
+def synth_command(out: str, shape: str, layers: int | None, dtype: str, seed: int,
+                  max_shard_size: float, shape_only: bool) -> Path:  # fmt: skip
+    """`streamsvd synth`: `synthesize`, with the dtype by name and the shard size in GiB;
+    prints what it wrote."""
+    path = synthesize(out, shape, layers, DTYPES[dtype], seed, int(max_shard_size * 2**30),
+                      not shape_only)  # fmt: skip
+    size = sum(p.stat().st_size for p in path.iterdir())
+    print(f"wrote {path} ({size / 2**30:,.2f} GiB)")
+    return path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -100,13 +101,13 @@ def test_generate_continues_the_prompt(compressed):
 def test_generate_runs_on_the_device_given(compressed, monkeypatch):
     """generate takes --device as eval and compress do, rather than always cuda where
     there is one."""
-    from streamsvd import cli
+    from streamsvd import cli, evaluate
 
     code, _, stderr, out = compressed
     assert code == 0, stderr
     loaded_on = []
-    load_any = cli._load_any
-    monkeypatch.setattr(cli, "_load_any", lambda path, device: loaded_on.append(device)
+    load_any = evaluate.load_any
+    monkeypatch.setattr(evaluate, "load_any", lambda path, device: loaded_on.append(device)
                         or load_any(path, device))  # fmt: skip
     monkeypatch.setattr(cli, "_default_device", lambda: "cuda")  # what it took before
     code, _, stderr = run(["generate", "--model", str(out), "--prompt", "The", "--max-new-tokens",
@@ -430,6 +431,96 @@ def test_every_option_has_help_of_its_own():
             assert ("resum" in threads.help) == (name == "compress"), (name, threads.help)
         runs_a_model = name in ("compress", "eval", "generate", "heal", "demo")
         assert ("--device" in options) == runs_a_model, name
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    from streamsvd.cli import build_parser
+
+    return next(a for a in build_parser()._actions
+                if isinstance(a, argparse._SubParsersAction)).choices  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["compress", "heal"])
+def test_every_setting_is_an_option_with_the_settings_default(command):
+    """compress's and heal's options are made from their settings' fields: each field
+    that is meant for the command line has an option of its name, the field's default
+    and type, and the run's other options are the few named here. A field added without
+    help, or an option given a default of its own, fails here."""
+    import typing
+
+    from streamsvd.config import CompressConfig
+    from streamsvd.heal import HealConfig
+
+    settings = {"compress": CompressConfig, "heal": HealConfig}[command]
+    not_options = {"compress": {"journal", "prefetch"}, "heal": set()}[command]  # library only
+    run_options = {"compress": {"summary_json", "dry_run", "dist_timeout", "processes",
+                                "device_memory", "threads"},
+                   "heal": {"summary_json", "threads"}}[command]  # fmt: skip
+    actions = {a.dest: a for a in _subparsers()[command]._actions if a.option_strings}
+    actions.pop("help")
+    hints = typing.get_type_hints(settings)
+    for field in dataclasses.fields(settings):
+        if field.name in not_options:
+            assert field.name not in actions, field.name
+            continue
+        action = actions.pop(field.name, None)
+        assert action is not None, f"{command}: setting {field.name} has no option"
+        if field.default is dataclasses.MISSING:
+            assert action.required, field.name
+        elif field.name == "device":  # the command line's: cuda where there is one
+            assert action.default is None and action.choices == ["cpu", "cuda"]
+        else:
+            assert action.default == field.default, (field.name, action.default)
+        kinds = set(typing.get_args(hints[field.name]) or [hints[field.name]]) - {type(None)}
+        if action.type is not None:
+            assert kinds == {action.type}, (field.name, action.type)
+        else:  # a switch or a string
+            assert kinds == ({bool} if action.nargs == 0 else {str}), (field.name, kinds)
+    assert set(actions) == run_options, f"{command}: options of no setting {set(actions)}"
+    asymmetric = _subparsers()["compress"]._option_string_actions["--asymmetric"]
+    assert asymmetric.dest == "quant_symmetric"  # the one option named otherwise than its setting
+
+
+def test_settings_from_options_as_given(monkeypatch, model_dir, tmp_path):
+    """Every option given reaches the settings the command runs with: compress's
+    CompressConfig, demo's and synth's function arguments."""
+    import streamsvd.demo
+    import streamsvd.pipeline
+
+    seen = {}
+    monkeypatch.setattr(streamsvd.pipeline, "compress",
+                        lambda cfg, world: seen.setdefault("compress", cfg) and {})  # fmt: skip
+    monkeypatch.setattr(streamsvd.demo, "demo", lambda **kw: seen.setdefault("demo", kw))
+    monkeypatch.setattr("streamsvd.cli.format_summary", lambda s: "")
+    code, _, err = run(["compress", "--model", str(model_dir), "--out", str(tmp_path / "o"),
+                        "--ratio", "0.3", "--asymmetric", "--bits", "4", "--no-sequential",
+                        "--refine-batch", "1", "--batch-size", "2", *SMALL[:4]])  # fmt: skip
+    assert code == 0, err
+    cfg = seen["compress"]
+    assert (cfg.ratio, cfg.quant_symmetric, cfg.bits, cfg.sequential) == (0.3, False, 4, False)
+    assert (cfg.refine_batch, cfg.nsamples, cfg.seqlen, cfg.batch_size) == (1, 4, 32, 2)
+    assert cfg.model == str(model_dir.resolve()) and cfg.device in ("cpu", "cuda")
+    code, _, err = run(["demo", "--ratio", "0.5", "--windows", "3", "--device", "cpu"])
+    assert code == 0, err
+    assert seen["demo"]["ratio"] == 0.5 and seen["demo"]["windows"] == 3
+    assert seen["demo"]["seqlen"] == 256 and seen["demo"]["device"] == "cpu"
+    code, out, err = run(["synth", "--shape", "tiny", "--layers", "2", "--shape-only",
+                          "--out", str(tmp_path / "synth")])  # fmt: skip
+    assert code == 0, err
+    assert out.startswith(f"wrote {tmp_path / 'synth'} (")
+    assert json.loads((tmp_path / "synth" / "config.json").read_text())["num_hidden_layers"] == 2
+
+
+def test_cli_functions_fit_on_a_screen():
+    """cli.py parses and dispatches: no function of it past 80 lines (docs/development.md)."""
+    import ast
+
+    import streamsvd.cli
+
+    tree = ast.parse(Path(streamsvd.cli.__file__).read_text())
+    long = {f.name: f.end_lineno - f.lineno + 1 for f in ast.walk(tree)
+            if isinstance(f, ast.FunctionDef) and f.end_lineno - f.lineno + 1 > 80}  # fmt: skip
+    assert not long
 
 
 def test_own_loader_never_asks_about_remote_code(compressed):

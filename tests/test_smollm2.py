@@ -16,8 +16,8 @@ from conftest import worker_cores
 
 from streamsvd import CompressConfig, compress
 from streamsvd.calib import eval_windows, tokenize
+from streamsvd.config import DEFAULT_METHOD
 from streamsvd.evaluate import perplexity
-from streamsvd.pipeline import DEFAULT_METHOD
 
 pytestmark = pytest.mark.slow
 
