@@ -55,7 +55,7 @@ COMMAND = " ".join([".venv/bin/python", "benchmarks/memory.py", *sys.argv[1:]])
 RUN_COMPRESS = """
 import json, sys
 from streamsvd.memory import return_freed_memory
-from streamsvd.pipeline import CompressConfig, compress
+from streamsvd import CompressConfig, compress
 return_freed_memory()  # as the CLI does
 summary = compress(CompressConfig(**json.loads(sys.argv[1])))
 open(sys.argv[2], "w").write(json.dumps(summary))

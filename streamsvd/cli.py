@@ -495,7 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_compress(args) -> dict:
-    from .pipeline import CompressConfig, compress
+    from .pipeline import CompressConfig
+    from .run import compress
 
     cfg = CompressConfig(
         model=locate_checkpoint(args.model),
@@ -738,7 +739,8 @@ def cmd_demo(args) -> None:
     from .calib import as_chat, load_text
     from .evaluate import generate, perplexity
     from .model import load_tokenizer
-    from .pipeline import CompressConfig, compress
+    from .pipeline import CompressConfig
+    from .run import compress
 
     model = _model_path(None)
     device = args.device or _default_device()

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import psutil
 import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
@@ -29,6 +28,7 @@ from .checkpoint import (
     CheckpointReader,
     check_finite,
 )
+from .disk import size_text
 from .errors import NotEnoughResources, StreamSVDError
 from .experts import expert_index, fuse_dense_experts
 from .factorize import METHODS, rank_for
@@ -252,10 +252,17 @@ def peak_rss_mb() -> float:
 
 
 class Compressor:
-    """One compress run (or one rank's part of it: world.py). Construct, then call run()."""
+    """One compress run (or one rank's part of it: world.py). Construct, then call run().
 
-    def __init__(self, cfg: CompressConfig, world: World | None = None):
+    `planner(cfg, setup, world)` makes the run's plan (plan.plan_started_run; the run does
+    not import the estimate), called once, before the first block, when blocks are left:
+    the run takes where refinement keeps the streams (--refine-streams auto), the time
+    per block it logs, and each phase's planned peak that an out-of-memory error names.
+    Without one, there is no estimate, and auto keeps the streams in the store."""
+
+    def __init__(self, cfg: CompressConfig, world: World | None = None, planner=None):
         self.cfg = cfg
+        self.planner = planner
         self.world = world = world or World()
         self.timer = StageTimer(cuda=cfg.device.startswith("cuda"))
         self.phase_peaks: dict[str, dict] = {}  # phase -> peak memory over the blocks
@@ -272,6 +279,7 @@ class Compressor:
         self.ranks: dict[str, int] | None = None  # the allocation's; None: the uniform rule
         self.spectra_seconds = 0.0  # spent in this process on the allocation's first pass
         self.refine_keep = ""  # where refinement keeps the streams, once the run starts
+        self.plan = None  # the planner's, once the run starts
 
     # -- the run -----------------------------------------------------------------------
     def run(self) -> dict:
@@ -317,11 +325,7 @@ class Compressor:
         bar = tqdm(total=n_blocks, initial=first, desc="Compressing", unit="block",
                    disable=None if self.world.writer else True)  # fmt: skip
         if first < n_blocks:
-            self.refine_keep = self._refine_keep()
-            planned = self._planned_seconds()
-            log.info("estimated %.0fs per block, %.0fs for the %d left (device micro-benchmark)",
-                     planned, planned * (n_blocks - first), n_blocks - first)  # fmt: skip
-            bar.set_postfix_str(f"plan {planned:.0f}s/block")
+            self._plan_rest(bar, n_blocks - first)
         with torch.inference_mode():
             for i in range(first, n_blocks):
                 if not self.journal.done(f"block.{i}"):
@@ -355,46 +359,22 @@ class Compressor:
                 "stage_seconds": {k: round(v, 2) for k, v in sorted(self.timer.seconds.items())},
                 "phase_peaks": self.phase_peaks}  # fmt: skip
 
-    def _planned_seconds(self) -> float:
-        """The plan's time per block (speed.py) for this device, as --dry-run prints it."""
-        from .plan import input_groups, largest_block, linear_plans, process_share
-        from .speed import block_seconds, measure_speed, measure_store
-
-        block = self.blocks[largest_block(self.tensors.shapes(), self.prefix, len(self.blocks))[0]]
-        linears = linear_plans(block, self.cfg.ratio)
-        groups = input_groups(self.model, block, self.cfg.ratio) if self.method.needs else []
-        width = max(lp.shape[1] for lp in linears)
-        rates = measure_speed(self.cfg.device, self.compute, self.cfg.method, width)
-        text = self.config.get_text_config()
-        if self.streams:
-            rates |= measure_store(self.cfg.run_dir, self.cfg.seqlen, text.hidden_size,
-                                   self.compute)  # fmt: skip
-        mine = process_share(self.cfg, self.world.size)  # this process's windows
-        mine = dataclasses.replace(mine, refine_streams=self.refine_keep or "auto")
-        return block_seconds(mine, text, linears, groups, rates)["total"]
-
-    def _refine_keep(self) -> str:
-        """Where refinement keeps a block's streams: as asked, or as the memory plan says
-        (plan.refine_keep) with what this process holds now as its fixed part, against
-        what it holds plus what is still free."""
-        if not self.cfg.refine_epochs:
-            return ""
-        keep = self.cfg.refine_streams
+    def _plan_rest(self, bar, left: int) -> None:
+        """Plan the blocks left (the planner's plan), and say where refinement keeps the
+        streams and how long a block should take."""
+        self.plan = self.planner(self.cfg, self.setup, self.world) if self.planner else None
+        keep = self.cfg.refine_streams if self.cfg.refine_epochs else ""
         if keep == "auto":
-            from .plan import host_memory_available, make_plan
-
-            rss = psutil.Process().memory_info().rss  # the processes on this machine share it
-            free = host_memory_available()[0] // self.world.local_size
-            have = {"host": (free + rss, "host memory")}
-            if self.device.type == "cuda":
-                free = torch.cuda.mem_get_info(self.device)[0]
-                have["device"] = (free + torch.cuda.memory_reserved(self.device), "device")
-            fixed = {"peak": rss, "after": rss}  # the setup is behind it
-            keep = make_plan(self.cfg, fixed, timing=False, processes=self.world.size,
-                             have=have, warn=False, model=self.model).refine_streams  # fmt: skip
-        log.info("refinement keeps each block's streams %s",
-                 keep_text(keep, self.device.type == "cuda"))  # fmt: skip
-        return keep
+            keep = self.plan.refine_streams if self.plan else "store"
+        if keep:
+            log.info("refinement keeps each block's streams %s",
+                     keep_text(keep, self.device.type == "cuda"))  # fmt: skip
+        self.refine_keep = keep
+        if self.plan:
+            planned = self.plan.seconds_per_block["total"]
+            log.info("estimated %.0fs per block, %.0fs for the %d left (device micro-benchmark)",
+                     planned, planned * left, left)  # fmt: skip
+            bar.set_postfix_str(f"plan {planned:.0f}s/block")
 
     def _embedding_stage(self, stage: str = "inputs", streams: tuple | None = None) -> list[dict]:
         """Fill what runs before block 0 (every non-block tensor but the LM head: token and
@@ -447,13 +427,7 @@ class Compressor:
         stages_before = dict(self.timer.seconds)
         block = self.blocks[i]
         block_prefix = f"{self.prefix}.{i}"
-        stages = None
-        if self.cfg.sequential:  # found on `meta`, before the block is filled
-            from .model import sequential_stages
-            from .plan import input_groups
-
-            groups = input_groups(self.model, block, self.cfg.ratio)
-            stages = sequential_stages(list(factorised_linears(block, self.cfg.ratio)), groups)
+        stages = self.setup.stages[i] if self.cfg.sequential else None
         original, read = self._load_block(i, f"block.{i}")
         linears = factorised_linears(block, self.cfg.ratio)
         quant = self.setup.quant
@@ -592,10 +566,7 @@ class Compressor:
                 device = round(torch.cuda.max_memory_allocated(self.device) / 2**20)
                 peaks["device_mb"] = max(peaks.get("device_mb", 0), device)
         except torch.OutOfMemoryError as exc:
-            from .plan import make_plan, size_text
-
-            planned = make_plan(self.cfg, fixed={"peak": 0, "after": 0}, timing=False)
-            need = planned.device_phases.get(phase)
+            need = self.plan.device_phases.get(phase) if self.plan else None
             raise NotEnoughResources(
                 f"{self.device} ran out of memory in the {phase} phase "
                 + (f"(the plan puts its peak at {size_text(need)}) " if need else "")
@@ -858,9 +829,3 @@ def refine_summary(refined: list[dict | None]) -> dict:
             declined, len(held),
         )  # fmt: skip
     return {"refine_losses": rows, "refine_declined": declined}
-
-
-def compress(cfg: CompressConfig, world: World | None = None) -> dict:
-    """Compress cfg.model into cfg.out; returns the run's summary (a distributed run's on
-    rank 0, each other rank's own part of it on that rank)."""
-    return Compressor(cfg, world).run()
