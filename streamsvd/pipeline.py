@@ -23,15 +23,15 @@ from tqdm.auto import tqdm
 
 from . import faults
 from .activations import KEEP, keep_text
-from .allocate import ALLOCATIONS, Matrix, allocate
+from .allocate import ALLOCATIONS, Matrix, allocate, block_ranks
 from .checkpoint import (
     CheckpointReader,
     check_finite,
 )
 from .disk import size_text
 from .errors import NotEnoughResources, StreamSVDError
-from .experts import expert_index, fuse_dense_experts
-from .factorize import METHODS, rank_for
+from .experts import expert_index
+from .factorize import METHODS
 from .memory import peak_rss_bytes, phase_peak_bytes, reset_peak
 from .model import (
     COMPUTE_DTYPES,
@@ -44,8 +44,9 @@ from .model import (
     unfill,
 )
 from .modeling import linear_shape
+from .output import block_tensors
 from .prepare import calibration_batches, prepare
-from .quantize import DAMP, QuantSettings, quantized_rank
+from .quantize import DAMP, QuantSettings
 from .refine import (
     DEFAULT_EPOCHS,
     DEFAULT_LR,
@@ -423,30 +424,19 @@ class Compressor:
         next activations complete and fsync'd; only then the journal entry, with checksums
         of both. A crash at any instant leaves the block done or not done."""
         faults.point("between", i)
-        t0 = time.perf_counter()
-        stages_before = dict(self.timer.seconds)
-        block = self.blocks[i]
-        block_prefix = f"{self.prefix}.{i}"
+        t0, stages_before = time.perf_counter(), dict(self.timer.seconds)
+        block, prefix, quant = self.blocks[i], f"{self.prefix}.{i}", self.setup.quant
         stages = self.setup.stages[i] if self.cfg.sequential else None
         original, read = self._load_block(i, f"block.{i}")
         linears = factorised_linears(block, self.cfg.ratio)
-        quant = self.setup.quant
         step = BlockStep(block, linears, block_kwargs, self._batches(), self.device,
                          self.timer, i, world=self.world,
                          whitening_damping=DAMP if quant else 0.0, rescues=Rescues())  # fmt: skip
-        ranks = {  # the allocation's, or the uniform rule's
-            name: self.ranks[f"{block_prefix}.{name}"]
-            if self.ranks
-            else rank_for(*linear_shape(linear), self.cfg.ratio)
-            for name, linear in linears.items()
-        }
-        if quant:  # A's input width is the rank: whole groups
-            ranks = {name: quantized_rank(rank, quant.group_size, linear_shape(linears[name]))
-                     for name, rank in ranks.items()}  # fmt: skip
+        allocated = {n: self.ranks[f"{prefix}.{n}"] for n in linears} if self.ranks else None
+        ranks = block_ranks(linears, self.cfg.ratio, quant, allocated)
         digests = {stream: hashlib.sha256() for stream in self.streams}
         if self.streams:
-            with self.rundir.writing(self.store.root):
-                self.store.reset("orig", (i + 1) % 2)
+            self._reset_next("orig", i)
         refine = self.cfg.refine
         keep_dense = refine.epochs > 0 and refine.target < 1  # for refinement's target
         factors, tokens = step.compress(self.method, ranks, self.rundir.reader(i),
@@ -454,86 +444,62 @@ class Compressor:
                                         self.dtype, self.compute, self.cfg.sequential, stages,
                                         self._phase, keep_dense)  # fmt: skip
         rescues = self._block_rescues(i, step.rescues)
-        refined = {}
+        refined, quantized = {}, {}
         if refine.epochs:
             with self._phase("refine"):
                 refined = step.refine(refine, self.rundir.host_reader(i),
                                       self.rundir.host_reader(i + 1), self.dtype,
                                       self.refine_keep)  # fmt: skip
-        quantized = {}
         if quant:
             with self._phase("quantize"):
                 quantized = step.quantize(quant, self.rundir.reader(i), stages, self.dtype)
-        expert_tokens = {  # expert -> calibration tokens routed to it
-            f"{block_prefix}.{expert_index(name)}": count
-            for name, count in tokens.items()
-            if expert_index(name)
-        }
-        out_tensors = {}
-        for name, (down, up) in factors.items():
-            full = f"{block_prefix}.{name}"
-            out_tensors[f"{full}.down.weight"] = down
-            out_tensors[f"{full}.up.weight"] = up
-            if linears[name].bias is not None:
-                out_tensors[f"{full}.up.bias"] = original[f"{full}.bias"]
-        ranks = {f"{block_prefix}.{name}": rank for name, rank in ranks.items()}
-        for name, tensor in original.items():  # norms and the like: bit for bit
-            if name.rsplit(".", 1)[0][len(block_prefix) + 1 :] not in linears:
-                out_tensors[name] = tensor
-        for name in refined.get("trained", []):  # factors (and norms, biases) as trained
-            value = block.get_parameter(name).detach().to(self.dtype).cpu()
-            out_tensors[f"{block_prefix}.{name}"] = value
-        for name, factors_packed in quantized.items():  # in place of the factors' weights
-            for factor, packed in factors_packed.items():
-                full = f"{block_prefix}.{name}.{factor}"
-                del out_tensors[f"{full}.weight"]
-                out_tensors |= {f"{full}.{k}": v for k, v in packed.items()}
-        out_tensors = fuse_dense_experts(self.model, out_tensors)  # experts left dense, if any
+        tensors = block_tensors(self.model, block, prefix, original, linears, factors,
+                                refined.get("trained", []), quantized, self.dtype)  # fmt: skip
         if "comp" in self.streams:
-            with self.rundir.writing(self.store.root):
-                self.store.reset("comp", (i + 1) % 2)
+            self._reset_next("comp", i)
             step.advance(self.rundir.reader(i), self.rundir.writer(i, digests))
+        losses = refine_losses(refined)
+        ranks = {f"{prefix}.{name}": rank for name, rank in ranks.items()}
+        info = {"expert_tokens": {f"{prefix}.{expert_index(name)}": count  # routed to each
+                                  for name, count in tokens.items() if expert_index(name)},
+                **({"refine": losses} if losses else {}),
+                **({"rescues": rescues} if rescues else {}), "read": read}  # fmt: skip
+        self._commit_block(i, tensors, ranks, digests, info)
+        empty(block)
+        spent = {k: v - stages_before.get(k, 0.0) for k, v in self.timer.seconds.items()}
+        spent = {k: round(v, 2) for k, v in spent.items() if v > 0}
+        self.block_seconds.append({"block": i, "total": round(time.perf_counter() - t0, 2),
+                                   **spent})  # fmt: skip
+        log.info("block %d/%d: ranks %s, %.1fs, peak RSS %.0f MB%s", i + 1, len(self.blocks),
+                 sorted(set(ranks.values())), time.perf_counter() - t0, peak_rss_mb(),
+                 losses_line(losses))  # fmt: skip
+
+    def _reset_next(self, stream: str, i: int) -> None:
+        """Empty the stream's slot that block i writes (the next block's inputs)."""
+        with self.rundir.writing(self.store.root):
+            self.store.reset(stream, (i + 1) % 2)
+
+    def _commit_block(self, i: int, tensors: dict, ranks: dict, digests: dict, info: dict):
+        """Block i's commit: the streams' next activations durable, its shard written, then
+        its journal entry: the shard's checksum, `ranks`, the streams' checksums (`digests`),
+        `info` (what it read, ...) and this session's time since its last block."""
         digests = {stream: digest.hexdigest() for stream, digest in digests.items()}
         with self.timer("write"):
             self.rundir.sync((i + 1) % 2)
         shard = self.rundir.save(
-            out_tensors, self.rundir.shards / shard_file(i), lambda: faults.point("shard-write", i)
+            tensors, self.rundir.shards / shard_file(i), lambda: faults.point("shard-write", i)
         )  # rank 0 records its sha256 and stat
         faults.point("before-journal", i)
-        losses = {k: v for k, v in refined.items() if k.startswith("loss")}
-        if refined.get("heldout_loss"):  # with a holdout: the epoch kept, 0 if declined
-            losses |= {k: refined[k] for k in ("heldout_loss", "kept_epoch")}
-        same = {"read": combined_sha256(read)}  # every rank read, and wrote, the same
+        same = {"read": combined_sha256(info["read"])}  # every rank read, and wrote, the same
         now = time.perf_counter()  # the session's time since its last block: setup included
         session = {"started": self.session["started"],
                    "seconds": round(now - self.session["last_commit"], 2)}  # fmt: skip
         self.session["last_commit"] = now
         if self.world.distributed:
-            same["written"] = combined_sha256(read_digests(out_tensors))
+            same["written"] = combined_sha256(read_digests(tensors))
         self.rundir.commit(f"block.{i}", {**shard, "ranks": ranks, "activations": digests,
-                                    "expert_tokens": expert_tokens,
-                                    **({"refine": losses} if losses else {}),
-                                    **({"rescues": rescues} if rescues else {}), "read": read,
-                                    "session": session}, same)  # fmt: skip
+                                          **info, "session": session}, same)  # fmt: skip
         faults.point("journaled", i)
-        empty(block)
-        spent = {k: v - stages_before.get(k, 0.0) for k, v in self.timer.seconds.items()}
-        spent = {k: round(v, 2) for k, v in spent.items() if v > 0}
-        total = round(time.perf_counter() - t0, 2)
-        self.block_seconds.append({"block": i, "total": total, **spent})
-        log.info(
-            "block %d/%d: ranks %s, %.1fs, peak RSS %.0f MB%s",
-            i + 1,
-            len(self.blocks),
-            sorted(set(ranks.values())),
-            time.perf_counter() - t0,
-            peak_rss_mb(),
-            f", refinement loss {losses['loss_first_epoch']:.4g} (first epoch) → "
-            f"{losses['loss_last_epoch']:.4g} (last)"
-            + (f"; {kept_epoch_line(losses)}" if "heldout_loss" in losses else "")
-            if losses
-            else "",
-        )
 
     def _block_rescues(self, i: int, mine: Rescues) -> dict:
         """Block i's Cholesky rescues (stats.damped_cholesky_), every rank's together (each
@@ -791,6 +757,24 @@ class Compressor:
                          for e in entry.get("escalated", [])]  # fmt: skip
             entries.append({**entry, "escalated": escalated})
         return Rescues.total(entries).as_dict()
+
+
+def refine_losses(refined: dict) -> dict:
+    """What a block's refinement journals: its mean training losses, first and last epoch,
+    and with a holdout the held-out losses and the epoch kept (0: declined)."""
+    losses = {k: v for k, v in refined.items() if k.startswith("loss")}
+    if refined.get("heldout_loss"):
+        losses |= {k: refined[k] for k in ("heldout_loss", "kept_epoch")}
+    return losses
+
+
+def losses_line(losses: dict) -> str:
+    """A block's refinement for its log line ("" without refinement)."""
+    if not losses:
+        return ""
+    line = (f", refinement loss {losses['loss_first_epoch']:.4g} (first epoch) → "
+            f"{losses['loss_last_epoch']:.4g} (last)")  # fmt: skip
+    return line + (f"; {kept_epoch_line(losses)}" if "heldout_loss" in losses else "")
 
 
 def kept_epoch_line(refined: dict) -> str:
