@@ -46,8 +46,9 @@ import torch  # noqa: E402
 from monitor import drop_page_cache, run_measured  # noqa: E402
 
 from streamsvd.factorize import METHODS  # noqa: E402
-from streamsvd.pipeline import WORK_STAGES, CompressConfig  # noqa: E402
+from streamsvd.pipeline import CompressConfig  # noqa: E402
 from streamsvd.plan import host_memory_available, make_plan, measure_baseline  # noqa: E402
+from streamsvd.report import WORK_STAGES  # noqa: E402
 from streamsvd.synth import DTYPES, SHAPES, checkpoint_bytes, synthesize  # noqa: E402
 
 GiB = 2**30
