@@ -220,10 +220,67 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
     `memory_have` gives it (measured here when not given). warn=False: the calibration's
     warnings are not repeated, and `model`: its skeleton, not built again (a run planning
     itself has given the one and has the other)."""
+    config, dtype, compute, model, tensors, prefix, blocks = _checked_model(cfg, model, warn)
+    item, text, shapes = dtype.itemsize, config.get_text_config(), tensors.shapes()
+    largest, largest_params = largest_block(shapes, prefix, len(blocks))
+    quant = block_settings(cfg, blocks)
+    linears = linear_plans(blocks[largest], cfg.ratio, quant)
+    needs = METHODS[cfg.method].needs
+    groups = input_groups(model, blocks[largest], cfg.ratio) if needs else []
+
+    before, linear_before, linear_after = parameter_counts(shapes, blocks, cfg.ratio, quant)
+    rest_bytes = item * sum(math.prod(s) for n, s in shapes.items()
+                            if not n.startswith(prefix + "."))  # fmt: skip
+    streams = cfg.streams
+    per_stream = 2 * cfg.nsamples * cfg.seqlen * text.hidden_size * compute.itemsize
+    disk = disk_bytes(cfg, tensors, prefix, blocks, text.hidden_size, len(streams))
+    total_cfg, cfg = cfg, process_share(cfg, processes)  # memory and time: one process's
+    output_bytes = before * item + side_file_bytes(cfg.model) if cfg.dense else disk["output"]
+
+    can_time = timing and (torch.cuda.is_available() or not cfg.device.startswith("cuda"))
+    width = max(lp.shape[1] for lp in linears)
+    if fixed is None:
+        bench = {"dtype": str(compute).removeprefix("torch."), "method": cfg.method, "width": width}
+        fixed = measure_baseline(cfg, bench if can_time else None)
+    host, device = run_phases(cfg, fixed, text, linears, groups, largest_params * compute.itemsize,
+                              rest_bytes, compute.itemsize, width)  # fmt: skip
+    have = have or memory_have(total_cfg, device_memory)
+    keep = refine_keep(cfg, host, device, refine_held_bytes(cfg, text.hidden_size, compute),
+                       have)  # fmt: skip
+    seconds, note, spectra = None, "", None
+    if timing and not can_time:
+        note = "unavailable: the GPU is not visible here (planned with --device-memory)"
+    elif timing:
+        rates = fixed.get("rates") or measure_speed(cfg.device, compute, cfg.method, width)
+        if streams:  # the activation store's speed, where the run will keep it
+            rates |= measure_store(existing(Path(cfg.run_dir)), cfg.seqlen, text.hidden_size,
+                                   compute)  # fmt: skip
+        seconds, note, spectra = time_estimate(cfg, text, linears, groups, rates, processes, keep)
+    plan = Plan(model=str(cfg.model), method=cfg.method, ratio=cfg.ratio, device=cfg.device,
+                dtype=str(dtype).removeprefix("torch."), blocks=len(blocks), linears=linears,
+                input_groups=groups, params_before=before,
+                params_after=before - linear_before + linear_after,
+                linear_params_before=linear_before, linear_params_after=linear_after,
+                checkpoint_bytes=before * item, output_bytes=output_bytes, streams=streams,
+                activation_bytes_per_stream=per_stream, disk_bytes=disk,
+                fixed_bytes={k: v for k, v in fixed.items()
+                             if k in ("peak", "after", "after_timing")},
+                host_phases={k: int(v) for k, v in host.items()},
+                device_phases={k: int(v) for k, v in device.items()},
+                seconds_per_block=seconds, allocation=cfg.allocation, sequential=cfg.sequential,
+                spectra_seconds_per_block=spectra, timing_note=note, processes=processes,
+                refine_streams=keep)  # fmt: skip
+    plan.checks = _checks(plan, total_cfg, have)
+    return plan
+
+
+def _checked_model(cfg, model, warn: bool) -> tuple:
+    """The checkpoint's config, dtype and compute dtype, the model's skeleton (`model` where
+    given), its tensors, the blocks' prefix and the blocks, checked as the run checks them
+    before its first block (prepare.py)."""
     reader = CheckpointReader(cfg.model)
     config = load_config(cfg.model)
     dtype = reader.dtype()
-    item = dtype.itemsize  # on disk
     compute = compute_dtype(cfg.compute_dtype, dtype, cfg.device)
     model = model or build_skeleton(config, compute)
     tensors = ModelTensors(reader, model)  # named and shaped as the model's parameters
@@ -232,108 +289,59 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
     tensors.check_unused(prefix)
     check_supported(blocks)
     check_calibration_size(cfg, blocks, warn)
-    method = METHODS[cfg.method]
-    shapes = tensors.shapes()
-    check_shapes(model, shapes, cfg.model)
+    check_shapes(model, tensors.shapes(), cfg.model)
     check_locations(cfg.model, cfg.out, Path(cfg.run_dir))
-    text = config.get_text_config()
+    return config, dtype, compute, model, tensors, prefix, blocks
 
-    largest, largest_params = largest_block(shapes, prefix, len(blocks))
-    quant = block_settings(cfg, blocks)
-    linears = linear_plans(blocks[largest], cfg.ratio, quant)
-    groups = input_groups(model, blocks[largest], cfg.ratio) if method.needs else []
 
-    # parameters and bytes
-    before = sum(math.prod(s) for s in shapes.values())
-    every_linear = [lp for block in blocks for lp in linear_plans(block, cfg.ratio, quant)]
+def parameter_counts(shapes: dict[str, tuple], blocks, ratio: float,
+                     quant: QuantSettings | None) -> tuple[int, int, int]:  # fmt: skip
+    """Parameters of the checkpoint, and of every block's factorised linears before and
+    after (at the ranks the run gives them)."""
+    every_linear = [lp for block in blocks for lp in linear_plans(block, ratio, quant)]
     linear_before = sum(math.prod(lp.shape) for lp in every_linear)
     linear_after = sum(lp.rank * sum(lp.shape) for lp in every_linear)
-    after = before - linear_before + linear_after
-    block_bytes = largest_params * compute.itemsize
-    rest_bytes = sum(math.prod(s) for n, s in shapes.items() if not n.startswith(prefix + "."))
-    rest_bytes *= item
-    streams = cfg.streams
-    per_stream = 2 * cfg.nsamples * cfg.seqlen * text.hidden_size * compute.itemsize
-    disk = disk_bytes(cfg, tensors, prefix, blocks, text.hidden_size, len(streams))
-    total_cfg, cfg = cfg, process_share(cfg, processes)  # memory and time: one process's
-    output_bytes = before * item + side_file_bytes(cfg.model) if cfg.dense else disk["output"]
+    return sum(math.prod(s) for s in shapes.values()), linear_before, linear_after
 
-    # memory
-    on_gpu = cfg.device.startswith("cuda")
-    can_time = timing and (torch.cuda.is_available() or not on_gpu)
-    width = max(lp.shape[1] for lp in linears)
-    if fixed is None:
-        bench = {"dtype": str(compute).removeprefix("torch."), "method": cfg.method, "width": width}
-        fixed = measure_baseline(cfg, bench if can_time else None)
+
+def run_phases(cfg, fixed: dict, text, linears: list[LinearPlan], groups: list[list[str]],
+               block_bytes: int, rest_bytes: int, item: int,
+               width: int) -> tuple[dict, dict]:  # fmt: skip
+    """Peak host and (on a GPU) device bytes of the run's phases, in the order it takes
+    them: the setup and the speed micro-benchmark (`fixed`), a block's phases
+    (`block_memory`), and the embedding and head copied through ("rest")."""
     stages = sequential_stages([lp.name for lp in linears], groups) if cfg.sequential else None
     resident = max(fixed["after"], fixed.get("after_timing", 0))  # the run times itself first
-    host, device = block_memory(cfg, text, linears, groups, block_bytes, compute.itemsize,
-                                resident, stages)  # fmt: skip
+    host, device = block_memory(cfg, text, linears, groups, block_bytes, item, resident, stages)
     if device:  # on a GPU the run's micro-benchmark comes first, on the device
         device = {"timing": bench_device_bytes(cfg.device, width), **device}
-    host["setup"] = fixed["peak"]
-    host["rest"] = resident + rest_bytes + WRITE_BUFFER
-    first = {"setup": host.pop("setup")}
+    first = {"setup": fixed["peak"]}
     if "timing" in fixed:
         first["timing"] = fixed["timing"]
-    host = {**first, **host}
-    have = have or memory_have(total_cfg, device_memory)
-    keep = refine_keep(cfg, host, device, refine_held_bytes(cfg, text.hidden_size, compute),
-                       have)  # fmt: skip
+    host = {**first, **host, "rest": resident + rest_bytes + WRITE_BUFFER}
+    return host, device
 
-    seconds, note, spectra = None, "", None
-    if timing:
-        if not can_time:
-            note = "unavailable: the GPU is not visible here (planned with --device-memory)"
-        else:
-            rates = fixed.get("rates") or measure_speed(cfg.device, compute, cfg.method, width)
-            if streams:  # the activation store's speed, where the run will keep it
-                rates |= measure_store(existing(Path(cfg.run_dir)), cfg.seqlen,
-                                       text.hidden_size, compute)  # fmt: skip
-            seconds = block_seconds(dataclasses.replace(cfg, refine_streams=keep or "auto"),
-                                    text, linears, groups, rates)  # fmt: skip
-            note = f"from a micro-benchmark of {rates['device_name']}"
-            if processes > 1:  # each factorises about its share of the linears
-                for stage in ("cholesky", "svd", "update"):
-                    if stage in seconds:
-                        seconds["total"] -= seconds[stage] * (1 - 1 / processes)
-                        seconds[stage] /= processes
-                note += "; per process, communication not counted"
-            if cfg.allocation != "uniform":  # its first pass is svdllm-w's statistics
-                first = dataclasses.replace(cfg, method="svdllm-w", allocation="uniform",
-                                            sequential=False)  # fmt: skip
-                spectra = block_seconds(first, text, linears, groups, rates)["total"]
-    plan = Plan(
-        model=str(cfg.model),
-        method=cfg.method,
-        ratio=cfg.ratio,
-        device=cfg.device,
-        dtype=str(dtype).removeprefix("torch."),
-        blocks=len(blocks),
-        linears=linears,
-        input_groups=groups,
-        params_before=before,
-        params_after=after,
-        linear_params_before=linear_before,
-        linear_params_after=linear_after,
-        checkpoint_bytes=before * item,
-        output_bytes=output_bytes,
-        streams=streams,
-        activation_bytes_per_stream=per_stream,
-        disk_bytes=disk,
-        fixed_bytes={k: v for k, v in fixed.items() if k in ("peak", "after", "after_timing")},
-        host_phases={k: int(v) for k, v in host.items()},
-        device_phases={k: int(v) for k, v in device.items()},
-        seconds_per_block=seconds,
-        allocation=cfg.allocation,
-        sequential=cfg.sequential,
-        spectra_seconds_per_block=spectra,
-        timing_note=note,
-        processes=processes,
-        refine_streams=keep,
-    )
-    plan.checks = _checks(plan, total_cfg, have)
-    return plan
+
+def time_estimate(cfg, text, linears: list[LinearPlan], groups: list[list[str]], rates: dict,
+                  processes: int, keep: str) -> tuple[dict, str, float | None]:  # fmt: skip
+    """Seconds per block by stage (speed.block_seconds, refinement's streams where `keep`
+    says), where they come from, and the seconds per block of the allocation's first pass
+    (None for uniform). Each of `processes` factorises about its share of the linears."""
+    seconds = block_seconds(dataclasses.replace(cfg, refine_streams=keep or "auto"), text,
+                            linears, groups, rates)  # fmt: skip
+    note = f"from a micro-benchmark of {rates['device_name']}"
+    if processes > 1:
+        for stage in ("cholesky", "svd", "update"):
+            if stage in seconds:
+                seconds["total"] -= seconds[stage] * (1 - 1 / processes)
+                seconds[stage] /= processes
+        note += "; per process, communication not counted"
+    spectra = None
+    if cfg.allocation != "uniform":  # its first pass is svdllm-w's statistics
+        first = dataclasses.replace(cfg, method="svdllm-w", allocation="uniform",
+                                    sequential=False)  # fmt: skip
+        spectra = block_seconds(first, text, linears, groups, rates)["total"]
+    return seconds, note, spectra
 
 
 def plan_started_run(cfg, setup, world) -> Plan:
