@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from streamsvd import CompressConfig, compress
 from streamsvd.calib import stdlib_docstrings
 from streamsvd.errors import StreamSVDError
 from streamsvd.lowrank import export_dense, load_compressed, load_model
-from streamsvd.pipeline import CompressConfig, compress
 from streamsvd.synth import FAMILIES, write_family
 
 RESULTS = Path(__file__).parent / "results"

@@ -12,7 +12,7 @@ Steps, in order of value (each bounded by its own timeout and by what is left of
 1. 7b: a 7B-width checkpoint (Llama-2-7B's widths, 2 blocks, bfloat16) compressed with the
    defaults (svdllm-a at 0.2, 64×512 calibration, 16 refinement epochs), `--dry-run` first:
    seconds per block by stage, the share of each block not computing (stages outside
-   pipeline.WORK_STAGES, and untimed time), device and host peaks by phase against the
+   report.WORK_STAGES, and untimed time), device and host peaks by phase against the
    plan, and the projected whole model: seconds per block × the real depth (32) + the
    run's fixed time (everything outside the blocks: setup, calibration, the output).
 2. 70b: the same at Llama-2-70B's widths (80 blocks deep when projected).
@@ -52,7 +52,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from streamsvd.pipeline import WORK_STAGES  # noqa: E402
+from streamsvd.report import WORK_STAGES  # noqa: E402
 from streamsvd.synth import SHAPES, Shape, synthesize  # noqa: E402
 
 MiB = 2**20

@@ -46,8 +46,9 @@ import torch  # noqa: E402
 from monitor import drop_page_cache, run_measured  # noqa: E402
 
 from streamsvd.factorize import METHODS  # noqa: E402
-from streamsvd.pipeline import WORK_STAGES, CompressConfig  # noqa: E402
+from streamsvd.pipeline import CompressConfig  # noqa: E402
 from streamsvd.plan import host_memory_available, make_plan, measure_baseline  # noqa: E402
+from streamsvd.report import WORK_STAGES  # noqa: E402
 from streamsvd.synth import DTYPES, SHAPES, checkpoint_bytes, synthesize  # noqa: E402
 
 GiB = 2**30
@@ -55,7 +56,7 @@ COMMAND = " ".join([".venv/bin/python", "benchmarks/memory.py", *sys.argv[1:]])
 RUN_COMPRESS = """
 import json, sys
 from streamsvd.memory import return_freed_memory
-from streamsvd.pipeline import CompressConfig, compress
+from streamsvd import CompressConfig, compress
 return_freed_memory()  # as the CLI does
 summary = compress(CompressConfig(**json.loads(sys.argv[1])))
 open(sys.argv[2], "w").write(json.dumps(summary))

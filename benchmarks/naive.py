@@ -35,7 +35,7 @@ from streamsvd.model import (  # noqa: E402
     shared_input_groups,
 )
 from streamsvd.modeling import LowRankLinear, replace_module  # noqa: E402
-from streamsvd.pipeline import StageTimer  # noqa: E402
+from streamsvd.report import StageTimer  # noqa: E402
 from streamsvd.stats import InputStats  # noqa: E402
 
 

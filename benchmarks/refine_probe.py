@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from tune_lambda import heldout_split  # noqa: E402  (benchmarks/, the script's folder)
 
-from streamsvd import pipeline, step  # noqa: E402
+from streamsvd import pipeline, run, step  # noqa: E402
 from streamsvd.default_model import default_model_path  # noqa: E402
 from streamsvd.model import run_block  # noqa: E402
 from streamsvd.refine import DEFAULT_TARGET, RefineSettings, refine_block  # noqa: E402
@@ -136,7 +136,7 @@ def main() -> None:
 
     step.BlockStep.refine = refine
     try:
-        pipeline.compress(cfg)
+        run.compress(cfg)
     except Done:
         pass
 

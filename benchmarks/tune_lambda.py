@@ -23,11 +23,10 @@ sys.path.insert(0, str(ROOT))
 
 from quality_p1 import run_arguments  # noqa: E402  (benchmarks/, on sys.path as the script's folder)
 
-from streamsvd import factorize  # noqa: E402
+from streamsvd import CompressConfig, compress, factorize  # noqa: E402
 from streamsvd.calib import eval_windows, tokenize  # noqa: E402
 from streamsvd.default_model import default_model_path  # noqa: E402
 from streamsvd.evaluate import perplexity  # noqa: E402
-from streamsvd.pipeline import CompressConfig, compress  # noqa: E402
 
 CALIB_FRACTION = 0.8
 

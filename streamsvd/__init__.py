@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 __all__ = ["CompressConfig", "LowRankLinear", "compress", "export_dense", "load_compressed"]
 
-_HOMES = {"CompressConfig": "config", "compress": "pipeline", "LowRankLinear": "modeling",
+_HOMES = {"CompressConfig": "config", "compress": "run", "LowRankLinear": "modeling",
           "export_dense": "lowrank", "load_compressed": "lowrank"}  # fmt: skip
 
 

@@ -34,10 +34,25 @@ import torch
 
 from .errors import StreamSVDError
 from .factorize import rank_for
+from .modeling import linear_shape
+from .quantize import QuantSettings, quantized_rank
 
 ALLOCATIONS = ("uniform", "grouped", "residual")
 FLOOR = 0.5  # × r_u: the least rank a matrix keeps
 CEILING = 2.0  # × r_u, and never more than factorising pays for: r·(m + n) < m·n
+
+
+def block_ranks(linears: dict, ratio: float, quant: QuantSettings | None = None,
+                allocated: dict[str, int] | None = None) -> dict[str, int]:  # fmt: skip
+    """Each of a block's linears' rank (names as in `linears`): `allocated`'s where given,
+    else the uniform rule's; with `quant` rounded to whole groups, as A's input width is
+    the rank (quantize.quantized_rank)."""
+    ranks = {name: allocated[name] if allocated else rank_for(*linear_shape(linear), ratio)
+             for name, linear in linears.items()}  # fmt: skip
+    if quant:
+        ranks = {name: quantized_rank(rank, quant.group_size, linear_shape(linears[name]))
+                 for name, rank in ranks.items()}  # fmt: skip
+    return ranks
 
 
 @dataclass(frozen=True)

@@ -348,7 +348,7 @@ def _add_demo(sub) -> None:
 
 
 def cmd_compress(args) -> dict:
-    from .pipeline import compress
+    from .run import compress
 
     cfg = _settings(args, CompressConfig, model=locate_checkpoint(args.model),
                     device=args.device or _default_device())  # fmt: skip
@@ -421,7 +421,7 @@ def format_summary(s: dict) -> str:
     if s.get("compute_dtype", s.get("dtype")) != s.get("dtype"):
         lines.insert(1, f"  blocks ran in {s['compute_dtype']}; the output is {s['dtype']}")
     if "other_seconds" in s:
-        from .pipeline import WORK_STAGES
+        from .report import WORK_STAGES
 
         stages = s["stage_seconds"]
         work = sum(v for k, v in stages.items() if k in WORK_STAGES)

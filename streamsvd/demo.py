@@ -70,7 +70,7 @@ def _compress(model: str, out: Path, label: str, ratio: float, method: str, epoc
               device: str) -> str:  # fmt: skip
     """One of the demo's compressions, afresh; prints its time, size and peak memory."""
     from .config import CompressConfig
-    from .pipeline import compress
+    from .run import compress
 
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(f"{out}.work", ignore_errors=True)

@@ -37,12 +37,12 @@ from .checkpoint import (
     write_index,
 )
 from .config import option
+from .disk import size_text
 from .errors import StreamSVDError
 from .lowrank import load_compressed, read_section
 from .memory import peak_rss_bytes
 from .model import load_tokenizer
 from .modeling import SECTION, LowRankLinear
-from .plan import size_text
 from .refine import CLIP, saved_values_per_token, warmup_cosine
 
 log = logging.getLogger(__name__)

@@ -363,5 +363,40 @@ def sequential_stages(names: list[str], groups: list[list[str]]) -> list[list[st
     return list(stages.values())
 
 
+def input_groups(model, block, ratio: float) -> list[list[str]]:
+    """Which of a block's linears read the very same tensor, found by running the block on
+    `meta` (no memory, any width): only the embedding rows it looks up are ever touched."""
+    prefix, blocks = find_blocks(model)
+    params = dict(model.named_parameters())
+    fakes = {  # untouched empty tensors: no RSS
+        name: torch.empty(params[name].shape, dtype=params[name].dtype)
+        for name in before_blocks(model, prefix, list(params))
+    }
+    fill(model, fakes, "cpu")
+    try:
+        hidden, kwargs = catch_block_inputs(model, blocks[0], torch.zeros(1, 4, dtype=torch.long))
+        names = list(factorised_linears(block, ratio))
+        with torch.inference_mode(), buffers_on_meta(block), capture_inputs(block, names) as seen:
+            run_block(block, hidden.to("meta"), {1: to_device(kwargs, "meta")})
+    finally:
+        unfill(model, list(fakes))
+    return shared_input_groups(seen)
+
+
+def block_stages(model, blocks: nn.ModuleList, ratio: float) -> list[list[list[str]]]:
+    """Each block's `sequential_stages`, from its `input_groups`: found once for each kind
+    of block (blocks alike in structure share them: every block of most models, DeepSeek's
+    dense first blocks and its experts' blocks apart), before any block is filled."""
+    found: dict[str, list[list[str]]] = {}
+    stages = []
+    for block in blocks:
+        kind = repr(block)  # its modules, their types and shapes
+        if kind not in found:
+            names = list(factorised_linears(block, ratio))
+            found[kind] = sequential_stages(names, input_groups(model, block, ratio))
+        stages.append(found[kind])
+    return stages
+
+
 def max_positions(config: PretrainedConfig) -> int | None:
     return getattr(config, "max_position_embeddings", None)

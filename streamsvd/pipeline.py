@@ -4,35 +4,30 @@ linears, advance both activation streams, write its shard, record it, free it.""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
-import math
-import re
 import threading
 import time
-from collections import defaultdict
 from datetime import datetime
 from pathlib import Path
 
-import psutil
 import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from . import faults
 from .activations import keep_text
-from .allocate import Matrix, allocate
+from .allocate import Matrix, allocate, block_ranks
 from .checkpoint import (
-    CheckpointReader,
     check_finite,
 )
 from .config import CompressConfig
+from .disk import size_text
 from .errors import NotEnoughResources, StreamSVDError
-from .experts import expert_index, fuse_dense_experts
-from .factorize import METHODS, rank_for
-from .memory import peak_rss_bytes, phase_peak_bytes, reset_peak
+from .experts import expert_index
+from .factorize import METHODS
+from .memory import phase_peak_bytes, reset_peak
 from .model import (
     before_blocks,
     block_arguments,
@@ -43,11 +38,20 @@ from .model import (
     unfill,
 )
 from .modeling import linear_shape
+from .output import block_tensors
 from .prepare import calibration_batches, prepare
-from .quantize import DAMP, quantized_rank
+from .quantize import DAMP
 from .refine import (
     micro_batches,
     piece_sizes,
+)
+from .report import (
+    StageTimer,
+    losses_line,
+    peak_rss_mb,
+    rank_summary,
+    refine_losses,
+    run_summary,
 )
 from .rundir import RunDir, shard_file
 from .sources import combined_sha256, read_digests
@@ -60,83 +64,18 @@ log = logging.getLogger(__name__)
 PLAIN = METHODS["svd"]  # for a linear without calibration statistics
 
 
-# The work any compressor must do: read the checkpoint, run the blocks, accumulate the
-# statistics, factorise, write the output. The other stages (activation I/O, dtype
-# conversions) and untimed time (setup, journal, idle) are overhead.
-WORK_STAGES = (
-    "load",
-    "forward",
-    "stats",
-    "cholesky",
-    "svd",
-    "update",
-    "refine",
-    "quantize",
-    "write",
-)
-
-
-class StageTimer:
-    """Wall seconds per named stage. Stages nest: time inside an inner stage counts for it
-    alone, not also for the stage around it, so the stages never add up to more than the
-    wall time. With `cuda`, each stage boundary is a CUDA event recorded on the current
-    stream, so that kernels count for the stage that queued them; the events are resolved
-    (one wait, for the last of them) when `seconds` is read, once per block, never between
-    stages, which would stall the copies and kernels queued ahead."""
-
-    def __init__(self, cuda: bool = False):
-        self._seconds: dict[str, float] = defaultdict(float)
-        self._open: list[list] = []  # [stage, since] of the stages entered, innermost last
-        self._cuda = cuda
-        self._pending: list[tuple] = []  # CUDA: (stage, start event, end event) unresolved
-
-    @contextlib.contextmanager
-    def __call__(self, stage: str):
-        now = self._now()
-        if self._open:  # pause the enclosing stage
-            self._add(self._open[-1][0], self._open[-1][1], now)
-        self._open.append([stage, now])
-        try:
-            yield
-        finally:
-            now = self._now()
-            self._add(stage, self._open.pop()[1], now)
-            if self._open:
-                self._open[-1][1] = now
-
-    @property
-    def seconds(self) -> dict[str, float]:
-        """Stage -> seconds of the stages ended so far (on CUDA: waits for their events)."""
-        if self._pending:
-            self._pending[-1][2].synchronize()  # the last event: every earlier one is done
-            for stage, start, end in self._pending:
-                self._seconds[stage] += start.elapsed_time(end) / 1000  # ms
-            self._pending.clear()
-        return self._seconds
-
-    def _now(self):
-        if not self._cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def _add(self, stage: str, start, end) -> None:
-        if self._cuda:
-            self._pending.append((stage, start, end))
-        else:
-            self._seconds[stage] += end - start
-
-
-def peak_rss_mb() -> float:
-    return peak_rss_bytes() / 2**20
-
-
 class Compressor:
-    """One compress run (or one rank's part of it: world.py). Construct, then call run()."""
+    """One compress run (or one rank's part of it: world.py). Construct, then call run().
 
-    def __init__(self, cfg: CompressConfig, world: World | None = None):
+    `planner(cfg, setup, world)` makes the run's plan (plan.plan_started_run; the run does
+    not import the estimate), called once, before the first block, when blocks are left:
+    the run takes where refinement keeps the streams (--refine-streams auto), the time
+    per block it logs, and each phase's planned peak that an out-of-memory error names.
+    Without one, there is no estimate, and auto keeps the streams in the store."""
+
+    def __init__(self, cfg: CompressConfig, world: World | None = None, planner=None):
         self.cfg = cfg
+        self.planner = planner
         self.world = world = world or World()
         self.timer = StageTimer(cuda=cfg.device.startswith("cuda"))
         self.phase_peaks: dict[str, dict] = {}  # phase -> peak memory over the blocks
@@ -153,6 +92,7 @@ class Compressor:
         self.ranks: dict[str, int] | None = None  # the allocation's; None: the uniform rule
         self.spectra_seconds = 0.0  # spent in this process on the allocation's first pass
         self.refine_keep = ""  # where refinement keeps the streams, once the run starts
+        self.plan = None  # the planner's, once the run starts
 
     # -- the run -----------------------------------------------------------------------
     def run(self) -> dict:
@@ -198,11 +138,7 @@ class Compressor:
         bar = tqdm(total=n_blocks, initial=first, desc="Compressing", unit="block",
                    disable=None if self.world.writer else True)  # fmt: skip
         if first < n_blocks:
-            self.refine_keep = self._refine_keep()
-            planned = self._planned_seconds()
-            log.info("estimated %.0fs per block, %.0fs for the %d left (device micro-benchmark)",
-                     planned, planned * (n_blocks - first), n_blocks - first)  # fmt: skip
-            bar.set_postfix_str(f"plan {planned:.0f}s/block")
+            self._plan_rest(bar, n_blocks - first)
         with torch.inference_mode():
             for i in range(first, n_blocks):
                 if not self.journal.done(f"block.{i}"):
@@ -214,68 +150,38 @@ class Compressor:
         self.rundir.start("rest", self.tensors)
         if not self.world.writer:  # rank 0 assembles the output; the others wait for it
             with self.timer("communicate"):
-                self.world.gather(self._rank_summary())
+                self.world.gather(rank_summary(self))
                 self.world.barrier("assembling the output")
-            return {"rank": self.world.rank, **self._rank_summary()}
+            return {"rank": self.world.rank, **rank_summary(self)}
         self._write_rest()
-        ranks_summaries = self.world.gather(self._rank_summary())
+        ranks_summaries = self.world.gather(rank_summary(self))
         source = json.loads((Path(self.cfg.model) / "config.json").read_text())
         base = self.model.get_submodule(self.model.base_model_prefix)
         classes = (type(self.config).__name__, type(self.model).__name__, type(base).__name__)
         ranks = self.rundir.assemble(source, classes)
-        summary = self._summary(time.perf_counter() - start, ranks)
+        summary = run_summary(self, time.perf_counter() - start, ranks)
         if self.world.distributed:
             summary["processes"] = self.world.size
             summary["per_process"] = ranks_summaries
         self.world.barrier("assembling the output")
         return summary
 
-    def _rank_summary(self) -> dict:
-        """What each rank reports of itself to the run's summary."""
-        return {"peak_rss_mb": round(peak_rss_mb(), 1),
-                "stage_seconds": {k: round(v, 2) for k, v in sorted(self.timer.seconds.items())},
-                "phase_peaks": self.phase_peaks}  # fmt: skip
-
-    def _planned_seconds(self) -> float:
-        """The plan's time per block (speed.py) for this device, as --dry-run prints it."""
-        from .plan import input_groups, largest_block, linear_plans, process_share
-        from .speed import block_seconds, measure_speed, measure_store
-
-        block = self.blocks[largest_block(self.tensors.shapes(), self.prefix, len(self.blocks))[0]]
-        linears = linear_plans(block, self.cfg.ratio)
-        groups = input_groups(self.model, block, self.cfg.ratio) if self.method.needs else []
-        width = max(lp.shape[1] for lp in linears)
-        rates = measure_speed(self.cfg.device, self.compute, self.cfg.method, width)
-        text = self.config.get_text_config()
-        if self.streams:
-            rates |= measure_store(self.cfg.run_dir, self.cfg.seqlen, text.hidden_size,
-                                   self.compute)  # fmt: skip
-        mine = process_share(self.cfg, self.world.size)  # this process's windows
-        mine = dataclasses.replace(mine, refine_streams=self.refine_keep or "auto")
-        return block_seconds(mine, text, linears, groups, rates)["total"]
-
-    def _refine_keep(self) -> str:
-        """Where refinement keeps a block's streams: as asked, or as the memory plan says
-        (plan.refine_keep) with what this process holds now as its fixed part, against
-        what it holds plus what is still free."""
-        if not self.cfg.refine_epochs:
-            return ""
-        keep = self.cfg.refine_streams
+    def _plan_rest(self, bar, left: int) -> None:
+        """Plan the blocks left (the planner's plan), and say where refinement keeps the
+        streams and how long a block should take."""
+        self.plan = self.planner(self.cfg, self.setup, self.world) if self.planner else None
+        keep = self.cfg.refine_streams if self.cfg.refine_epochs else ""
         if keep == "auto":
-            from .plan import host_memory_available, make_plan
-
-            rss = psutil.Process().memory_info().rss  # the processes on this machine share it
-            free = host_memory_available()[0] // self.world.local_size
-            have = {"host": (free + rss, "host memory")}
-            if self.device.type == "cuda":
-                free = torch.cuda.mem_get_info(self.device)[0]
-                have["device"] = (free + torch.cuda.memory_reserved(self.device), "device")
-            fixed = {"peak": rss, "after": rss}  # the setup is behind it
-            keep = make_plan(self.cfg, fixed, timing=False, processes=self.world.size,
-                             have=have, warn=False, model=self.model).refine_streams  # fmt: skip
-        log.info("refinement keeps each block's streams %s",
-                 keep_text(keep, self.device.type == "cuda"))  # fmt: skip
-        return keep
+            keep = self.plan.refine_streams if self.plan else "store"
+        if keep:
+            log.info("refinement keeps each block's streams %s",
+                     keep_text(keep, self.device.type == "cuda"))  # fmt: skip
+        self.refine_keep = keep
+        if self.plan:
+            planned = self.plan.seconds_per_block["total"]
+            log.info("estimated %.0fs per block, %.0fs for the %d left (device micro-benchmark)",
+                     planned, planned * left, left)  # fmt: skip
+            bar.set_postfix_str(f"plan {planned:.0f}s/block")
 
     def _embedding_stage(self, stage: str = "inputs", streams: tuple | None = None) -> list[dict]:
         """Fill what runs before block 0 (every non-block tensor but the LM head: token and
@@ -324,36 +230,19 @@ class Compressor:
         next activations complete and fsync'd; only then the journal entry, with checksums
         of both. A crash at any instant leaves the block done or not done."""
         faults.point("between", i)
-        t0 = time.perf_counter()
-        stages_before = dict(self.timer.seconds)
-        block = self.blocks[i]
-        block_prefix = f"{self.prefix}.{i}"
-        stages = None
-        if self.cfg.sequential:  # found on `meta`, before the block is filled
-            from .model import sequential_stages
-            from .plan import input_groups
-
-            groups = input_groups(self.model, block, self.cfg.ratio)
-            stages = sequential_stages(list(factorised_linears(block, self.cfg.ratio)), groups)
+        t0, stages_before = time.perf_counter(), dict(self.timer.seconds)
+        block, prefix, quant = self.blocks[i], f"{self.prefix}.{i}", self.setup.quant
+        stages = self.setup.stages[i] if self.cfg.sequential else None
         original, read = self._load_block(i, f"block.{i}")
         linears = factorised_linears(block, self.cfg.ratio)
-        quant = self.setup.quant
         step = BlockStep(block, linears, block_kwargs, self._batches(), self.device,
                          self.timer, i, world=self.world,
                          whitening_damping=DAMP if quant else 0.0, rescues=Rescues())  # fmt: skip
-        ranks = {  # the allocation's, or the uniform rule's
-            name: self.ranks[f"{block_prefix}.{name}"]
-            if self.ranks
-            else rank_for(*linear_shape(linear), self.cfg.ratio)
-            for name, linear in linears.items()
-        }
-        if quant:  # A's input width is the rank: whole groups
-            ranks = {name: quantized_rank(rank, quant.group_size, linear_shape(linears[name]))
-                     for name, rank in ranks.items()}  # fmt: skip
+        allocated = {n: self.ranks[f"{prefix}.{n}"] for n in linears} if self.ranks else None
+        ranks = block_ranks(linears, self.cfg.ratio, quant, allocated)
         digests = {stream: hashlib.sha256() for stream in self.streams}
         if self.streams:
-            with self.rundir.writing(self.store.root):
-                self.store.reset("orig", (i + 1) % 2)
+            self._reset_next("orig", i)
         refine = self.cfg.refine
         keep_dense = refine.epochs > 0 and refine.target < 1  # for refinement's target
         factors, tokens = step.compress(self.method, ranks, self.rundir.reader(i),
@@ -361,86 +250,62 @@ class Compressor:
                                         self.dtype, self.compute, self.cfg.sequential, stages,
                                         self._phase, keep_dense)  # fmt: skip
         rescues = self._block_rescues(i, step.rescues)
-        refined = {}
+        refined, quantized = {}, {}
         if refine.epochs:
             with self._phase("refine"):
                 refined = step.refine(refine, self.rundir.host_reader(i),
                                       self.rundir.host_reader(i + 1), self.dtype,
                                       self.refine_keep)  # fmt: skip
-        quantized = {}
         if quant:
             with self._phase("quantize"):
                 quantized = step.quantize(quant, self.rundir.reader(i), stages, self.dtype)
-        expert_tokens = {  # expert -> calibration tokens routed to it
-            f"{block_prefix}.{expert_index(name)}": count
-            for name, count in tokens.items()
-            if expert_index(name)
-        }
-        out_tensors = {}
-        for name, (down, up) in factors.items():
-            full = f"{block_prefix}.{name}"
-            out_tensors[f"{full}.down.weight"] = down
-            out_tensors[f"{full}.up.weight"] = up
-            if linears[name].bias is not None:
-                out_tensors[f"{full}.up.bias"] = original[f"{full}.bias"]
-        ranks = {f"{block_prefix}.{name}": rank for name, rank in ranks.items()}
-        for name, tensor in original.items():  # norms and the like: bit for bit
-            if name.rsplit(".", 1)[0][len(block_prefix) + 1 :] not in linears:
-                out_tensors[name] = tensor
-        for name in refined.get("trained", []):  # factors (and norms, biases) as trained
-            value = block.get_parameter(name).detach().to(self.dtype).cpu()
-            out_tensors[f"{block_prefix}.{name}"] = value
-        for name, factors_packed in quantized.items():  # in place of the factors' weights
-            for factor, packed in factors_packed.items():
-                full = f"{block_prefix}.{name}.{factor}"
-                del out_tensors[f"{full}.weight"]
-                out_tensors |= {f"{full}.{k}": v for k, v in packed.items()}
-        out_tensors = fuse_dense_experts(self.model, out_tensors)  # experts left dense, if any
+        tensors = block_tensors(self.model, block, prefix, original, linears, factors,
+                                refined.get("trained", []), quantized, self.dtype)  # fmt: skip
         if "comp" in self.streams:
-            with self.rundir.writing(self.store.root):
-                self.store.reset("comp", (i + 1) % 2)
+            self._reset_next("comp", i)
             step.advance(self.rundir.reader(i), self.rundir.writer(i, digests))
+        losses = refine_losses(refined)
+        ranks = {f"{prefix}.{name}": rank for name, rank in ranks.items()}
+        info = {"expert_tokens": {f"{prefix}.{expert_index(name)}": count  # routed to each
+                                  for name, count in tokens.items() if expert_index(name)},
+                **({"refine": losses} if losses else {}),
+                **({"rescues": rescues} if rescues else {}), "read": read}  # fmt: skip
+        self._commit_block(i, tensors, ranks, digests, info)
+        empty(block)
+        spent = {k: v - stages_before.get(k, 0.0) for k, v in self.timer.seconds.items()}
+        spent = {k: round(v, 2) for k, v in spent.items() if v > 0}
+        self.block_seconds.append({"block": i, "total": round(time.perf_counter() - t0, 2),
+                                   **spent})  # fmt: skip
+        log.info("block %d/%d: ranks %s, %.1fs, peak RSS %.0f MB%s", i + 1, len(self.blocks),
+                 sorted(set(ranks.values())), time.perf_counter() - t0, peak_rss_mb(),
+                 losses_line(losses))  # fmt: skip
+
+    def _reset_next(self, stream: str, i: int) -> None:
+        """Empty the stream's slot that block i writes (the next block's inputs)."""
+        with self.rundir.writing(self.store.root):
+            self.store.reset(stream, (i + 1) % 2)
+
+    def _commit_block(self, i: int, tensors: dict, ranks: dict, digests: dict, info: dict):
+        """Block i's commit: the streams' next activations durable, its shard written, then
+        its journal entry: the shard's checksum, `ranks`, the streams' checksums (`digests`),
+        `info` (what it read, ...) and this session's time since its last block."""
         digests = {stream: digest.hexdigest() for stream, digest in digests.items()}
         with self.timer("write"):
             self.rundir.sync((i + 1) % 2)
         shard = self.rundir.save(
-            out_tensors, self.rundir.shards / shard_file(i), lambda: faults.point("shard-write", i)
+            tensors, self.rundir.shards / shard_file(i), lambda: faults.point("shard-write", i)
         )  # rank 0 records its sha256 and stat
         faults.point("before-journal", i)
-        losses = {k: v for k, v in refined.items() if k.startswith("loss")}
-        if refined.get("heldout_loss"):  # with a holdout: the epoch kept, 0 if declined
-            losses |= {k: refined[k] for k in ("heldout_loss", "kept_epoch")}
-        same = {"read": combined_sha256(read)}  # every rank read, and wrote, the same
+        same = {"read": combined_sha256(info["read"])}  # every rank read, and wrote, the same
         now = time.perf_counter()  # the session's time since its last block: setup included
         session = {"started": self.session["started"],
                    "seconds": round(now - self.session["last_commit"], 2)}  # fmt: skip
         self.session["last_commit"] = now
         if self.world.distributed:
-            same["written"] = combined_sha256(read_digests(out_tensors))
+            same["written"] = combined_sha256(read_digests(tensors))
         self.rundir.commit(f"block.{i}", {**shard, "ranks": ranks, "activations": digests,
-                                    "expert_tokens": expert_tokens,
-                                    **({"refine": losses} if losses else {}),
-                                    **({"rescues": rescues} if rescues else {}), "read": read,
-                                    "session": session}, same)  # fmt: skip
+                                          **info, "session": session}, same)  # fmt: skip
         faults.point("journaled", i)
-        empty(block)
-        spent = {k: v - stages_before.get(k, 0.0) for k, v in self.timer.seconds.items()}
-        spent = {k: round(v, 2) for k, v in spent.items() if v > 0}
-        total = round(time.perf_counter() - t0, 2)
-        self.block_seconds.append({"block": i, "total": total, **spent})
-        log.info(
-            "block %d/%d: ranks %s, %.1fs, peak RSS %.0f MB%s",
-            i + 1,
-            len(self.blocks),
-            sorted(set(ranks.values())),
-            time.perf_counter() - t0,
-            peak_rss_mb(),
-            f", refinement loss {losses['loss_first_epoch']:.4g} (first epoch) → "
-            f"{losses['loss_last_epoch']:.4g} (last)"
-            + (f"; {kept_epoch_line(losses)}" if "heldout_loss" in losses else "")
-            if losses
-            else "",
-        )
 
     def _block_rescues(self, i: int, mine: Rescues) -> dict:
         """Block i's Cholesky rescues (stats.damped_cholesky_), every rank's together (each
@@ -473,10 +338,7 @@ class Compressor:
                 device = round(torch.cuda.max_memory_allocated(self.device) / 2**20)
                 peaks["device_mb"] = max(peaks.get("device_mb", 0), device)
         except torch.OutOfMemoryError as exc:
-            from .plan import make_plan, size_text
-
-            planned = make_plan(self.cfg, fixed={"peak": 0, "after": 0}, timing=False)
-            need = planned.device_phases.get(phase)
+            need = self.plan.device_phases.get(phase) if self.plan else None
             raise NotEnoughResources(
                 f"{self.device} ran out of memory in the {phase} phase "
                 + (f"(the plan puts its peak at {size_text(need)}) " if need else "")
@@ -622,126 +484,3 @@ class Compressor:
         read = self._digests("rest", tensors)  # not changed since block 1's inputs were made
         saved = self.rundir.save(tensors, shard, lambda: faults.point("rest"))
         self.rundir.record("rest", {**saved, "read": read})
-
-    def _summary(self, seconds: float, ranks: dict) -> dict:
-        shapes_before = self.tensors.shapes()
-        before = sum(math.prod(shape) for shape in shapes_before.values())
-        after = sum(math.prod(shape) for shape in CheckpointReader(self.cfg.out).shapes().values())
-        linear_before = linear_after = 0
-        for name, rank in ranks.items():
-            m, n = shapes_before[f"{name}.weight"]
-            linear_before += m * n
-            linear_after += rank * (m + n)
-        in_blocks = {n: s for n, s in shapes_before.items() if n.startswith(self.prefix + ".")}
-        factorised = {f"{name}.weight" for name in ranks}
-        # what was left as it was, by kind: "layers.*.input_layernorm.weight", ...
-        left_dense = sorted(
-            {re.sub(r"\.\d+\.", ".*.", n) for n in in_blocks if n not in factorised}
-        )
-        expert_tokens = {}
-        for i in range(len(self.blocks)):
-            expert_tokens |= self.journal.entry(f"block.{i}").get("expert_tokens", {})
-        summary = {
-            "method": self.cfg.method,
-            "ratio": self.cfg.ratio,
-            "allocation": self.cfg.allocation,
-            "sequential": self.cfg.sequential,
-            "refine": dataclasses.asdict(self.cfg.refine),
-            "refine_streams": self.refine_keep,  # where this run's refinement held them
-            "quantization": self.setup.manifest["quantization"],
-            "spectra_seconds": round(self.spectra_seconds, 2),  # the allocation's first pass
-            "params_before": before,
-            "params_after": after,
-            "linear_params_before": linear_before,  # block linears' weights, biases excluded
-            "linear_params_after": linear_after,
-            # the share of the blocks' parameters that became low-rank
-            "low_rank_share": round(linear_before / sum(map(math.prod, in_blocks.values())), 4),
-            "left_dense": left_dense,
-            "size_on_disk_bytes": sum(p.stat().st_size for p in Path(self.cfg.out).iterdir()),
-            "out": str(Path(self.cfg.out).resolve()),
-            "seconds": round(seconds, 2),  # this session's
-            **self._all_sessions(seconds),
-            "stage_seconds": {k: round(v, 2) for k, v in sorted(self.timer.seconds.items())},
-            "other_seconds": round(max(0.0, seconds - sum(self.timer.seconds.values())), 2),
-            "peak_rss_mb": round(peak_rss_mb(), 1),
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "compute_dtype": str(self.compute).removeprefix("torch."),
-            "phase_peaks": self.phase_peaks,
-            "block_seconds": self.block_seconds,
-        }
-        refined = [self.journal.entry(f"block.{i}").get("refine") for i in range(len(self.blocks))]
-        summary |= refine_summary(refined)
-        summary["numerical_rescues"] = self._rescues_summary()
-        if expert_tokens:  # calibration tokens the router sent each expert (top-k counted)
-            summary["expert_tokens"] = expert_tokens
-            summary["experts_without_tokens"] = [e for e, n in expert_tokens.items() if n == 0]
-        if self.device.type == "cuda":
-            summary["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        return summary
-
-    def _all_sessions(self, seconds: float) -> dict:
-        """The run's time across resumes: this session's `seconds`, plus, for each block an
-        earlier session finished, the time that session spent up to it since its previous
-        block (journaled with the block). What an interrupted session did after its last
-        finished block was lost with it, and is not counted."""
-        mine = {b["block"] for b in self.block_seconds}
-        earlier = [self.journal.entry(f"block.{i}").get("session") for i in range(len(self.blocks))
-                   if i not in mine]  # fmt: skip
-        earlier = [e for e in earlier if e]  # none in a journal older than this field
-        return {"seconds_all_sessions": round(seconds + sum(e["seconds"] for e in earlier), 2),
-                "sessions": 1 + len({e["started"] for e in earlier})}  # fmt: skip
-
-    def _rescues_summary(self) -> dict:
-        """The blocks' Cholesky rescues as journaled (so a resumed run counts them all):
-        Grams damped by level, dead channels, and each escalation with its full name."""
-        entries = []
-        for i in range(len(self.blocks)):
-            entry = self.journal.entry(f"block.{i}").get("rescues", {})
-            escalated = [{**e, "gram": f"{self.prefix}.{i}.{e['gram']}"}
-                         for e in entry.get("escalated", [])]  # fmt: skip
-            entries.append({**entry, "escalated": escalated})
-        return Rescues.total(entries).as_dict()
-
-
-def kept_epoch_line(refined: dict) -> str:
-    """What a block's refinement kept, with a holdout: one line for the log."""
-    losses, kept = refined["heldout_loss"], refined["kept_epoch"]
-    epochs = len(losses) - 1
-    if kept == 0:
-        return (f"refinement declined: no epoch beat the closed form on the held-out windows "
-                f"(held-out loss {losses[0]:.4g}; best epoch {min(losses[1:]):.4g})")  # fmt: skip
-    return (f"refinement kept epoch {kept} of {epochs} (held-out loss {losses[0]:.4g} → "
-            f"{losses[kept]:.4g})")  # fmt: skip
-
-
-def refine_summary(refined: list[dict | None]) -> dict:
-    """The summary's account of refinement from the blocks' journal entries: each block's
-    mean training loss, first and last epoch, and with a holdout its held-out loss (the
-    closed form's and the kept factors') and the epoch kept; how many blocks declined.
-    Where most blocks declined, says so once: the calibration text is likely too little
-    for refinement to learn from."""
-    rows = [{"block": i, "first_epoch": r["loss_first_epoch"], "last_epoch": r["loss_last_epoch"]}
-            | ({"heldout_closed_form": r["heldout_loss"][0],
-                "heldout_kept": r["heldout_loss"][r["kept_epoch"]],
-                "kept_epoch": r["kept_epoch"]} if "heldout_loss" in r else {})
-            for i, r in enumerate(refined) if r]  # fmt: skip
-    if not rows:
-        return {}
-    held = [r for r in rows if "kept_epoch" in r]
-    if not held:
-        return {"refine_losses": rows}
-    declined = sum(r["kept_epoch"] == 0 for r in held)
-    if 2 * declined > len(held):
-        log.warning(
-            "refinement was declined on %d of %d blocks: their closed form scored best on the "
-            "held-out calibration windows, so refinement could not learn from the rest; more "
-            "calibration text (--nsamples) would let it, or --refine-epochs 0 saves its time",
-            declined, len(held),
-        )  # fmt: skip
-    return {"refine_losses": rows, "refine_declined": declined}
-
-
-def compress(cfg: CompressConfig, world: World | None = None) -> dict:
-    """Compress cfg.model into cfg.out; returns the run's summary (a distributed run's on
-    rank 0, each other rank's own part of it on that rank)."""
-    return Compressor(cfg, world).run()

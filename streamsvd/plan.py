@@ -46,34 +46,28 @@ from pathlib import Path
 import torch
 
 from .activations import keep_text
+from .allocate import block_ranks
 from .checkpoint import CheckpointReader
+from .disk import disk_bytes, disk_needs, existing, side_file_bytes, size_text
 from .errors import StreamSVDError
-from .factorize import METHODS, rank_for
-from .journal import disk_used
+from .factorize import METHODS
 from .model import (
-    before_blocks,
-    buffers_on_meta,
     build_skeleton,
-    capture_inputs,
-    catch_block_inputs,
     check_supported,
     compute_dtype,
     factorised_linears,
-    fill,
     find_blocks,
+    input_groups,
     load_config,
-    run_block,
     sequential_stages,
-    shared_input_groups,
-    to_device,
-    unfill,
 )
 from .modeling import linear_shape
 from .names import ModelTensors
 from .preflight import check_locations, check_shapes
-from .quantize import QuantSettings, factor_bytes, quantized_rank, settings_for
+from .prepare import check_calibration_size
+from .quantize import QuantSettings, block_settings
 from .refine import saved_values_per_token, step_windows, trainable_bytes
-from .speed import bench_device_bytes
+from .speed import bench_device_bytes, block_seconds, measure_speed, measure_store
 from .stats import CHUNK_VALUES, cross_as_product, release_points, sums_bytes
 
 F64 = 8
@@ -142,48 +136,16 @@ class Plan:
 def linear_plans(block, ratio: float, quant: QuantSettings | None = None) -> list[LinearPlan]:
     """A block's linears with their shapes and the ranks `ratio` gives them (rounded to
     whole groups with `quant`, as the run does), in module order."""
-    plans = []
-    for name, layer in factorised_linears(block, ratio).items():
-        shape = linear_shape(layer)
-        rank = rank_for(*shape, ratio)
-        if quant:
-            rank = quantized_rank(rank, quant.group_size, shape)
-        plans.append(LinearPlan(name, shape, rank))
-    return plans
-
-
-def quant_plan(cfg, blocks) -> QuantSettings | None:
-    """The run's quantization settings (quantize.settings_for), from the skeleton."""
-    shapes = {linear_shape(layer) for block in blocks
-              for layer in factorised_linears(block, cfg.ratio).values()}  # fmt: skip
-    return settings_for(cfg, shapes) if getattr(cfg, "bits", None) else None
-
-
-def input_groups(model, block, ratio: float) -> list[list[str]]:
-    """Which of a block's linears read the very same tensor, found by running the block on
-    `meta` (no memory, any width): only the embedding rows it looks up are ever touched."""
-    prefix, blocks = find_blocks(model)
-    params = dict(model.named_parameters())
-    fakes = {  # untouched empty tensors: no RSS
-        name: torch.empty(params[name].shape, dtype=params[name].dtype)
-        for name in before_blocks(model, prefix, list(params))
-    }
-    fill(model, fakes, "cpu")
-    try:
-        hidden, kwargs = catch_block_inputs(model, blocks[0], torch.zeros(1, 4, dtype=torch.long))
-        names = list(factorised_linears(block, ratio))
-        with torch.inference_mode(), buffers_on_meta(block), capture_inputs(block, names) as seen:
-            run_block(block, hidden.to("meta"), {1: to_device(kwargs, "meta")})
-    finally:
-        unfill(model, list(fakes))
-    return shared_input_groups(seen)
+    linears = factorised_linears(block, ratio)
+    ranks = block_ranks(linears, ratio, quant)
+    return [LinearPlan(name, linear_shape(layer), ranks[name]) for name, layer in linears.items()]
 
 
 _PROBE = """
 import json, sys
 import psutil, torch
 args = json.loads(sys.argv[1])
-import streamsvd.pipeline
+import streamsvd.run  # the run and its plan, as compress imports them
 from streamsvd.memory import peak_rss_bytes, return_freed_memory
 return_freed_memory()  # as the CLI does
 from streamsvd.calib import calibration_windows, load_text, tokenize
@@ -258,10 +220,67 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
     `memory_have` gives it (measured here when not given). warn=False: the calibration's
     warnings are not repeated, and `model`: its skeleton, not built again (a run planning
     itself has given the one and has the other)."""
+    config, dtype, compute, model, tensors, prefix, blocks = _checked_model(cfg, model, warn)
+    item, text, shapes = dtype.itemsize, config.get_text_config(), tensors.shapes()
+    largest, largest_params = largest_block(shapes, prefix, len(blocks))
+    quant = block_settings(cfg, blocks)
+    linears = linear_plans(blocks[largest], cfg.ratio, quant)
+    needs = METHODS[cfg.method].needs
+    groups = input_groups(model, blocks[largest], cfg.ratio) if needs else []
+
+    before, linear_before, linear_after = parameter_counts(shapes, blocks, cfg.ratio, quant)
+    rest_bytes = item * sum(math.prod(s) for n, s in shapes.items()
+                            if not n.startswith(prefix + "."))  # fmt: skip
+    streams = cfg.streams
+    per_stream = 2 * cfg.nsamples * cfg.seqlen * text.hidden_size * compute.itemsize
+    disk = disk_bytes(cfg, tensors, prefix, blocks, text.hidden_size, len(streams))
+    total_cfg, cfg = cfg, process_share(cfg, processes)  # memory and time: one process's
+    output_bytes = before * item + side_file_bytes(cfg.model) if cfg.dense else disk["output"]
+
+    can_time = timing and (torch.cuda.is_available() or not cfg.device.startswith("cuda"))
+    width = max(lp.shape[1] for lp in linears)
+    if fixed is None:
+        bench = {"dtype": str(compute).removeprefix("torch."), "method": cfg.method, "width": width}
+        fixed = measure_baseline(cfg, bench if can_time else None)
+    host, device = run_phases(cfg, fixed, text, linears, groups, largest_params * compute.itemsize,
+                              rest_bytes, compute.itemsize, width)  # fmt: skip
+    have = have or memory_have(total_cfg, device_memory)
+    keep = refine_keep(cfg, host, device, refine_held_bytes(cfg, text.hidden_size, compute),
+                       have)  # fmt: skip
+    seconds, note, spectra = None, "", None
+    if timing and not can_time:
+        note = "unavailable: the GPU is not visible here (planned with --device-memory)"
+    elif timing:
+        rates = fixed.get("rates") or measure_speed(cfg.device, compute, cfg.method, width)
+        if streams:  # the activation store's speed, where the run will keep it
+            rates |= measure_store(existing(Path(cfg.run_dir)), cfg.seqlen, text.hidden_size,
+                                   compute)  # fmt: skip
+        seconds, note, spectra = time_estimate(cfg, text, linears, groups, rates, processes, keep)
+    plan = Plan(model=str(cfg.model), method=cfg.method, ratio=cfg.ratio, device=cfg.device,
+                dtype=str(dtype).removeprefix("torch."), blocks=len(blocks), linears=linears,
+                input_groups=groups, params_before=before,
+                params_after=before - linear_before + linear_after,
+                linear_params_before=linear_before, linear_params_after=linear_after,
+                checkpoint_bytes=before * item, output_bytes=output_bytes, streams=streams,
+                activation_bytes_per_stream=per_stream, disk_bytes=disk,
+                fixed_bytes={k: v for k, v in fixed.items()
+                             if k in ("peak", "after", "after_timing")},
+                host_phases={k: int(v) for k, v in host.items()},
+                device_phases={k: int(v) for k, v in device.items()},
+                seconds_per_block=seconds, allocation=cfg.allocation, sequential=cfg.sequential,
+                spectra_seconds_per_block=spectra, timing_note=note, processes=processes,
+                refine_streams=keep)  # fmt: skip
+    plan.checks = _checks(plan, total_cfg, have)
+    return plan
+
+
+def _checked_model(cfg, model, warn: bool) -> tuple:
+    """The checkpoint's config, dtype and compute dtype, the model's skeleton (`model` where
+    given), its tensors, the blocks' prefix and the blocks, checked as the run checks them
+    before its first block (prepare.py)."""
     reader = CheckpointReader(cfg.model)
     config = load_config(cfg.model)
     dtype = reader.dtype()
-    item = dtype.itemsize  # on disk
     compute = compute_dtype(cfg.compute_dtype, dtype, cfg.device)
     model = model or build_skeleton(config, compute)
     tensors = ModelTensors(reader, model)  # named and shaped as the model's parameters
@@ -269,113 +288,79 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
     tensors.check_blocks(prefix)
     tensors.check_unused(prefix)
     check_supported(blocks)
-    from .prepare import check_calibration_size  # prepare imports this module
-
     check_calibration_size(cfg, blocks, warn)
-    method = METHODS[cfg.method]
-    shapes = tensors.shapes()
-    check_shapes(model, shapes, cfg.model)
+    check_shapes(model, tensors.shapes(), cfg.model)
     check_locations(cfg.model, cfg.out, Path(cfg.run_dir))
-    text = config.get_text_config()
+    return config, dtype, compute, model, tensors, prefix, blocks
 
-    largest, largest_params = largest_block(shapes, prefix, len(blocks))
-    quant = quant_plan(cfg, blocks)
-    linears = linear_plans(blocks[largest], cfg.ratio, quant)
-    groups = input_groups(model, blocks[largest], cfg.ratio) if method.needs else []
 
-    # parameters and bytes
-    before = sum(math.prod(s) for s in shapes.values())
-    every_linear = [lp for block in blocks for lp in linear_plans(block, cfg.ratio, quant)]
+def parameter_counts(shapes: dict[str, tuple], blocks, ratio: float,
+                     quant: QuantSettings | None) -> tuple[int, int, int]:  # fmt: skip
+    """Parameters of the checkpoint, and of every block's factorised linears before and
+    after (at the ranks the run gives them)."""
+    every_linear = [lp for block in blocks for lp in linear_plans(block, ratio, quant)]
     linear_before = sum(math.prod(lp.shape) for lp in every_linear)
     linear_after = sum(lp.rank * sum(lp.shape) for lp in every_linear)
-    after = before - linear_before + linear_after
-    block_bytes = largest_params * compute.itemsize
-    rest_bytes = sum(math.prod(s) for n, s in shapes.items() if not n.startswith(prefix + "."))
-    rest_bytes *= item
-    streams = cfg.streams
-    per_stream = 2 * cfg.nsamples * cfg.seqlen * text.hidden_size * compute.itemsize
-    disk = disk_bytes(cfg, tensors, prefix, blocks, text.hidden_size, len(streams))
-    total_cfg, cfg = cfg, process_share(cfg, processes)  # memory and time: one process's
-    output_bytes = before * item + side_file_bytes(cfg.model) if cfg.dense else disk["output"]
+    return sum(math.prod(s) for s in shapes.values()), linear_before, linear_after
 
-    # memory
-    on_gpu = cfg.device.startswith("cuda")
-    can_time = timing and (torch.cuda.is_available() or not on_gpu)
-    width = max(lp.shape[1] for lp in linears)
-    if fixed is None:
-        bench = {"dtype": str(compute).removeprefix("torch."), "method": cfg.method, "width": width}
-        fixed = measure_baseline(cfg, bench if can_time else None)
+
+def run_phases(cfg, fixed: dict, text, linears: list[LinearPlan], groups: list[list[str]],
+               block_bytes: int, rest_bytes: int, item: int,
+               width: int) -> tuple[dict, dict]:  # fmt: skip
+    """Peak host and (on a GPU) device bytes of the run's phases, in the order it takes
+    them: the setup and the speed micro-benchmark (`fixed`), a block's phases
+    (`block_memory`), and the embedding and head copied through ("rest")."""
     stages = sequential_stages([lp.name for lp in linears], groups) if cfg.sequential else None
     resident = max(fixed["after"], fixed.get("after_timing", 0))  # the run times itself first
-    host, device = block_memory(cfg, text, linears, groups, block_bytes, compute.itemsize,
-                                resident, stages)  # fmt: skip
+    host, device = block_memory(cfg, text, linears, groups, block_bytes, item, resident, stages)
     if device:  # on a GPU the run's micro-benchmark comes first, on the device
         device = {"timing": bench_device_bytes(cfg.device, width), **device}
-    host["setup"] = fixed["peak"]
-    host["rest"] = resident + rest_bytes + WRITE_BUFFER
-    first = {"setup": host.pop("setup")}
+    first = {"setup": fixed["peak"]}
     if "timing" in fixed:
         first["timing"] = fixed["timing"]
-    host = {**first, **host}
-    have = have or memory_have(total_cfg, device_memory)
-    keep = refine_keep(cfg, host, device, refine_held_bytes(cfg, text.hidden_size, compute),
-                       have)  # fmt: skip
+    host = {**first, **host, "rest": resident + rest_bytes + WRITE_BUFFER}
+    return host, device
 
-    seconds, note, spectra = None, "", None
-    if timing:
-        from .speed import block_seconds, measure_speed, measure_store
 
-        if not can_time:
-            note = "unavailable: the GPU is not visible here (planned with --device-memory)"
-        else:
-            rates = fixed.get("rates") or measure_speed(cfg.device, compute, cfg.method, width)
-            if streams:  # the activation store's speed, where the run will keep it
-                rates |= measure_store(existing(Path(cfg.run_dir)), cfg.seqlen,
-                                       text.hidden_size, compute)  # fmt: skip
-            seconds = block_seconds(dataclasses.replace(cfg, refine_streams=keep or "auto"),
-                                    text, linears, groups, rates)  # fmt: skip
-            note = f"from a micro-benchmark of {rates['device_name']}"
-            if processes > 1:  # each factorises about its share of the linears
-                for stage in ("cholesky", "svd", "update"):
-                    if stage in seconds:
-                        seconds["total"] -= seconds[stage] * (1 - 1 / processes)
-                        seconds[stage] /= processes
-                note += "; per process, communication not counted"
-            if cfg.allocation != "uniform":  # its first pass is svdllm-w's statistics
-                first = dataclasses.replace(cfg, method="svdllm-w", allocation="uniform",
-                                            sequential=False)  # fmt: skip
-                spectra = block_seconds(first, text, linears, groups, rates)["total"]
-    plan = Plan(
-        model=str(cfg.model),
-        method=cfg.method,
-        ratio=cfg.ratio,
-        device=cfg.device,
-        dtype=str(dtype).removeprefix("torch."),
-        blocks=len(blocks),
-        linears=linears,
-        input_groups=groups,
-        params_before=before,
-        params_after=after,
-        linear_params_before=linear_before,
-        linear_params_after=linear_after,
-        checkpoint_bytes=before * item,
-        output_bytes=output_bytes,
-        streams=streams,
-        activation_bytes_per_stream=per_stream,
-        disk_bytes=disk,
-        fixed_bytes={k: v for k, v in fixed.items() if k in ("peak", "after", "after_timing")},
-        host_phases={k: int(v) for k, v in host.items()},
-        device_phases={k: int(v) for k, v in device.items()},
-        seconds_per_block=seconds,
-        allocation=cfg.allocation,
-        sequential=cfg.sequential,
-        spectra_seconds_per_block=spectra,
-        timing_note=note,
-        processes=processes,
-        refine_streams=keep,
-    )
-    plan.checks = _checks(plan, total_cfg, have)
-    return plan
+def time_estimate(cfg, text, linears: list[LinearPlan], groups: list[list[str]], rates: dict,
+                  processes: int, keep: str) -> tuple[dict, str, float | None]:  # fmt: skip
+    """Seconds per block by stage (speed.block_seconds, refinement's streams where `keep`
+    says), where they come from, and the seconds per block of the allocation's first pass
+    (None for uniform). Each of `processes` factorises about its share of the linears."""
+    seconds = block_seconds(dataclasses.replace(cfg, refine_streams=keep or "auto"), text,
+                            linears, groups, rates)  # fmt: skip
+    note = f"from a micro-benchmark of {rates['device_name']}"
+    if processes > 1:
+        for stage in ("cholesky", "svd", "update"):
+            if stage in seconds:
+                seconds["total"] -= seconds[stage] * (1 - 1 / processes)
+                seconds[stage] /= processes
+        note += "; per process, communication not counted"
+    spectra = None
+    if cfg.allocation != "uniform":  # its first pass is svdllm-w's statistics
+        first = dataclasses.replace(cfg, method="svdllm-w", allocation="uniform",
+                                    sequential=False)  # fmt: skip
+        spectra = block_seconds(first, text, linears, groups, rates)["total"]
+    return seconds, note, spectra
+
+
+def plan_started_run(cfg, setup, world) -> Plan:
+    """The plan of a run that has set up (`setup`: prepare.Prepared) and has blocks left,
+    made once before its first block: the run takes from it where refinement keeps the
+    streams, its time per block and each phase's planned peak (pipeline.Compressor's
+    `planner`). Its fixed part is what this process holds now, against that plus what is
+    still free (shared by the processes on this machine); its time, from a micro-benchmark
+    of the device the run is on."""
+    import psutil
+
+    rss = psutil.Process().memory_info().rss
+    free = host_memory_available()[0] // world.local_size
+    have = {"host": (free + rss, "host memory")}
+    if setup.device.type == "cuda":
+        free = torch.cuda.mem_get_info(setup.device)[0]
+        have["device"] = (free + torch.cuda.memory_reserved(setup.device), "device")
+    return make_plan(cfg, {"peak": rss, "after": rss}, processes=world.size, have=have,
+                     warn=False, model=setup.model)  # fmt: skip
 
 
 def process_share(cfg, processes: int):
@@ -607,68 +592,6 @@ def _cgroup_limits() -> list[tuple[int, int]]:
     return out
 
 
-def side_file_bytes(model: str | os.PathLike) -> int:
-    """Bytes of the files copied beside the shards (config, tokenizer, ...)."""
-    return sum(
-        p.stat().st_size
-        for p in Path(model).iterdir()
-        if p.is_file() and not p.name.endswith((".safetensors", ".bin", ".pt", ".gguf"))
-    )
-
-
-def disk_bytes(cfg, reader, prefix: str, blocks, hidden: int, n_streams: int) -> dict[str, int]:
-    """Bytes a compress run writes, by kind: "activations" (two slots per stream, each
-    sample's chunk plus a file-system block of rounding), "output" (the shards: block
-    linears as factors at their ranks, every other tensor as is, and the side files) and
-    "dense export" when asked for. The plan shows it; the run checks the disk with it."""
-    item = reader.dtype().itemsize
-    quant = quant_plan(cfg, blocks)
-    low_rank = {
-        f"{prefix}.{i}.{lp.name}.weight": lp
-        for i, block in enumerate(blocks)
-        for lp in linear_plans(block, cfg.ratio, quant)
-    }
-    shards = dense = 0
-    for name, shape in reader.shapes().items():
-        dense += math.prod(shape) * item
-        if name in low_rank:
-            lp = low_rank[name]
-            shards += factor_bytes(*lp.shape, lp.rank, item, quant)
-        else:
-            shards += math.prod(shape) * item
-    per_chunk = (
-        cfg.seqlen * hidden * compute_dtype(cfg.compute_dtype, reader.dtype(), cfg.device).itemsize
-    )
-    per_chunk += 4096
-    return {
-        "activations": n_streams * 2 * cfg.nsamples * per_chunk,
-        "output": shards + side_file_bytes(cfg.model),
-        "dense export": dense if cfg.dense else 0,
-    }
-
-
-def disk_needs(cfg, disk: dict[str, int]) -> list[tuple[Path, int, str]]:
-    """(a directory on each filesystem the run writes to, bytes still to write there, what
-    they are), from `disk_bytes`. What a run directory being resumed already holds counts
-    as written. Output shards are hard links when the output is on the run directory's
-    filesystem, copies otherwise."""
-    run_dir = Path(cfg.run_dir)
-    runs_on, outs_on = existing(run_dir), existing(Path(cfg.out).parent)
-    used = disk_used(run_dir) if run_dir.exists() and not cfg.restart else 0
-    run_bytes = max(0, disk["activations"] + disk["output"] - used)
-    if os.stat(outs_on).st_dev == os.stat(runs_on).st_dev:
-        return [(runs_on, run_bytes + disk["dense export"], "run and output")]
-    return [(runs_on, run_bytes, "run"), (outs_on, disk["output"] + disk["dense export"], "output")]
-
-
-def existing(path: Path) -> Path:
-    """`path`, or its nearest ancestor that exists (to ask about its filesystem)."""
-    path = Path(path).absolute()
-    while not path.exists():
-        path = path.parent
-    return path
-
-
 def memory_have(cfg, device_memory: int | None = None) -> dict[str, tuple[int, str]]:
     """The memory a run may use, (bytes, where the figure comes from): "host" always,
     "device" on a GPU (`device_memory` where given, else what is free on it now)."""
@@ -701,15 +624,6 @@ def _checks(plan: Plan, cfg, have: dict[str, tuple[int, str]]) -> list[dict]:
     for check in checks:
         check["ok"] = check["need"] <= check["have"]
     return checks
-
-
-def size_text(n: float) -> str:
-    """Bytes for people: 512 B, 4.0 KiB, 1,234.5 GiB."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
-    raise AssertionError
 
 
 def duration_text(seconds: float) -> str:

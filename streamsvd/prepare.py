@@ -17,10 +17,12 @@ from torch import nn
 from . import __version__
 from .calib import calibration_windows, leading_bos, load_text, text_sha256, tokenize
 from .checkpoint import CheckpointReader
+from .disk import disk_bytes, disk_needs, size_text
 from .errors import NotEnoughResources, StreamSVDError
 from .factorize import METHODS, Method
 from .journal import read_manifest
 from .model import (
+    block_stages,
     build_skeleton,
     check_supported,
     compute_dtype,
@@ -31,9 +33,8 @@ from .model import (
 )
 from .modeling import linear_shape
 from .names import ModelTensors
-from .plan import disk_bytes, disk_needs, quant_plan, size_text
 from .preflight import check_locations, check_shapes
-from .quantize import QuantSettings
+from .quantize import QuantSettings, block_settings
 from .world import World
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class Prepared:
     disk: dict[str, int]  # bytes the run writes, by kind
     manifest: dict  # the settings a resumed run must match
     quant: QuantSettings | None  # --bits: how the factors are quantized
+    stages: list[list[list[str]]] | None  # --sequential: each block's (model.block_stages)
 
     @property
     def hidden(self) -> int:
@@ -95,6 +97,7 @@ def prepare(cfg, world: World) -> Prepared:
     check_supported(blocks)
     check_calibration_size(cfg, blocks, warn=world.writer)
     quant = _quant_settings(cfg, blocks)
+    stages = block_stages(model, blocks, cfg.ratio) if cfg.sequential else None
     windows, calibration = _calibration(cfg, config)
     batches = _share(cfg, world)
     threads = _cpu_threads(cfg, device)
@@ -127,13 +130,13 @@ def prepare(cfg, world: World) -> Prepared:
     }
     return Prepared(reader, config, dtype, compute, model, tensors, prefix, blocks,
                     METHODS[cfg.method], device, windows, batches, threads, disk,
-                    manifest, quant)  # fmt: skip
+                    manifest, quant, stages)  # fmt: skip
 
 
 def _quant_settings(cfg, blocks: nn.ModuleList) -> QuantSettings | None:
     """--bits, --group-size: checked against the model's widths, and the compressed-tensors
     package found."""
-    quant = quant_plan(cfg, blocks)
+    quant = block_settings(cfg, blocks)
     if quant:
         quant.scheme()  # the compressed-tensors package is there
     return quant

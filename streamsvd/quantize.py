@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from .errors import StreamSVDError
+from .model import factorised_linears
+from .modeling import linear_shape
 
 DAMP = 0.01  # GPTQ's damping: 1% of H's mean diagonal, as the reference code
 BLOCK = 128  # columns updated at a time (the reference code's lazy batch)
@@ -104,6 +106,16 @@ def settings_for(cfg, shapes: set[tuple[int, int]]) -> QuantSettings | None:
             f"groups must not straddle rows; --group-size {fitting} does"
         )
     return QuantSettings(cfg.bits, size, cfg.quant_symmetric)
+
+
+def block_settings(cfg, blocks) -> QuantSettings | None:
+    """The run's quantization settings (`settings_for`) for a model's blocks, from the
+    shapes of their factorised linears; None without --bits."""
+    if getattr(cfg, "bits", None) is None:
+        return None
+    shapes = {linear_shape(layer) for block in blocks
+              for layer in factorised_linears(block, cfg.ratio).values()}  # fmt: skip
+    return settings_for(cfg, shapes)
 
 
 def factor_bytes(m: int, n: int, rank: int, item: int, quant: QuantSettings | None) -> int:

@@ -37,11 +37,11 @@ from .checkpoint import (
     shard_shapes,
     write_index,
 )
+from .disk import disk_needs, existing, size_text
 from .errors import NotEnoughResources, RunIOError, StreamSVDError
 from .journal import JOURNAL, Journal, RunLock, record_error
 from .lowrank import export_dense, self_describing
 from .modeling import SECTION
-from .plan import disk_needs, existing, size_text
 from .quantize import QuantSettings
 from .sources import changed_read, changed_since, describe, file_stat, refusal, shard_stats
 from .world import World

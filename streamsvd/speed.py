@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .experts import expert_index
 from .factorize import METHODS, RSVD_OVERSAMPLE, RSVD_POWER_ITERATIONS
+from .model import sequential_stages
 from .stats import cross_as_product, damped_cholesky_
 
 BENCH_N = 1024  # size of the micro-benchmark's matrices on a CPU
@@ -175,8 +176,7 @@ GPTQ_COLUMN_SECONDS = 2e-4
 def block_seconds(cfg, text, linears, groups: list[list[str]], rates: dict) -> dict[str, float]:
     """Estimated seconds of one block by stage (the StageTimer's names) and "total".
     linears: plan.LinearPlan; groups: names of linears that share inputs."""
-    method = METHODS[cfg.method]
-    needs = method.needs
+    needs = METHODS[cfg.method].needs
     tokens = cfg.nsamples * cfg.seqlen
     shape = {lp.name: lp.shape for lp in linears}
     share = routed_share(text, list(shape))
@@ -184,91 +184,24 @@ def block_seconds(cfg, text, linears, groups: list[list[str]], rates: dict) -> d
     low = 2 * sum(lp.rank * sum(lp.shape) * share[lp.name] for lp in linears)
     attention = 4 * cfg.seqlen * text.hidden_size
     flops = dict.fromkeys(("forward", "stats", "cholesky", "update", "svd"), 0.0)
-    seconds = {}
-    forwards = 0  # passes of every calibration token through the block
     stages = 1
-    if needs:  # the dense block on each stream it carries, the compressed one on X'
-        if getattr(cfg, "sequential", False):  # once per stage (model.sequential_stages)
-            from .model import sequential_stages
-
-            stages = len(sequential_stages([lp.name for lp in linears], groups))
-        passes = len(method.streams) * stages
-        flops["forward"] = tokens * (passes * (dense + attention))
-        forwards += passes
-        if needs & {"comp", "cross"}:
-            flops["forward"] += tokens * (low + attention)
-            forwards += 1
-    for group in groups:
-        n = shape[group[0]][1]
-        outs = [shape[name][0] for name in group]
-        sums = len(needs & {"orig", "comp"}) * 2 * n * n
-        if "cross" in needs:
-            sums += 4 * sum(outs) * n if cross_as_product(outs, n) else 2 * n * n
-            if not cross_as_product(outs, n):  # W·C from C, per linear
-                flops["update"] += sum(2 * m * n * n for m in outs)
-        flops["stats"] += tokens * sums * share[group[0]]
-        flops["cholesky"] += n**3 / 3
-    eigh = 0.0
-    for lp in linears:
-        m, n = lp.shape
-        r, k = lp.rank, min(m, n)
-        if cfg.method in ("svd", "svd-u"):
-            seconds["svd"] = seconds.get("svd", 0.0) + rates["svd_mnk"] * m * n * k
-            if cfg.method == "svd-u":  # as svdllm-u's refit
-                flops["update"] += 2 * r * n * (n + m) + 2 * r * r * n
-            continue
-        if cfg.method == "rsvd":
-            q = min(r + RSVD_OVERSAMPLE, m, n)
-            flops["svd"] += 2 * m * n * q * (2 * RSVD_POWER_ITERATIONS + 2)
-            seconds["svd"] = seconds.get("svd", 0.0) + rates["svd_mnk"] * q * q * n
-            continue
-        if cfg.method == "svdllm-a":
-            flops["update"] += 2 * m * n * n  # (1 − λ)·W·L
-            seconds["update"] = seconds.get("update", 0.0) + m * n * n / rates["trsm"]
-        else:  # W·L
-            flops["svd"] += 2 * m * n * n
-        flops["svd"] += 2 * k * k * max(m, n) + 2 * r * m * n  # the Gram; B or A
-        seconds["svd"] = seconds.get("svd", 0.0) + r * n * n / rates["trsm"]
-        eigh += rates["eigh_k3"] * k**3
-        if cfg.method == "svdllm-u":
-            flops["update"] += 2 * r * n * (n + m) + 2 * r * r * n
+    if needs and getattr(cfg, "sequential", False):  # once per stage (model.sequential_stages)
+        stages = len(sequential_stages([lp.name for lp in linears], groups))
+    flops["forward"], forwards = _forward_passes(cfg, stages, tokens, dense + attention,
+                                                 low + attention)  # fmt: skip
+    _sums_flops(needs, groups, shape, share, tokens, flops)
+    seconds, eigh = _factorise_seconds(cfg.method, linears, rates, flops)
     epochs = getattr(cfg, "refine_epochs", 0)
     if epochs:  # forward and backward (twice the forward's flops) of the compressed block;
         # held-out windows: a forward alone, before the first epoch and after each
         held = getattr(cfg, "refine_holdout", 0) * cfg.seqlen
         passes = epochs * (tokens - held) * 3 + (epochs + 1) * held
         seconds["refine"] = passes * (low + attention) / rates["train"]
-        if not needs:  # the dense block on the original stream, for the targets
-            flops["forward"] += tokens * (dense + attention)
-            forwards += 1
-        if not needs & {"comp", "cross"}:  # the advance on the compressed stream
-            flops["forward"] += tokens * (low + attention)
-            forwards += 1
-        if cfg.refine_target < 1:  # the dense block on the compressed stream, for the target
-            flops["forward"] += tokens * (dense + attention)
-            forwards += 1
     if getattr(cfg, "bits", None):  # step.BlockStep.quantize
-        flops["forward"] += stages * tokens * (low + attention)  # the compressed stream
-        forwards += stages
-        quantize = 0.0
-        for group in groups:
-            n = shape[group[0]][1]
-            flops["stats"] += tokens * 2 * n * n * share[group[0]]
-            quantize += 4 / 3 * n**3 / rates["cholesky"]  # the inverse factor
-        for lp in linears:
-            (m, n), r = lp.shape, lp.rank
-            sweep = 2 * r * n * n + 2 * m * r * r + 2 * r * n * n + 2 * r * r * n  # + B·G·Bᵀ
-            quantize += sweep / rates["gemm64"] + 4 / 3 * r**3 / rates["cholesky"]
-            quantize += (n + r) * GPTQ_COLUMN_SECONDS
-        seconds["quantize"] = quantize
+        seconds["quantize"] = _quantize_seconds(groups, linears, share, tokens, rates, flops)
     seconds["forward"] = flops["forward"] / rates["forward"]
     if "elementwise" in rates:  # what is not matmuls: memory-bound elementwise passes
-        heads = getattr(text, "num_attention_heads", 1) or 1
-        intermediate = max((shape[n][0] for n in shape if n.endswith(("up_proj", "fc1"))),
-                           default=4 * text.hidden_size)  # fmt: skip
-        values = (ELEMENTWISE_PER_HIDDEN * text.hidden_size
-                  + ELEMENTWISE_PER_INTERMEDIATE * intermediate
-                  + ELEMENTWISE_PER_SCORE * heads * cfg.seqlen)  # fmt: skip
+        values = _elementwise_values(cfg, text, shape)
         seconds["forward"] += forwards * tokens * values / rates["elementwise"]
     if "store_read" in rates and cfg.streams:  # activation I/O: each stream slot read/written
         reads, writes = activation_passes(cfg, stages, bool(needs & {"comp", "cross"}))
@@ -282,3 +215,106 @@ def block_seconds(cfg, text, linears, groups: list[list[str]], rates: dict) -> d
     seconds = {k: v for k, v in seconds.items() if v > 0}
     seconds["total"] = sum(seconds.values())
     return seconds
+
+
+def _forward_passes(cfg, stages: int, tokens: int, dense: float,
+                    low: float) -> tuple[float, int]:  # fmt: skip
+    """Flops of the passes a block makes over the calibration tokens, and how many passes
+    (`dense`, `low`: flops per token of the dense and the compressed block): the dense
+    block on each stream the method carries, once per stage, and the compressed one on X'
+    where the method pairs them; for refinement, the targets and the advance the method
+    has not made already; for quantizing, the compressed stream once per stage."""
+    needs = METHODS[cfg.method].needs
+    flops, forwards = 0.0, 0
+    if needs:
+        passes = len(METHODS[cfg.method].streams) * stages
+        flops, forwards = tokens * (passes * dense), passes
+        if needs & {"comp", "cross"}:
+            flops, forwards = flops + tokens * low, forwards + 1
+    if getattr(cfg, "refine_epochs", 0):
+        if not needs:  # the dense block on the original stream, for the targets
+            flops, forwards = flops + tokens * dense, forwards + 1
+        if not needs & {"comp", "cross"}:  # the advance on the compressed stream
+            flops, forwards = flops + tokens * low, forwards + 1
+        if cfg.refine_target < 1:  # the dense block on the compressed stream, for the target
+            flops, forwards = flops + tokens * dense, forwards + 1
+    if getattr(cfg, "bits", None):  # the compressed stream, once per stage
+        flops, forwards = flops + stages * tokens * low, forwards + stages
+    return flops, forwards
+
+
+def _sums_flops(needs: set, groups: list[list[str]], shape: dict, share: dict, tokens: int,
+                flops: dict) -> None:  # fmt: skip
+    """Add the statistics' flops of every input group to `flops` (their sums, W·C where the
+    cross term is not a product, each Gram's Cholesky)."""
+    for group in groups:
+        n = shape[group[0]][1]
+        outs = [shape[name][0] for name in group]
+        sums = len(needs & {"orig", "comp"}) * 2 * n * n
+        if "cross" in needs:
+            sums += 4 * sum(outs) * n if cross_as_product(outs, n) else 2 * n * n
+            if not cross_as_product(outs, n):  # W·C from C, per linear
+                flops["update"] += sum(2 * m * n * n for m in outs)
+        flops["stats"] += tokens * sums * share[group[0]]
+        flops["cholesky"] += n**3 / 3
+
+
+def _factorise_seconds(method: str, linears, rates: dict,
+                       flops: dict) -> tuple[dict[str, float], float]:  # fmt: skip
+    """Each linear's factorisation: seconds by stage of what is timed by its own rate
+    (SVD, triangular solves), its flops added to `flops`, and the eigendecompositions'
+    seconds."""
+    seconds, eigh = {}, 0.0
+    for lp in linears:
+        m, n = lp.shape
+        r, k = lp.rank, min(m, n)
+        if method in ("svd", "svd-u"):
+            seconds["svd"] = seconds.get("svd", 0.0) + rates["svd_mnk"] * m * n * k
+            if method == "svd-u":  # as svdllm-u's refit
+                flops["update"] += 2 * r * n * (n + m) + 2 * r * r * n
+            continue
+        if method == "rsvd":
+            q = min(r + RSVD_OVERSAMPLE, m, n)
+            flops["svd"] += 2 * m * n * q * (2 * RSVD_POWER_ITERATIONS + 2)
+            seconds["svd"] = seconds.get("svd", 0.0) + rates["svd_mnk"] * q * q * n
+            continue
+        if method == "svdllm-a":
+            flops["update"] += 2 * m * n * n  # (1 − λ)·W·L
+            seconds["update"] = seconds.get("update", 0.0) + m * n * n / rates["trsm"]
+        else:  # W·L
+            flops["svd"] += 2 * m * n * n
+        flops["svd"] += 2 * k * k * max(m, n) + 2 * r * m * n  # the Gram; B or A
+        seconds["svd"] = seconds.get("svd", 0.0) + r * n * n / rates["trsm"]
+        eigh += rates["eigh_k3"] * k**3
+        if method == "svdllm-u":
+            flops["update"] += 2 * r * n * (n + m) + 2 * r * r * n
+    return seconds, eigh
+
+
+def _quantize_seconds(groups: list[list[str]], linears, share: dict, tokens: int, rates: dict,
+                      flops: dict) -> float:  # fmt: skip
+    """GPTQ's seconds on a block (step.BlockStep.quantize): each group's inverse factor and
+    each factor pair's sweep, column by column; its Grams' flops added to `flops`."""
+    shape = {lp.name: lp.shape for lp in linears}
+    quantize = 0.0
+    for group in groups:
+        n = shape[group[0]][1]
+        flops["stats"] += tokens * 2 * n * n * share[group[0]]
+        quantize += 4 / 3 * n**3 / rates["cholesky"]  # the inverse factor
+    for lp in linears:
+        (m, n), r = lp.shape, lp.rank
+        sweep = 2 * r * n * n + 2 * m * r * r + 2 * r * n * n + 2 * r * r * n  # + B·G·Bᵀ
+        quantize += sweep / rates["gemm64"] + 4 / 3 * r**3 / rates["cholesky"]
+        quantize += (n + r) * GPTQ_COLUMN_SECONDS
+    return quantize
+
+
+def _elementwise_values(cfg, text, shape: dict) -> float:
+    """Values the elementwise ops of one forward read or write per token (norms, rotary,
+    activations, the attention probabilities)."""
+    heads = getattr(text, "num_attention_heads", 1) or 1
+    intermediate = max((shape[n][0] for n in shape if n.endswith(("up_proj", "fc1"))),
+                       default=4 * text.hidden_size)  # fmt: skip
+    return (ELEMENTWISE_PER_HIDDEN * text.hidden_size
+            + ELEMENTWISE_PER_INTERMEDIATE * intermediate
+            + ELEMENTWISE_PER_SCORE * heads * cfg.seqlen)  # fmt: skip

@@ -14,10 +14,10 @@ import torch
 from conftest import _load_tokenizer
 from transformers import PreTrainedTokenizerFast
 
+from streamsvd import CompressConfig, compress
 from streamsvd.calib import calibration_windows, leading_bos, text_sha256
 from streamsvd.cli import format_summary, main
 from streamsvd.errors import StreamSVDError
-from streamsvd.pipeline import CompressConfig, compress
 from streamsvd.prepare import REFINE_MIN_WINDOWS, check_calibration_size, prepare
 from streamsvd.world import World
 

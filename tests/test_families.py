@@ -213,8 +213,7 @@ def test_an_expert_without_tokens_gets_the_plain_truncated_svd(calib, tmp_path):
 def test_the_plan_counts_each_experts_statistics(checkpoints):
     """Each expert reads its own tokens, so each has its own sums: the plan, which finds
     the groups by running a block on `meta`, must see one group per expert input."""
-    from streamsvd.model import build_skeleton, find_blocks, load_config
-    from streamsvd.plan import input_groups
+    from streamsvd.model import build_skeleton, find_blocks, input_groups, load_config
 
     model = build_skeleton(load_config(checkpoints("mixtral")), torch.float64)
     _, blocks = find_blocks(model)

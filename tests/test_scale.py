@@ -22,8 +22,8 @@ from streamsvd.evaluate import perplexity
 from streamsvd.factorize import plain_svd, randomized_svd, rank_for
 from streamsvd.journal import disk_used
 from streamsvd.model import compute_dtype
-from streamsvd.pipeline import StageTimer
 from streamsvd.plan import make_plan
+from streamsvd.report import StageTimer
 from streamsvd.synth import SHAPES, Shape, checkpoint_bytes, synthesize
 
 # Wide enough that one block's statistics and factorisation temporaries are a third of the

@@ -26,10 +26,10 @@ from streamsvd.model import (
     build_skeleton,
     factorised_linears,
     find_blocks,
+    input_groups,
     load_config,
     sequential_stages,
 )
-from streamsvd.plan import input_groups
 from streamsvd.synth import synthesize
 
 LAYERS = 3
