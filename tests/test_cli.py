@@ -485,10 +485,10 @@ def test_settings_from_options_as_given(monkeypatch, model_dir, tmp_path):
     """Every option given reaches the settings the command runs with: compress's
     CompressConfig, demo's and synth's function arguments."""
     import streamsvd.demo
-    import streamsvd.pipeline
+    import streamsvd.run
 
     seen = {}
-    monkeypatch.setattr(streamsvd.pipeline, "compress",
+    monkeypatch.setattr(streamsvd.run, "compress",
                         lambda cfg, world: seen.setdefault("compress", cfg) and {})  # fmt: skip
     monkeypatch.setattr(streamsvd.demo, "demo", lambda **kw: seen.setdefault("demo", kw))
     monkeypatch.setattr("streamsvd.cli.format_summary", lambda s: "")
