@@ -59,7 +59,7 @@ class BlockStep:
     arguments: dict[int, dict]  # the block's keyword arguments by batch size
     batches: list[tuple[int, int]]  # (start, stop) of each calibration micro-batch
     device: torch.device
-    clock: Clock = untimed  # stage name -> context manager timing it (pipeline.StageTimer)
+    clock: Clock = untimed  # stage name -> context manager timing it (report.StageTimer)
     index: int = 0  # the block's index, for fault points
     dense: dict[str, nn.Module] = field(default_factory=dict)  # kept for refine's target
     world: World = field(default_factory=World)  # `batches` are this rank's share
