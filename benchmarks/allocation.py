@@ -5,7 +5,7 @@ allocation, with and without --sequential, at each ratio.
 Two protocols:
 - heldout (the default, for choosing): calibrate on the first 80% of WikiText-2 valid.txt
   by lines (32×512 windows, seed 0), perplexity on 48×512 windows of the last 20%, as
-  benchmarks/tune_lambda.py does. test.txt is not read.
+  λ was chosen (heldout_split). test.txt is not read.
 - p1: ../shared/BENCHMARKS.md's P1 (64×512 of valid.txt; 128×512 of test.txt), for
   reporting.
 
@@ -34,12 +34,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tune_lambda import heldout_split  # noqa: E402  (benchmarks/, the script's folder)
-
 from streamsvd.allocate import ALLOCATIONS  # noqa: E402
 from streamsvd.calib import eval_windows, tokenize  # noqa: E402
 from streamsvd.default_model import default_model_path  # noqa: E402
 from streamsvd.evaluate import perplexity  # noqa: E402
+
+CALIB_FRACTION = 0.8  # of valid.txt's lines calibrate; the rest is held out
+
+
+def heldout_split(data_dir: Path) -> tuple[str, str]:
+    """(calibration text, held-out text): valid.txt's lines, the first 80% and the rest."""
+    lines = (data_dir / "valid.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    cut = int(len(lines) * CALIB_FRACTION)
+    return "".join(lines[:cut]), "".join(lines[cut:])
 
 
 def main() -> None:

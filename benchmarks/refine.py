@@ -39,9 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from allocation import score  # noqa: E402  (benchmarks/, the script's folder)
+from allocation import heldout_split, score  # noqa: E402  (benchmarks/, the script's folder)
 from quantized import block_bytes  # noqa: E402
-from tune_lambda import heldout_split  # noqa: E402
 
 from streamsvd.default_model import default_model_path  # noqa: E402
 from streamsvd.refine import DEFAULT_TARGET  # noqa: E402

@@ -192,8 +192,8 @@ class CompressConfig:
         False, "discard an interrupted run in the workdir instead of resuming it"
     )
     # Not on the command line. False: no journal, fsyncs or checksums, so not resumable. For
-    # measuring what the commit protocol costs (benchmarks/journal_overhead.py), not for real
-    # runs.
+    # measuring what the commit protocol costs (benchmarks/journal_overhead.py at c04e663), not
+    # for real runs.
     journal: bool = True
     # Not on the command line. Read the next block's tensors into the page cache while this
     # one computes.

@@ -165,7 +165,7 @@ def refit_up(W: torch.Tensor, B: torch.Tensor, stats, clock: Clock = untimed) ->
         return A, B
 
 
-UPDATE_FRACTION = 0.25  # λ; chosen on held-out text by benchmarks/tune_lambda.py (README)
+UPDATE_FRACTION = 0.25  # λ; chosen on held-out text (docs/method.md; tune_lambda.py, 1a333f6)
 
 
 def svdllm_a(W: torch.Tensor, stats, rank: int, clock: Clock = untimed) -> Factors:

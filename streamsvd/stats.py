@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 # over the compressed stream, "cross" C = Σ x x'ᵀ pairing the two streams token by token.
 NEEDS = ("orig", "comp", "cross")
 CHUNK_VALUES = 1 << 22  # float64 values converted at a time while accumulating (32 MiB)
-# The sums' dtype. float64 always; benchmarks/sum_precision.py sets float32 (factorised in
+# The sums' dtype. float64 always; benchmarks/sum_precision.py (7e71916) set float32 (factorised in
 # float64 all the same) to measure what float32 sums would cost.
 SUM_DTYPE = torch.float64
 CHOLESKY_BLOCK = 1024  # panel width of the in-place blocked Cholesky

@@ -6,7 +6,10 @@ in docs/ or a file in benchmarks/results/. Files are only read."""
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -180,3 +183,31 @@ def test_the_number_check_finds_a_wrong_or_uncited_number(tmp_path):
     )
     assert unbacked_numbers(page) == [("17.25", ["cited.md"]), ("41.31", ["cited.md"]),
                                       ("41.30", [])]  # fmt: skip
+
+
+def test_cited_scripts_exist_or_name_the_commit_that_held_them():
+    """A `benchmarks/X.py` cited in the docs or a results file is in the tree, or was removed
+    once its decision was taken and the same paragraph names a commit that holds it
+    (`git show <sha>:benchmarks/X.py`): so every result still says what produced it."""
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+
+    shallow = git("rev-parse", "--is-shallow-repository")
+    if shallow.returncode != 0 or shallow.stdout.strip() != "false":
+        pytest.skip("needs the repository's full git history (not a shallow clone)")
+    pages = [*PAGES, *sorted((ROOT / "benchmarks/results").glob("*.md"))]
+    unexplained = []
+    for page in pages:
+        for block in blocks(page.read_text()):
+            for script in sorted(set(re.findall(r"benchmarks/(\w+\.py)", block))):
+                if (ROOT / "benchmarks" / script).is_file():
+                    continue
+                shas = re.findall(rf"git show ([0-9a-f]{{7,40}}):benchmarks/{script}", block)
+                held = [s for s in shas if git("cat-file", "-e", f"{s}:benchmarks/{script}")
+                        .returncode == 0]  # fmt: skip
+                if not held:
+                    unexplained.append(f"{page.relative_to(ROOT)}: benchmarks/{script}")
+    assert not unexplained, "scripts cited but neither in the tree nor at a named commit:\n" + (
+        "\n".join(unexplained)
+    )
