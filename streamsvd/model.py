@@ -15,6 +15,7 @@ import torch
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from torch import nn
+from torch.utils._pytree import tree_map_only
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.pytorch_utils import Conv1D
@@ -283,19 +284,18 @@ def every_block_kwargs(model: PreTrainedModel, blocks: nn.ModuleList,
     return caught
 
 
-def to_device(obj, device, _memo=None):
+def to_device(obj, device):
     """Move the tensors inside nested tuples/lists/dicts (a block's kwargs) to a device; a
-    tensor met twice (one mask shared by many blocks) is moved once and stays shared."""
-    memo = {} if _memo is None else _memo
-    if isinstance(obj, torch.Tensor):
-        if id(obj) not in memo:
-            memo[id(obj)] = obj.to(device)
-        return memo[id(obj)]
-    if isinstance(obj, tuple | list):
-        return type(obj)(to_device(o, device, memo) for o in obj)
-    if isinstance(obj, dict):
-        return {k: to_device(v, device, memo) for k, v in obj.items()}
-    return obj
+    tensor met twice (one mask shared by many blocks) is moved once and stays shared, which
+    accelerate's `send_to_device` would copy once per reference."""
+    moved: dict[int, torch.Tensor] = {}
+
+    def move(tensor: torch.Tensor) -> torch.Tensor:
+        if id(tensor) not in moved:
+            moved[id(tensor)] = tensor.to(device)
+        return moved[id(tensor)]
+
+    return tree_map_only(torch.Tensor, move, obj)
 
 
 def block_arguments(model: PreTrainedModel, blocks: nn.ModuleList, batch_sizes: set[int],

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
 from . import faults
 from .errors import StreamSVDError
@@ -448,10 +449,8 @@ def _retensor(block: nn.Module, convert, trainable: set[str]) -> None:
 def _clone_tree(value, dtype: torch.dtype):
     """Tensors in nested dicts/tuples/lists cloned (outside inference mode), float ones in
     `dtype` to match the training block."""
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype, copy=True) if value.is_floating_point() else value.clone()
-    if isinstance(value, dict):
-        return {k: _clone_tree(v, dtype) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_clone_tree(v, dtype) for v in value)
-    return value
+
+    def clone(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(dtype, copy=True) if tensor.is_floating_point() else tensor.clone()
+
+    return tree_map_only(torch.Tensor, clone, value)
