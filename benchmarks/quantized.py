@@ -33,13 +33,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (benchmarks/common.py)
 
-from streamsvd.calib import calibration_windows, eval_windows, load_text, tokenize  # noqa: E402
+from streamsvd.calib import calibration_windows, load_text, tokenize  # noqa: E402
 from streamsvd.checkpoint import CheckpointReader  # noqa: E402
-from streamsvd.default_model import default_model_path  # noqa: E402
-from streamsvd.evaluate import perplexity  # noqa: E402
 
 GROUP_SIZE = 64  # plain GPTQ's: 576 = 4.5 × 128 (streamsvd's default too through 60afabe)
 
@@ -67,6 +65,7 @@ def _itemsize(dtype: str) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_arguments(parser, "quantized")
     parser.add_argument("--cells", nargs="*", default=[], metavar="RATIO:BITS")
     parser.add_argument("--gptq", nargs="*", type=int, default=[], metavar="BITS")
     parser.add_argument("--original", action="store_true", help="also the dense model's row")
@@ -74,87 +73,77 @@ def main() -> None:
                         help="block refinement in the streamsvd cells (default 0)")  # fmt: skip
     parser.add_argument("--quantizer-python", default=sys.executable,
                         help="the interpreter of an environment with llmcompressor")  # fmt: skip
-    parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared/data/wikitext-2")
-    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks/results")
     parser.add_argument("--plot", action="store_true", help="only redraw the plot")
     args = parser.parse_args()
-    json_path = args.results / "quantized.json"
-    result = json.loads(json_path.read_text()) if json_path.exists() else {"rows": []}
+    result = common.load(args.results, args.name)
     if args.plot:
-        plot(result, args.results / "quantized.png")
+        plot(result, args.results / f"{args.name}.png")
         return
-    import torch
-    from transformers import AutoTokenizer
-
-    model = Path(default_model_path())
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    test = (args.data_dir / "test.txt").read_text(encoding="utf-8")
-    windows = eval_windows(tokenize(tokenizer, test, special_tokens=True), 512, 128)
+    model = args.model or common.smollm2()
+    proto = common.protocol("p1", args.data_dir)
     work = Path(tempfile.mkdtemp(prefix="quantized-"))
-    calib_text, _ = load_text(str(args.data_dir / "valid.txt"))
-    calib = work / "calib.pt"
-    torch.save(calibration_windows(tokenize(tokenizer, calib_text), 64, 512, 0), calib)
 
-    def add(row: dict) -> None:
-        row["block_bytes"] = block_bytes(Path(row.pop("path")))
-        row["perplexity"] = round(perplexity(row["where"], windows, progress=False), 4)
-        del row["where"]
+    def add(row: dict, path: Path) -> None:
+        row["block_bytes"] = block_bytes(path)
+        row["perplexity"] = round(common.score(path, proto), 4)
         result["rows"] = [r for r in result["rows"] if r["name"] != row["name"]] + [row]
-        result["command"] = "python benchmarks/quantized.py " + " ".join(sys.argv[1:])
+        result["command"] = common.command_line("quantized.py")
         result["protocol"] = "P1: 64×512 calibration windows of valid.txt, 128×512 of test.txt"
-        args.results.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2))
-        (args.results / "quantized.md").write_text(markdown(result))
+        common.save(args.results, args.name, result, markdown(result))
         print(json.dumps(row), flush=True)
 
     if args.original:
-        add({"name": "original", "kind": "dense", "path": model, "where": model})
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        add({"name": "original", "kind": "dense"}, model)
     for bits in args.gptq:
         out = work / f"gptq-w{bits}"
-        command = [
-            args.quantizer_python,
-            str(ROOT / "benchmarks/gptq_baseline.py"),
-            str(model),
-            str(calib),
-            str(out),
-            "--bits",
-            str(bits),
-            "--group-size",
-            str(GROUP_SIZE),
-        ]
-        done = subprocess.run(command, check=True, capture_output=True, text=True,
-                              env={k: v for k, v in env.items() if k != "PYTHONPATH"})  # fmt: skip
-        info = json.loads(done.stdout.split("RESULT ")[-1])
-        add({"name": f"GPTQ W{bits} g{GROUP_SIZE} (llm-compressor)", "kind": "gptq", "ratio": 0,
-             "bits": bits, "group_size": GROUP_SIZE, "path": out, "where": out,
-             "compress_seconds": info["seconds"], "peak_rss_mb": info["peak_rss_mb"]})  # fmt: skip
+        add(gptq_cell(model, proto, bits, out, work, args.quantizer_python), out)
         shutil.rmtree(out)
     for cell in args.cells:
-        ratio, bits = cell.split(":")
-        out, summary = work / f"svd-{ratio}-{bits}", work / f"svd-{ratio}-{bits}.json"
-        command = [sys.executable, "-m", "streamsvd", "compress", "--model", str(model),
-                   "--out", str(out), "--ratio", ratio, "--calib", str(args.data_dir /
-                   "valid.txt"), "--nsamples", "64", "--seqlen", "512", "--refine-epochs",
-                   args.refine_epochs, "--summary-json", str(summary)]  # fmt: skip
-        if bits != "16":
-            command += ["--bits", bits]
-        start = time.perf_counter()
-        subprocess.run(command, check=True, env=env, cwd=ROOT)
-        seconds = time.perf_counter() - start
-        info = json.loads(summary.read_text())
-        quant = info.get("quantization") or {}
-        refined = " refined" if int(args.refine_epochs) else ""
-        add({"name": f"streamsvd {ratio}{refined}" + (f" + {bits}-bit g{quant['group_size']}"
-                                                      if quant else " (unquantized)"),
-             "kind": "streamsvd", "ratio": float(ratio), "bits": int(bits) if quant else None,
-             "refine_epochs": int(args.refine_epochs),
-             "group_size": quant.get("group_size"), "path": out, "where": out,
-             "compress_seconds": round(seconds, 1),
-             "peak_rss_mb": info.get("peak_rss_mb")})  # fmt: skip
-        shutil.rmtree(out)
+        cell_work = work / f"svd-{cell.replace(':', '-')}"
+        cell_work.mkdir()
+        add(streamsvd_cell(model, proto, cell, args.refine_epochs, cell_work), cell_work / "out")
+        shutil.rmtree(cell_work)
     shutil.rmtree(work, ignore_errors=True)
-    plot(result, args.results / "quantized.png")
+    plot(result, args.results / f"{args.name}.png")
+
+
+def gptq_cell(model: Path, proto, bits: int, out: Path, work: Path, python: str) -> dict:
+    """The dense model quantized by llm-compressor's GPTQ into `out`, in the environment of
+    `python` (it pins its own transformers), on the protocol's calibration windows."""
+    import torch
+    from transformers import AutoTokenizer
+
+    calib = work / "calib.pt"
+    text, _ = load_text(str(proto.calib))
+    tokens = tokenize(AutoTokenizer.from_pretrained(model), text)
+    torch.save(calibration_windows(tokens, proto.nsamples, proto.seqlen, 0), calib)
+    command = [python, str(common.ROOT / "benchmarks/gptq_baseline.py"), str(model), str(calib),
+               str(out), "--bits", str(bits), "--group-size", str(GROUP_SIZE)]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+    info = json.loads(done.stdout.split("RESULT ")[-1])
+    return {"name": f"GPTQ W{bits} g{GROUP_SIZE} (llm-compressor)", "kind": "gptq", "ratio": 0,
+            "bits": bits, "group_size": GROUP_SIZE, "compress_seconds": info["seconds"],
+            "peak_rss_mb": info["peak_rss_mb"]}  # fmt: skip
+
+
+def streamsvd_cell(model: Path, proto, cell: str, refine_epochs: str, work: Path) -> dict:
+    """`streamsvd compress --ratio RATIO --bits BITS` (16: unquantized) into work/out; its
+    time is the process's wall time, start-up included, as the first rows were measured."""
+    ratio, bits = cell.split(":")
+    options = ["--ratio", ratio, "--refine-epochs", refine_epochs]
+    options += ["--bits", bits] if bits != "16" else []
+    start = time.perf_counter()
+    info, _ = common.compress(model, work, proto, options)
+    seconds = time.perf_counter() - start
+    quant = info.get("quantization") or {}
+    refined = " refined" if int(refine_epochs) else ""
+    quantized = f" + {bits}-bit g{quant['group_size']}" if quant else " (unquantized)"
+    return {"name": f"streamsvd {ratio}{refined}{quantized}", "kind": "streamsvd",
+            "ratio": float(ratio), "bits": int(bits) if quant else None,
+            "refine_epochs": int(refine_epochs), "group_size": quant.get("group_size"),
+            "compress_seconds": round(seconds, 1),
+            "peak_rss_mb": info.get("peak_rss_mb")}  # fmt: skip
 
 
 def markdown(result: dict) -> str:

