@@ -87,7 +87,8 @@ def truncate_whitened(
 
     With Y = UΣVᵀ the minimiser is A·B = U_r U_rᵀ Ŵ = Ŵ L V_r V_rᵀ L⁻¹; each dropped σ_i adds
     exactly σ_i² to the loss. U_r (or V_r) comes from the eigendecomposition of the smaller
-    Gram, Y·Yᵀ or Yᵀ·Y: 3-5× faster than an SVD of Y on CPU and its memory is min(m, n)²;
+    Gram, Y·Yᵀ or Yᵀ·Y: faster than an SVD of Y on CPU (docs/memory.md, "What one block of
+    the default method holds") and its memory is min(m, n)²;
     the projection itself is applied to Y exactly (tests/test_factorize.py checks the loss
     against the SVD's). Balanced as A = U_r Σ_r^½, B = Σ_r^½ V_rᵀ L⁻¹.
     """

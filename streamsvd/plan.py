@@ -461,8 +461,8 @@ def block_memory(cfg, text, linears: list[LinearPlan], groups: list[list[str]],
 
 def quantize_workspace(m: int, n: int, r: int) -> int:
     """Bytes GPTQ on one factor pair holds besides the Gram (step.BlockStep.quantize):
-    building the inverse factor of an n-wide Gram (three float32 n×n: measured 2.8, as
-    LAPACK works on a copy), or the factor kept
+    building the inverse factor of an n-wide Gram (three float32 n×n, as LAPACK works on a
+    copy: docs/quantization.md, "Memory and time"), or the factor kept
     with B's float32 copy and codes, B·G in float64, A's r×r Hessian and its factor, and
     A's float32 copy and codes, and both factors rotated (`quantize.rank_rotation`) in
     float32."""
