@@ -184,7 +184,8 @@ def load(results: Path, name: str) -> dict:
     return json.loads(path.read_text()) if path.exists() else {"rows": []}
 
 
-def save(results: Path, name: str, result: dict, markdown: str, start: float | None = None) -> None:
+def save(results: Path, name: str, result: dict | list, markdown: str,
+         start: float | None = None) -> None:  # fmt: skip
     """<name>.json and <name>.md, written after every row so that partial results survive."""
     if start is not None:
         result["total_seconds"] = round(time.perf_counter() - start, 1)
@@ -193,9 +194,12 @@ def save(results: Path, name: str, result: dict, markdown: str, start: float | N
     (results / f"{name}.md").write_text(markdown)
 
 
-def command_line(script: str) -> str:
-    """This benchmark's command as its results file records it."""
-    return f"python benchmarks/{script} " + " ".join(sys.argv[1:])
+def command_line(script: str, arguments: list[str] | None = None) -> str:
+    """This benchmark's command as its results file records it (its arguments: this
+    process's, unless given)."""
+    if arguments is None:
+        arguments = sys.argv[1:]
+    return f"python benchmarks/{script} " + " ".join(arguments)
 
 
 def _score_main() -> None:

@@ -21,22 +21,25 @@ import argparse
 import json
 import logging
 import shutil
+import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (benchmarks/common.py)
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
-from streamsvd import CompressConfig, compress
-from streamsvd.calib import stdlib_docstrings
-from streamsvd.errors import StreamSVDError
-from streamsvd.lowrank import export_dense, load_compressed, load_model
-from streamsvd.synth import FAMILIES, write_family
+from streamsvd import CompressConfig, compress  # noqa: E402
+from streamsvd.calib import stdlib_docstrings  # noqa: E402
+from streamsvd.errors import StreamSVDError  # noqa: E402
+from streamsvd.lowrank import export_dense, load_compressed, load_model  # noqa: E402
+from streamsvd.synth import FAMILIES, write_family  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
-WIKITEXT_VALID = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2/valid.txt"
+RESULTS = common.ROOT / "benchmarks" / "results"
+WIKITEXT_VALID = common.DATA_DIR / "valid.txt"
 
 
 def try_family(family: str, work: Path, calib: Path) -> dict:
@@ -115,9 +118,12 @@ def main() -> None:
             rows.append(row)
             for leftover in work.glob(f"{family}*"):
                 shutil.rmtree(leftover, ignore_errors=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    out, text = Path(args.out), markdown(rows)
+    common.save(out.parent, out.stem, rows, text)  # <out>.json and <out>.md
+    print(text)
+
+
+def markdown(rows: list[dict]) -> str:
     lines = ["| family | outcome | low-rank share of block params | left dense (per block) | "
              "logits: streamsvd's reading vs stock, original | low-rank vs stock dense export "
              "| low-rank vs stock, trust_remote_code | tokens per expert: min / mean / max "
@@ -136,8 +142,7 @@ def main() -> None:
         dense = ", ".join(n.split(".*.", 1)[-1] for n in r.get("left_dense", []))
         lines.append(f"| {r['family']} | {r['outcome']} | {share} | {dense} | {view} | {diff} "
                      f"| {remote} | {experts} | {r.get('detail', '')} |")  # fmt: skip
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(out.with_suffix(".md").read_text())
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

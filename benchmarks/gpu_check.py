@@ -47,10 +47,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (benchmarks/common.py)
+import torch  # noqa: E402
 
 from streamsvd.report import WORK_STAGES  # noqa: E402
 from streamsvd.synth import SHAPES, Shape, synthesize  # noqa: E402
@@ -240,7 +239,7 @@ def logit_error(original: Path, compressed: Path, device: str) -> float:
 def equivalence_step(check: Check) -> list[dict]:
     """Step 3: the defaults at ratio 0.4 on the accelerator and on the CPU, same checkpoint."""
     model = check.checkpoint("1b", torch.float32)
-    common = ["--ratio", "0.4", "--calib", str(check.calib()), "--compute-dtype", "float32",
+    options = ["--ratio", "0.4", "--calib", str(check.calib()), "--compute-dtype", "float32",
               *(check.options() or ["--nsamples", "16", "--seqlen", "256",
                                     "--allow-few-tokens"])]  # fmt: skip
     rows = []
@@ -250,7 +249,7 @@ def equivalence_step(check: Check) -> list[dict]:
             rows.append({"device": device, "finished": False, "skipped": "out of budget"})
             continue
         out = check.work / f"1b-out-{k}"
-        _, summary, wall, stopped = compress(model, out, device, *common, timeout=timeout,
+        _, summary, wall, stopped = compress(model, out, device, *options, timeout=timeout,
                                              log=check.log, plan=False)  # fmt: skip
         if summary is None:
             rows.append({"device": device, "finished": False, "stopped": stopped})
@@ -406,14 +405,14 @@ def run_steps(check: Check, steps: list[str]) -> None:
         else:
             r[step] = probe_step(check)
         r["seconds"] = round(time.perf_counter() - check.started, 1)
-        save(check.results, r)
+        common.save(check.results, "gpu_check", r, markdown(r))
     for row in r["scale"]:  # the outputs are large; kept until the vLLM step has run
         shutil.rmtree(row.get("output", ""), ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks/results")
+    parser.add_argument("--results", type=Path, default=common.ROOT / "benchmarks/results")
     parser.add_argument("--work", type=Path, default=Path("/tmp/streamsvd-gpu-check"))
     parser.add_argument("--budget", type=float, default=570,
                         help="seconds for all steps together (default 570)")  # fmt: skip
@@ -431,7 +430,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": "CPU (dry run)" if args.dry else torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "dry": args.dry,
-        "command": "python benchmarks/gpu_check.py " + " ".join(argv or sys.argv[1:]),
+        "command": common.command_line("gpu_check.py", argv),
         "budget_seconds": args.budget,
         "scale": [],
     }
@@ -439,9 +438,8 @@ def main(argv: list[str] | None = None) -> dict:
     return check.result
 
 
-def save(results: Path, result: dict) -> None:
-    """gpu_check.json, and gpu_check.md: one section per step."""
-    (results / "gpu_check.json").write_text(json.dumps(result, indent=2))
+def markdown(result: dict) -> str:
+    """gpu_check.md: one section per step."""
     lines = [
         f"# The GPU check on {result['device']} (torch {result['torch']})",
         "",
@@ -459,7 +457,7 @@ def save(results: Path, result: dict) -> None:
         lines += ["## vLLM, Transformers backend", "", f"Status: {v['status']}."]
         lines += [f"`{json.dumps(detail)}`", ""] if detail else [""]
     lines += factorise_lines(result.get("factorise")) + probe_lines(result.get("probe"))
-    (results / "gpu_check.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def scale_lines(r: dict) -> list[str]:

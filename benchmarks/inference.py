@@ -32,12 +32,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (benchmarks/common.py)
+import torch  # noqa: E402
 
-from streamsvd.factorize import rank_for
-from streamsvd.memory import peak_rss_bytes
+from streamsvd.factorize import rank_for  # noqa: E402
+from streamsvd.memory import peak_rss_bytes  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = common.ROOT / "benchmarks" / "results"
 RATIOS = (0.2, 0.4, 0.6)
 MiB = 2**20
 
@@ -74,9 +76,7 @@ def measure_model(path: str, repeats: int) -> dict:
 
 
 def smollm2_rows(args, work: Path) -> list[dict]:
-    from streamsvd.default_model import default_model_path
-
-    original = default_model_path()
+    original = common.smollm2()
     models = [("dense", 0.0, str(original))]
     for ratio in RATIOS:
         out = work / f"svd-{ratio}"
@@ -178,7 +178,7 @@ def break_even(rows: list[dict], shape: str, tokens: int) -> float | None:
     return min(paying) if paying else None
 
 
-def write(result: dict) -> None:
+def markdown(result: dict) -> str:
     keys = ["prefill_tokens_per_s", "decode_b1_tokens_per_s", "decode_b8_tokens_per_s"]
     lines = [f"# Inference cost, dense vs low-rank ({result['device']}, {result['threads']} "
              f"threads)", "", f"Command: `{result['command']}`", "",
@@ -207,8 +207,7 @@ def write(result: dict) -> None:
     for shape in dict.fromkeys(r["shape"] for r in result["shapes"]):
         cells = [break_even(result["shapes"], shape, t) for t in (1, 512)]
         lines.append(f"| {shape} | " + " | ".join(str(c) if c else "never" for c in cells) + " |")
-    (RESULTS / "inference.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -231,9 +230,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         result["models"] = smollm2_rows(args, Path(tmp)) + block_rows(args)
     result["shapes"] = shape_rows(args)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "inference.json").write_text(json.dumps(result, indent=2))
-    write(result)
+    text = markdown(result)
+    common.save(RESULTS, "inference", result, text)
+    print(text, end="")
 
 
 if __name__ == "__main__":

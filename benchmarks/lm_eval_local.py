@@ -30,11 +30,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
-WORK = ROOT / "benchmarks" / "runs" / "lm_eval"
-TASKS = ROOT / "benchmarks" / "lm_eval_tasks"
-RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (benchmarks/common.py)
+
+DATA = common.DATA_DIR
+WORK = common.ROOT / "benchmarks" / "runs" / "lm_eval"
+TASKS = common.ROOT / "benchmarks" / "lm_eval_tasks"
+RESULTS = common.ROOT / "benchmarks" / "results"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
@@ -83,9 +85,10 @@ def write_data(n_items: int) -> None:
 
 
 def models(only: str | None = None) -> list[tuple[str, float, Path]]:
-    from streamsvd.default_model import default_model_path
-
-    found = [("original", 0.0, default_model_path())]
+    """The original and, at each ratio, its low-rank output (compressed on P1's calibration
+    if not there yet) and that output's dense export."""
+    p1 = common.protocol("p1", DATA)
+    found = [("original", 0.0, common.smollm2())]
     if only == "original":
         return found
     for ratio in (0.2, 0.4):
@@ -95,8 +98,8 @@ def models(only: str | None = None) -> list[tuple[str, float, Path]]:
         if not low.exists():
             subprocess.run([sys.executable, "-m", "streamsvd.cli", "compress", "--model",
                             str(found[0][2]), "--out", str(low), "--ratio", str(ratio),
-                            "--calib", str(DATA / "valid.txt"), "--nsamples", "64",
-                            "--seqlen", "512", "--seed", "0"], check=True)  # fmt: skip
+                            "--calib", str(p1.calib), "--nsamples", str(p1.nsamples),
+                            "--seqlen", str(p1.seqlen), "--seed", "0"], check=True)  # fmt: skip
         dense = WORK / f"svdllm-a-{ratio}-dense"
         if not dense.exists():
             subprocess.run([sys.executable, "-m", "streamsvd.cli", "export-dense", "--model",
@@ -120,7 +123,7 @@ def run_lm_eval(path: Path, args) -> dict:
                "--include_path", str(TASKS), "--batch_size", "8", "--limit", str(limit),
                "--output_path", str(out / task), "--log_samples"]  # fmt: skip
         subprocess.run([str(Path(sys.executable).parent / cmd[0]), *cmd[1:]], check=True,
-                       env={**os.environ, **OFFLINE}, cwd=ROOT)  # fmt: skip
+                       env={**os.environ, **OFFLINE}, cwd=common.ROOT)  # fmt: skip
         newest = sorted((out / task).rglob("results_*.json"))[-1]
         results[task] = json.loads(newest.read_text())["results"][task]
         if task == "streamsvd_wikitext2":
@@ -166,8 +169,6 @@ def main() -> None:
     if args.only:
         return
     command = " ".join([".venv/bin/python", "benchmarks/lm_eval_local.py", *sys.argv[1:]])
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "lm_eval.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2))
     lines = [f"lm-eval (`lm_eval --model hf`, local tasks), SmolLM2-135M. Command: `{command}`",
              f"(first {args.limit_docs} WikiText-2 test articles; {args.limit_items} "
              "next-sentence items)", "",
@@ -179,7 +180,7 @@ def main() -> None:
                      f"{w.get('token_perplexity', float('nan')):.2f} | "
                      f"{w['bits_per_byte,none']:.3f} | {m['acc,none']:.3f} ± "
                      f"{m['acc_stderr,none']:.3f} | {m['acc_norm,none']:.3f} |")  # fmt: skip
-    (RESULTS / "lm_eval.md").write_text("\n".join(lines) + "\n")
+    common.save(RESULTS, "lm_eval", {"command": command, "rows": rows}, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

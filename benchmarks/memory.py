@@ -38,10 +38,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (benchmarks/common.py)
 import torch  # noqa: E402
 from monitor import drop_page_cache, run_measured  # noqa: E402
 
@@ -84,8 +82,8 @@ def parse_args():
     p.add_argument("--prefetch-layers", type=int, default=4,
                    help="depth at which to time prefetching on and off (0: don't)")  # fmt: skip
     p.add_argument("--prefetch-repeats", type=int, default=1)
-    p.add_argument("--runs", type=Path, default=ROOT / "benchmarks/runs/memory")
-    p.add_argument("--results", type=Path, default=ROOT / "benchmarks/results")
+    p.add_argument("--runs", type=Path, default=common.ROOT / "benchmarks/runs/memory")
+    p.add_argument("--results", type=Path, default=common.ROOT / "benchmarks/results")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite memory.md and the plots from memory.json")  # fmt: skip
     p.add_argument("--keep-checkpoints", action="store_true",
@@ -165,7 +163,7 @@ class Bench:
         summary_path = self.runs_dir / "naive.json"
         summary_path.unlink(missing_ok=True)
         drop_page_cache(ckpt)
-        command = [sys.executable, str(ROOT / "benchmarks/naive.py"), "--model", str(ckpt),
+        command = [sys.executable, str(common.ROOT / "benchmarks/naive.py"), "--model", str(ckpt),
                    "--out", str(out), "--method", a.method, "--ratio", str(a.ratio),
                    "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen),
                    "--batch-size", str(a.batch_size), "--device", a.device,

@@ -20,14 +20,16 @@ run, no number is typed in here):
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (benchmarks/common.py)
+
+RESULTS = common.ROOT / "benchmarks" / "results"
 
 GiB = 2**30
 
@@ -200,5 +202,6 @@ def plot_scale() -> None:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # --help; no options
     plot_p1()
     plot_scale()

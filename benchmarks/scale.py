@@ -27,8 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (benchmarks/common.py)
 
 from streamsvd.pipeline import CompressConfig  # noqa: E402
 from streamsvd.plan import make_plan, measure_baseline  # noqa: E402
@@ -37,9 +37,9 @@ from streamsvd.synth import synthesize  # noqa: E402
 GiB = 2**30
 BASE = "1dcf431"  # the last commit before the memory diet
 WIDTHS = ["7b", "13b", "70b", "405b"]
-RESULTS = ROOT / "benchmarks" / "results"
-RUNS = ROOT / "benchmarks" / "runs"
-CALIB = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+RESULTS = common.ROOT / "benchmarks" / "results"
+RUNS = common.ROOT / "benchmarks" / "runs"
+CALIB = common.DATA_DIR / "valid.txt"
 
 OLD_PLAN = """
 import json, sys
@@ -74,7 +74,7 @@ def plans(base: str) -> list[dict]:
     src = RUNS / f"scale-base-{base}"
     if not src.exists():
         src.mkdir(parents=True)
-        archive = subprocess.run(["git", "archive", base, "streamsvd"], cwd=ROOT,
+        archive = subprocess.run(["git", "archive", base, "streamsvd"], cwd=common.ROOT,
                                  capture_output=True, check=True).stdout  # fmt: skip
         subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
     rows = []
@@ -113,7 +113,7 @@ def measure(spec: str, args) -> dict:
     out = RUNS / f"scale-out-{width}-{layers}"
     for leftover in (out, Path(f"{out}.work")):
         subprocess.run(["rm", "-rf", str(leftover)], check=True)
-    common = [
+    options = [
         "--model",
         str(ckpt),
         "--out",
@@ -134,7 +134,7 @@ def measure(spec: str, args) -> dict:
         "cpu",
         "--allow-few-tokens",  # a small calibration on purpose (the module's docstring)
     ]
-    cli = [sys.executable, "-m", "streamsvd.cli", "-q", "compress", *common]  # fmt: skip
+    cli = [sys.executable, "-m", "streamsvd.cli", "-q", "compress", *options]  # fmt: skip
     plan_json, summary_json = RUNS / f"scale-plan-{spec}.json", RUNS / f"scale-run-{spec}.json"
     subprocess.run([*cli, "--dry-run", "--summary-json", str(plan_json)], check=True)
     start = time.perf_counter()
@@ -161,7 +161,7 @@ def measure(spec: str, args) -> dict:
     return row
 
 
-def write_tables(result: dict) -> None:
+def markdown(result: dict) -> str:
     gib = lambda b: f"{b / GiB:.1f}"  # noqa: E731
     lines = [
         "# svdllm-a at real widths",
@@ -215,7 +215,7 @@ def write_tables(result: dict) -> None:
             lines.append(
                 f"| {r['run']} | plan | " + " | ".join(f"{p.get(s, 0):.1f}" for s in stages) + " |"
             )
-    (RESULTS / "scale.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def plot(result: dict) -> None:
@@ -277,8 +277,7 @@ def main() -> None:
     args = p.parse_args()
     RESULTS.mkdir(exist_ok=True)
     RUNS.mkdir(exist_ok=True)
-    path = RESULTS / "scale.json"
-    earlier = json.loads(path.read_text()) if args.skip_plans else {}
+    earlier = json.loads((RESULTS / "scale.json").read_text()) if args.skip_plans else {}
     result = {
         "command": " ".join([".venv/bin/python", "benchmarks/scale.py", *sys.argv[1:]]),
         "calibration": f"{args.nsamples}×{args.seqlen} tokens of WikiText-2 valid, batch "
@@ -288,10 +287,8 @@ def main() -> None:
     }  # fmt: skip
     for spec in args.measure:
         result["runs"].append(measure(spec, args))
-        path.write_text(json.dumps(result, indent=2))  # after every run
-        write_tables(result)
-    path.write_text(json.dumps(result, indent=2))
-    write_tables(result)
+        common.save(RESULTS, "scale", result, markdown(result))  # after every run
+    common.save(RESULTS, "scale", result, markdown(result))
     plot(result)
 
 
