@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from a clone: the package besid
 
 DATA_DIR = ROOT.parent / "shared/data/wikitext-2"
 CALIB_FRACTION = 0.8  # of valid.txt's lines calibrate in the heldout protocol; the rest scores
+SCORED_WINDOWS = {"p1": 128, "heldout": 48}  # of 512 tokens, each protocol's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,14 +57,14 @@ class Protocol:
 def protocol(name: str, data_dir: Path = DATA_DIR, work: Path | None = None) -> Protocol:
     """P1 or the held-out protocol; the held-out calibration text is written into `work`."""
     if name == "p1":
-        return Protocol("p1", data_dir, data_dir / "valid.txt", 64, 128,
+        return Protocol("p1", data_dir, data_dir / "valid.txt", 64, SCORED_WINDOWS["p1"],
                         what="P1 (../shared/BENCHMARKS.md): 64×512 of valid.txt, 128×512 of "
                              "test.txt")  # fmt: skip
     if name != "heldout":
         raise ValueError(f"unknown protocol {name!r}: p1 or heldout")
     calib = (work or Path.cwd()) / "heldout_calib.txt"
     calib.write_text(heldout_split(data_dir)[0], encoding="utf-8")
-    return Protocol("heldout", data_dir, calib, 32, 48,
+    return Protocol("heldout", data_dir, calib, 32, SCORED_WINDOWS["heldout"],
                     what="held out: calibration 32×512 from the first 80% of valid.txt, "
                          "perplexity on 48×512 of the last 20%; test.txt unused")  # fmt: skip
 
@@ -210,7 +211,7 @@ def _score_main() -> None:
     parser.add_argument("--windows", type=int, help="scored windows (default the protocol's)")
     parser.add_argument("--seqlen", type=int, default=512)
     args = parser.parse_args()
-    windows = args.windows or {"p1": 128, "heldout": 48}[args.protocol]
+    windows = args.windows or SCORED_WINDOWS[args.protocol]
     scored = Protocol(args.protocol, args.data_dir, calib=Path(), nsamples=0, windows=windows,
                       seqlen=args.seqlen)  # fmt: skip
     print(score(args.score, scored))
