@@ -26,8 +26,15 @@ from .checkpoint import fsync_path
 
 
 class ActivationStore:
-    """durable=True: each chunk written is fsync'd by a background thread while the next
-    batch computes, and `sync` waits for those and makes the slot's directory durable."""
+    """Writes go behind the compute: `write` makes the micro-batch's host copy (on a GPU
+    an asynchronous copy into pinned memory) and hands it to a background writer thread,
+    which waits for the copy, feeds the stream's digest and stores it, at most
+    `WRITES_IN_FLIGHT` micro-batches behind. A read, reset or `sync` of a slot first waits
+    for the slot's writes, and a read or `sync` raises the error of one that failed.
+    durable=True: each chunk written is also fsync'd by a second background thread, and
+    `sync` waits for those and makes the slot's directory durable."""
+
+    WRITES_IN_FLIGHT = 2  # host copies waiting for the writer: the plan counts them
 
     def __init__(self, root: Path, nsamples: int, seqlen: int, hidden: int, dtype: torch.dtype,
                  durable: bool = False):  # fmt: skip
@@ -36,8 +43,11 @@ class ActivationStore:
         self.dtype = dtype
         self._stored = torch.int16 if dtype == torch.bfloat16 else dtype
         self._group = zarr.open_group(str(self.root), mode="a")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
+        self._in_flight: deque[Future] = deque()  # writes not yet known done, oldest first
+        self._writes: dict[str, list[Future]] = defaultdict(list)  # each slot's writes
         self._syncer = ThreadPoolExecutor(1, thread_name_prefix="fsync") if durable else None
-        self._pending: dict[str, list[Future]] = defaultdict(list)
+        self._pending: dict[str, list[Future]] = defaultdict(list)  # each slot's fsyncs
 
     def _array(self, stream: str, slot: int, create: bool = False):
         name = f"{stream}{slot}"
@@ -59,19 +69,43 @@ class ActivationStore:
 
     def reset(self, stream: str, slot: int) -> None:
         """Start a slot afresh before writing it whole."""
-        for future in self._pending.pop(f"{stream}{slot}", []):
+        key = f"{stream}{slot}"
+        for future in self._writes.pop(key, []):  # first: a write queues its fsync
             future.exception()  # wait; its files are about to go anyway
+        for future in self._pending.pop(key, []):
+            future.exception()
         self._array(stream, slot, create=True)
 
     def read(self, stream: str, slot: int, start: int, stop: int) -> torch.Tensor:
+        self.flush(stream, slot)
         data = torch.from_numpy(np.ascontiguousarray(self._array(stream, slot)[start:stop]))
         return data.view(self.dtype) if self.dtype == torch.bfloat16 else data
 
     def write(self, stream: str, slot: int, start: int, values: torch.Tensor,
               digest=None) -> None:  # fmt: skip
-        """Store a micro-batch; with `digest`, feed it the bytes stored (as `checksum` reads
-        them), from the same host copy: one device-to-host copy a write."""
-        host = values.detach().to("cpu", self.dtype)
+        """Store a micro-batch behind the compute; with `digest`, feed it the bytes stored
+        (as `checksum` reads them), from the same host copy: one device-to-host copy a
+        write. `values` may be changed or freed once this returns; `digest` is complete
+        once the slot is flushed (`flush`, `sync`)."""
+        while len(self._in_flight) >= self.WRITES_IN_FLIGHT:
+            self._in_flight.popleft().exception()  # wait; an error raises at its slot's read
+        values = values.detach()
+        if values.device.type == "cuda":  # copied while the device goes on computing
+            host = torch.empty(values.shape, dtype=self.dtype, pin_memory=True)
+            host.copy_(values.to(self.dtype), non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        else:  # a copy of its own: the caller may reuse `values`
+            host, copied = values.to("cpu", self.dtype, copy=True), None
+        future = self._writer.submit(self._store, stream, slot, start, host, copied, digest)
+        self._in_flight.append(future)
+        self._writes[f"{stream}{slot}"].append(future)
+
+    def _store(self, stream: str, slot: int, start: int, host: torch.Tensor, copied,
+               digest) -> None:  # fmt: skip
+        """The writer thread's part of `write`, one micro-batch at a time, in order."""
+        if copied is not None:
+            copied.synchronize()
         if digest is not None:
             tensor_digest(digest, host, self.dtype)
         stored = host.view(torch.int16) if self.dtype == torch.bfloat16 else host
@@ -80,10 +114,16 @@ class ActivationStore:
             chunks = [self._chunk(stream, slot, k) for k in range(start, start + len(host))]
             self._pending[f"{stream}{slot}"].append(self._syncer.submit(_fsync_files, chunks))
 
+    def flush(self, stream: str, slot: int) -> None:
+        """Wait for a slot's writes in flight; raises the error of one that failed."""
+        for future in self._writes.pop(f"{stream}{slot}", []):
+            future.result()
+
     def sync(self, stream: str, slot: int) -> None:
-        """Make a slot durable: its chunk and metadata files fsync'd, then its directory
-        (zarr renames each chunk into place but never fsyncs). Raises the OSError of a
-        background fsync that failed."""
+        """Make a slot durable: its writes done, its chunk and metadata files fsync'd, then
+        its directory (zarr renames each chunk into place but never fsyncs). Raises the
+        OSError of a background write or fsync that failed."""
+        self.flush(stream, slot)
         top = self.root / f"{stream}{slot}"
         pending = self._pending.pop(f"{stream}{slot}", None)
         if pending is None:  # nothing synced in the background: every chunk now

@@ -288,9 +288,9 @@ class Compressor(SpectraPass):
         """Block i's commit: the streams' next activations durable, its shard written, then
         its journal entry: the shard's checksum, `ranks`, the streams' checksums (`digests`),
         `info` (what it read, ...) and this session's time since its last block."""
-        digests = {stream: digest.hexdigest() for stream, digest in digests.items()}
         with self.timer("write"):
-            self.rundir.sync((i + 1) % 2)
+            self.rundir.sync((i + 1) % 2)  # the writes done: the digests complete
+        digests = {stream: digest.hexdigest() for stream, digest in digests.items()}
         shard = self.rundir.save(
             tensors, self.rundir.shards / shard_file(i), lambda: faults.point("shard-write", i)
         )  # rank 0 records its sha256 and stat

@@ -14,6 +14,8 @@ Peak memory is the largest of the run's phases, each a sum of what is alive in i
                factorised are parked in host memory
     forward    one micro-batch through the block, both streams' captured inputs, and the
                float64 token chunks the sums are accumulated from
+    writes     the host copies of output micro-batches waiting for the store's writer
+               thread (`ActivationStore.WRITES_IN_FLIGHT`; pinned, on a GPU)
     factorise  one linear at a time: the method's temporaries (`factorize.workspace`)
     compressed the block's factors so far, in the checkpoint dtype
     refine     with block refinement: the factors in float32 with their gradients and
@@ -45,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from .activations import keep_text
+from .activations import ActivationStore, keep_text
 from .allocate import block_ranks
 from .checkpoint import CheckpointReader
 from .disk import disk_bytes, disk_needs, existing, side_file_bytes, size_text
@@ -406,6 +408,7 @@ def block_memory(cfg, text, linears: list[LinearPlan], groups: list[list[str]],
         forward += tokens * (3 * text.hidden_size + inter) * item
     if method.needs:  # float64 token chunks of both streams and a block of W·x
         forward += 3 * min(tokens * wide, CHUNK_VALUES) * F64
+    writes = ActivationStore.WRITES_IN_FLIGHT * tokens * text.hidden_size * item
     on_gpu = cfg.device.startswith("cuda")
     if on_gpu:  # attention scores, where the kernel materialises them (masked SDPA)
         batch = min(cfg.batch_size, cfg.nsamples)
@@ -438,10 +441,10 @@ def block_memory(cfg, text, linears: list[LinearPlan], groups: list[list[str]],
     if on_gpu:
         device["statistics"] = block_bytes + worst_sums + forward
         device["factorise"] = worst_device
-        host["block"] = base + block_bytes + compressed + WRITE_BUFFER
+        host["block"] = base + block_bytes + compressed + WRITE_BUFFER + writes
         host["factorise"] = base + block_bytes + worst_host + compressed
     else:
-        host["statistics"] = base + block_bytes + worst_sums + forward
+        host["statistics"] = base + block_bytes + worst_sums + forward + writes
         host["factorise"] = base + block_bytes + worst_host
         host["write"] = base + block_bytes + compressed + WRITE_BUFFER
     if getattr(cfg, "bits", None):

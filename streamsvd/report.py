@@ -96,6 +96,7 @@ def peak_rss_mb() -> float:
 def rank_summary(run) -> dict:
     """What each rank reports of itself to the run's summary."""
     return {"peak_rss_mb": round(peak_rss_mb(), 1),
+            "refine_streams": run.refine_keep,  # ranks may keep them in different places
             "stage_seconds": {k: round(v, 2) for k, v in sorted(run.timer.seconds.items())},
             "phase_peaks": run.phase_peaks}  # fmt: skip
 

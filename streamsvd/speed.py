@@ -99,8 +99,11 @@ def _product_rates(a: torch.Tensor, dtype: torch.dtype, dev: torch.device) -> di
 
 def measure_store(root: Path, seqlen: int, hidden: int, dtype: torch.dtype) -> dict:
     """Bytes per second of the activation store on `root`'s filesystem, used as the run
-    uses it: windows written one chunk each and hashed, then read back. Not fsync'd: the
-    run's fsyncs happen in a background thread while the next batch computes."""
+    uses it: windows written one chunk each and hashed (on the store's writer thread, waited
+    for), then read back. Not fsync'd: the run's fsyncs happen in a background thread while
+    the next batch computes. The plan counts the writes whole, though they go behind the
+    compute: a pass runs at most `ActivationStore.WRITES_IN_FLIGHT` micro-batches ahead of
+    its writes, and on a CPU the writer thread takes cores the compute would use."""
     from .activations import ActivationStore
 
     nbytes = STORE_CHUNKS * seqlen * hidden * dtype.itemsize
@@ -111,6 +114,7 @@ def measure_store(root: Path, seqlen: int, hidden: int, dtype: torch.dtype) -> d
         start, digest = time.perf_counter(), hashlib.sha256()
         for k in range(STORE_CHUNKS):
             store.write("orig", 0, k, window, digest)
+        store.flush("orig", 0)
         wrote = time.perf_counter() - start
         start = time.perf_counter()
         for k in range(STORE_CHUNKS):

@@ -31,13 +31,15 @@ CLOSED_FORM = ("--refine-epochs", "0")
 
 def torchrun(model: Path, calib: Path, out: Path, *extra: str, processes: int = 2,
              fault: str | None = None, timeout: float = 300,
+             entry: tuple[str, ...] = ("-m", "streamsvd"),
              **env_more) -> subprocess.CompletedProcess:  # fmt: skip
+    """`streamsvd compress` (or `entry`, a script taking its arguments) under torchrun."""
     env = {**os.environ, **env_more}
     env.pop("STREAMSVD_FAULT", None)
     if fault:
         env.update(STREAMSVD_FAULT=fault, STREAMSVD_FAULT_RANK="1")
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={processes}", "-m", "streamsvd", "compress", "--model", str(model),
+            f"--nproc-per-node={processes}", *entry, "compress", "--model", str(model),
             "--out", str(out), "--calib", str(calib), *extra]  # fmt: skip
     for key, value in SETTINGS.items():
         args += [f"--{key.replace('_', '-')}", str(value)]

@@ -1,13 +1,16 @@
 """Refinement's streams held where the compute is (activations.HeldWindows, issue 42): a
 block's windows are read from the store at most once when held, read ahead on a thread of
 their own when streamed, the output is the same bytes either way (one process and two),
-and the memory plan picks the place and accounts its bytes there."""
+and the memory plan picks the place and accounts its bytes there. Writes to the store go
+behind the compute, on a writer thread of their own, bounded, their errors raised where
+the slot is next read or made durable."""
 
 from __future__ import annotations
 
 import dataclasses
 import threading
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,15 +115,26 @@ def test_held_streams_with_a_holdout_give_the_streamed_bytes(setup):
 
 def test_two_processes_give_the_same_bytes_held_or_streamed(setup, tmp_path):
     """Under torchrun (2 gloo processes) each rank holds its own windows, and the rank
-    that holds a step's windows broadcasts them as when it read them from its store."""
+    that holds a step's windows broadcasts them as when it read them from its store; ranks
+    that keep them in different places (as --refine-streams auto may choose where their
+    memory differs) give the same bytes too."""
+    import json
+
     root, model, calib = setup
-    outs = {}
-    for keep in ("host", "store"):
+    outs, keeps = {}, {}
+    for keep in ("host", "store", "mixed"):
         outs[keep] = tmp_path / keep
+        entry = (str(Path(__file__).with_name("ranks_keep_apart.py")),) if keep == "mixed" else ()
         done = torchrun(model, calib, outs[keep], "--refine-epochs", "2", "--refine-streams",
-                        keep, "--nsamples", "8")  # fmt: skip
+                        "auto" if keep == "mixed" else keep, "--nsamples", "8",
+                        "--summary-json", str(tmp_path / f"{keep}.json"),
+                        **({"entry": entry} if entry else {}))  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
+        summary = json.loads((tmp_path / f"{keep}.json").read_text())
+        keeps[keep] = [rank["refine_streams"] for rank in summary["per_process"]]
+    assert keeps == {"host": ["host"] * 2, "store": ["store"] * 2, "mixed": ["host", "store"]}
     assert output_hashes(outs["host"]) == output_hashes(outs["store"])
+    assert output_hashes(outs["mixed"]) == output_hashes(outs["store"])
 
 
 def _windows(keep: str, reads: list) -> HeldWindows:
@@ -151,6 +165,94 @@ def test_held_windows_are_copies_and_streamed_ones_are_read_ahead():
         assert streamed("x", 2, 4)[0].tolist() == [6.0, 7.0, 8.0]  # not expected
     assert [r[:2] for r in reads] == [(4, 6), (0, 2), (2, 4)]
     assert [r[2].startswith("read-ahead") for r in reads] == [True, True, False]
+
+
+class _HeldWriter:
+    """Holds ActivationStore's writer thread in its part of `write` until released, and
+    counts the micro-batches it has started storing."""
+
+    def __init__(self, monkeypatch, error: OSError | None = None):
+        self.release, self.entered, self.started = threading.Event(), threading.Event(), 0
+        store_now = ActivationStore._store
+
+        def held(store, *args):
+            self.started += 1
+            self.entered.set()
+            assert self.release.wait(60), "the test never released the writer"
+            if error is not None:
+                raise error
+            return store_now(store, *args)
+
+        monkeypatch.setattr(ActivationStore, "_store", held)
+
+
+def test_writes_go_behind_the_caller_and_store_what_it_passed(tmp_path, monkeypatch):
+    """`write` returns while its micro-batch waits for the writer thread, holding a copy of
+    its own (the caller may reuse its tensor); a read of the slot waits for the write, and
+    the digest fed in the background is the stored bytes' (what a resume checks)."""
+    import hashlib
+
+    writer = _HeldWriter(monkeypatch)
+    store = ActivationStore(tmp_path / "acts", 4, 3, 5, torch.bfloat16, durable=True)
+    store.reset("orig", 1)
+    digest = hashlib.sha256()
+    values = torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(0))
+    expected = values.to(torch.bfloat16)
+    store.write("orig", 1, 0, values[:2], digest)
+    store.write("orig", 1, 2, values[2:], digest)  # returned: the writer is still held
+    assert writer.entered.wait(60) and writer.started == 1
+    values.zero_()  # the caller reuses its tensor before the writes are done
+    writer.release.set()
+    assert torch.equal(store.read("orig", 1, 0, 4), expected)
+    store.sync("orig", 1)
+    assert digest.hexdigest() == store.checksum("orig", 1)
+
+
+def test_writes_in_flight_are_bounded(tmp_path, monkeypatch):
+    """At most WRITES_IN_FLIGHT host copies wait for the writer: the next write waits for
+    the oldest, so memory stays what the plan counts."""
+    writer = _HeldWriter(monkeypatch)
+    store = ActivationStore(tmp_path / "acts", 4, 3, 5, torch.float32)
+    store.reset("orig", 0)
+    limit = ActivationStore.WRITES_IN_FLIGHT
+    returned = []
+
+    def write_all():
+        for k in range(limit + 1):
+            store.write("orig", 0, k, torch.full((1, 3, 5), float(k)))
+            returned.append(k)
+
+    caller = threading.Thread(target=write_all)
+    caller.start()
+    assert writer.entered.wait(60)
+    caller.join(0.5)  # the last write cannot return while the first is held
+    assert caller.is_alive() and returned == list(range(limit))
+    writer.release.set()
+    caller.join(60)
+    assert returned == list(range(limit + 1))
+    assert store.read("orig", 0, 0, limit + 1)[:, 0, 0].tolist() == list(range(limit + 1))
+
+
+def test_a_failed_write_raises_where_its_slot_is_read_or_made_durable(tmp_path, monkeypatch):
+    """A write that fails behind the caller (a full disk) is not lost: the slot's next read
+    or `sync` raises its error, so a block is never committed over activations not stored.
+    A reset slot drops its failed writes with its files."""
+    import errno
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    writer = _HeldWriter(monkeypatch, error=full)
+    writer.release.set()
+    store = ActivationStore(tmp_path / "acts", 2, 3, 5, torch.float32, durable=True)
+    for slot in (0, 1):
+        store.reset("comp", slot)
+        store.write("comp", slot, 0, torch.ones(2, 3, 5))
+    with pytest.raises(OSError, match="No space"):
+        store.sync("comp", 0)
+    with pytest.raises(OSError, match="No space"):
+        store.read("comp", 1, 0, 2)
+    store.write("comp", 0, 0, torch.ones(2, 3, 5))
+    store.reset("comp", 0)
+    assert store.read("comp", 0, 0, 2).abs().sum() == 0
 
 
 def test_the_plan_holds_the_streams_where_they_fit_and_counts_them_there(setup):
