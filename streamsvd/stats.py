@@ -155,6 +155,12 @@ class InputStats:
         sums = [self.G, self.Gc, self.C, *self.WC.values(), *self._factors.values()]
         return list({id(t): t for t in sums if t is not None}.values())
 
+    def drop_sums(self) -> None:
+        """Free the sums, keeping the token count: on a rank that factorises none of the
+        group's linears (step.BlockStep._add_up)."""
+        self.G = self.Gc = self.C = None
+        self.WC, self._factors = {}, {}
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 

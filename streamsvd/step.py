@@ -74,10 +74,12 @@ class BlockStep:
 
     # -- statistics ------------------------------------------------------------------------
     def statistics(self, needs: frozenset[str], read: Read, write: Write | None,
-                   names: list[str] | None = None,
-                   dense: dict[str, nn.Module] | None = None) -> dict[str, InputStats]:  # fmt: skip
+                   names: list[str] | None = None, dense: dict[str, nn.Module] | None = None,
+                   dealt: bool = False) -> dict[str, InputStats]:  # fmt: skip
         """Float64 sums of the inputs of `names` (default: every factorised linear), shared
-        within groups that read the same tensor. The original stream runs the block with
+        within groups that read the same tensor; `dealt`: only for the ranks that factorise
+        the group's linears (`factorise` deals `names` out), the others keep token counts
+        alone. The original stream runs the block with
         `dense` modules put back in place of compressed ones, so that it stays the original
         model's; with `write`, its outputs are the next block's original-stream inputs.
         Both streams reach the experts the original stream's router chose, so that an
@@ -105,7 +107,7 @@ class BlockStep:
             del seen, seen_c
         if self.world.distributed:
             with self.clock("communicate"):
-                self._add_up(stats, needs)
+                self._add_up(stats, needs, names if dealt else None)
         return stats
 
     def _add_batch(self, stats: dict[str, InputStats], needs: frozenset[str], seen: dict,
@@ -129,10 +131,16 @@ class BlockStep:
             stats[name].add(seen[name] if "orig" in needs or "cross" in needs else None,
                             seen_c.get(name))  # fmt: skip
 
-    def _add_up(self, stats: dict[str, InputStats], needs: frozenset[str]) -> None:
-        """Every rank's sums added up, so that each holds the whole calibration set's. A
-        group only some ranks saw (an expert their tokens never reached) starts at zero on
-        the others. Groups are reduced in one order (by their linears' names) everywhere."""
+    def _add_up(self, stats: dict[str, InputStats], needs: frozenset[str],
+                dealt: list[str] | None = None) -> None:  # fmt: skip
+        """Every rank's sums added up, so that each holds the whole calibration set's; with
+        `dealt` (the names `factorise` deals out, linear k to rank k mod N), only the ranks
+        that factorise a group's linears get its sums: into the one that does (reduce, half
+        an all_reduce's traffic; the others free theirs: at 70B width down_proj's Gram is
+        6.1 GiB, docs/memory.md), or into all where several do. Token counts go to every
+        rank. A group only some ranks saw (an expert their tokens never reached) starts at
+        zero on the others. Groups are reduced in one order (by their names) everywhere."""
+        owner = {name: self.world.owner(k) for k, name in enumerate(dealt or [])}
         self.world.barrier(f"block {self.index + 1}'s statistics")  # names a rank that hangs
         groups = {id(g): (tuple(n for n in stats if stats[n] is g), g.dim) for g in stats.values()}
         everyone = sorted({group for seen in self.world.gather(list(groups.values()))
@@ -146,8 +154,16 @@ class BlockStep:
             group = stats[members[0]]
             tokens = torch.tensor([group.tokens], dtype=torch.float64, device=group.G.device
                                   if group.G is not None else self.device)  # fmt: skip
-            self.world.sum_([*group.tensors(), tokens])
+            self.world.sum_([tokens])
             group.tokens = int(tokens.item())
+            owners = {owner.get(name) for name in members}
+            if None in owners or len(owners) > 1:
+                self.world.sum_(group.tensors())
+                continue
+            (dst,) = owners
+            self.world.reduce_(group.tensors(), dst)
+            if dst != self.world.rank:
+                group.drop_sums()
 
     # -- factors -----------------------------------------------------------------------------
     def factorise(self, method: Method, stats: dict[str, InputStats], ranks: dict[str, int],
@@ -230,7 +246,7 @@ class BlockStep:
             if method.needs:
                 with phase("statistics"):
                     stats = self.statistics(method.needs, read, write if k == 0 else None,
-                                            names, dense)  # fmt: skip
+                                            names, dense, dealt=True)  # fmt: skip
             elif k == 0 and write is not None:  # no sums, but the original stream goes on
                 with phase("statistics"):
                     self.statistics(frozenset(), read, write, [], dense)
@@ -382,7 +398,7 @@ class BlockStep:
             del seen
         if self.world.distributed:
             with self.clock("communicate"):
-                self._add_up(stats, needs)
+                self._add_up(stats, needs, names)  # dealt out as `quantize` deals them
         return stats
 
     def advance(self, read: Read, write: Write) -> None:

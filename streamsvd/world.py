@@ -4,8 +4,10 @@ Launched by `torchrun` or `accelerate launch` (both set RANK, WORLD_SIZE, MASTER
 a compress run splits its work this way:
 - calibration: each rank streams a contiguous share of the micro-batches through the
   block (both streams), into its own activation store;
-- statistics: each rank's float64 sums are added up across ranks (all_reduce), so every
-  rank holds the same sums a single process would, up to the order of the float64 additions;
+- statistics: each rank's float64 sums are added up across ranks, up to the order of the
+  float64 additions as a single process would: into the one rank that factorises every
+  linear of the group (reduce; the others free theirs), or into every rank where several
+  do (all_reduce);
 - factorisations: a block stage's linears are dealt out in turn, each rank factorises its
   own and broadcasts the factors as written, so every rank runs the same compressed block;
 - refinement: data-parallel over each step's windows: the rank that holds them broadcasts
@@ -92,6 +94,13 @@ class World:
         """Add each tensor up across ranks, in place (every rank gets the same bytes)."""
         for t in tensors if self.distributed else []:
             self._in_place(t, lambda x: self._call("adding statistics", _dist().all_reduce, x))
+
+    def reduce_(self, tensors: list[torch.Tensor], dst: int) -> None:
+        """Add each tensor up across ranks into rank `dst`'s, in place; the others' are left
+        undefined (they free them)."""
+        for t in tensors if self.distributed else []:
+            self._in_place(t, lambda x: self._call(f"adding statistics (to rank {dst})",
+                                                   _dist().reduce, x, dst))  # fmt: skip
 
     def broadcast_(self, tensor: torch.Tensor, src: int, what: str = "factors") -> None:
         """Rank `src`'s tensor, in place, on every rank."""

@@ -238,3 +238,56 @@ def test_quantized_factors_are_the_same_on_every_rank(setup, tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
     assert output_hashes(outs[0]) == output_hashes(outs[1])
     assert any(k.endswith(".down.weight_packed") for k in output_hashes(outs[0]))
+
+
+class _RecordingWorld:
+    """Rank `rank` of 2, its collectives recorded instead of run (the other rank is taken
+    to have seen the same groups)."""
+
+    distributed, size = True, 2
+
+    def __init__(self, rank: int):
+        self.rank, self.calls = rank, []
+
+    def owner(self, k: int) -> int:
+        return k % self.size
+
+    def barrier(self, what: str) -> None:
+        pass
+
+    def gather(self, value) -> list:
+        return [value] * self.size
+
+    def sum_(self, tensors: list) -> None:
+        self.calls.append(("all", [tuple(t.shape) for t in tensors]))
+
+    def reduce_(self, tensors: list, dst: int) -> None:
+        self.calls.append((dst, [tuple(t.shape) for t in tensors]))
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_each_groups_sums_go_to_the_ranks_that_factorise_it(rank):
+    """Linears are dealt out k mod 2 (q 0, k 1, v 0, o 1, gate 0, up 1, down 0): a group with
+    one such rank (o_proj's inputs, down_proj's) is reduced into it and freed on the other,
+    keeping its token count; one factorised on both (q/k/v, gate/up) is all-reduced."""
+    from streamsvd.stats import InputStats
+    from streamsvd.step import BlockStep
+
+    names = ["q", "k", "v", "o", "gate", "up", "down"]
+    widths = {"q": 8, "k": 8, "v": 8, "o": 6, "gate": 8, "up": 8, "down": 12}
+    needs = frozenset({"orig"})
+    stats = {}
+    for group in (("q", "k", "v"), ("o",), ("gate", "up"), ("down",)):
+        shared = InputStats(widths[group[0]], needs, "cpu")
+        shared.tokens = 5
+        stats.update({name: shared for name in group})
+    world = _RecordingWorld(rank)
+    step = BlockStep(None, {}, {}, [], torch.device("cpu"), world=world)
+    step._add_up(stats, needs, names)
+    sums = [call for call in world.calls if call[1] != [(1,)]]  # the token counts apart
+    # groups in name order on every rank: down, gate/up, o, q/k/v
+    assert sums == [(0, [(12, 12)]), ("all", [(8, 8)]), (1, [(6, 6)]), ("all", [(8, 8)])]
+    assert sum(call == ("all", [(1,)]) for call in world.calls) == 4  # every group's tokens
+    kept = {name: stats[name].G is not None for name in ("o", "down")}
+    assert kept == {"o": rank == 1, "down": rank == 0}
+    assert all(group.tokens == 5 for group in stats.values())
