@@ -225,7 +225,11 @@ def test_writes_in_flight_are_bounded(tmp_path, monkeypatch):
     caller = threading.Thread(target=write_all)
     caller.start()
     assert writer.entered.wait(60)
-    caller.join(0.5)  # the last write cannot return while the first is held
+    for _ in range(600):  # until the first `limit` writes have returned, however slowly
+        if len(returned) >= limit:
+            break
+        caller.join(0.1)
+    caller.join(0.1)  # the last write cannot return while the first is held
     assert caller.is_alive() and returned == list(range(limit))
     writer.release.set()
     caller.join(60)
