@@ -19,8 +19,10 @@ from .refine import (
     DEFAULT_EPOCHS,
     DEFAULT_LR,
     DEFAULT_TARGET,
+    REFINE_MIN_WINDOWS,
     RefineSettings,
     held_out_steps,
+    holdout_windows,
     micro_batches,
     step_windows,
 )
@@ -105,13 +107,14 @@ class CompressConfig:
         "(benchmarks/results/refine_probe.md)",
         metavar="N",
     )
-    refine_holdout: int = option(
-        0,
+    refine_holdout: int | None = option(
+        None,
         "hold the last N calibration windows out of refinement's training (whole refinement "
         "steps, fewer than --nsamples): each block is scored on them before its first epoch "
         "and after each, and the factors that score best are kept; where no epoch beats the "
-        "closed form, refinement is declined for that block (default %(default)s: train on "
-        "every window and keep the last epoch)",
+        "closed form, refinement is declined for that block. 0: train on every window and "
+        f"keep the last epoch (default: 0 from {REFINE_MIN_WINDOWS} windows, where holding "
+        "out lost; below, the most whole steps up to a quarter of the windows)",
         metavar="N",
     )
     refine_norms: bool = option(
@@ -238,9 +241,9 @@ class CompressConfig:
                 "--refine-streams device holds the streams in GPU memory: it needs --device "
                 "cuda (on a CPU, host memory is the device: --refine-streams host)"
             )
-        if self.refine_holdout:  # whole steps at the end, at least one left to train on
+        if self.refine.holdout:  # whole steps at the end, at least one left to train on
             held_out_steps(micro_batches(calibration_batches(self), self.refine.batch),
-                           self.refine_holdout)  # fmt: skip
+                           self.refine.holdout)  # fmt: skip
         if self.bits is not None:
             QuantSettings(self.bits, self.group_size or 128, self.quant_symmetric)  # checks
             if self.dense:
@@ -252,8 +255,10 @@ class CompressConfig:
     @property
     def refine(self) -> RefineSettings:
         batch = step_windows(self.refine_batch, self.batch_size)
+        steps = micro_batches(calibration_batches(self), batch)
+        holdout = holdout_windows(self.refine_holdout, self.refine_epochs, steps)
         return RefineSettings(self.refine_epochs, self.refine_lr, self.refine_norms, self.seed,
-                              self.refine_target, batch, self.refine_holdout)  # fmt: skip
+                              self.refine_target, batch, holdout)  # fmt: skip
 
     @property
     def streams(self) -> tuple[str, ...]:

@@ -505,7 +505,7 @@ def refine_memory(cfg, text, linears: list[LinearPlan], item: int) -> int:
     if cfg.device.startswith("cuda"):
         saved += 3 * batch * text.num_attention_heads * cfg.seqlen**2 * 4
     local = cfg.nsamples * cfg.seqlen * text.hidden_size * item if cfg.refine_target < 1 else 0
-    kept = getattr(cfg, "refine_holdout", 0) > 0  # the best factors' copy
+    kept = cfg.refine.holdout > 0  # the best factors' copy
     return trainable_bytes(params, kept) + local + saved
 
 

@@ -35,6 +35,7 @@ from .modeling import linear_shape
 from .names import ModelTensors
 from .preflight import check_locations, check_shapes
 from .quantize import QuantSettings, block_settings
+from .refine import REFINE_MIN_WINDOWS
 from .world import World
 
 log = logging.getLogger(__name__)
@@ -142,14 +143,6 @@ def _quant_settings(cfg, blocks: nn.ModuleList) -> QuantSettings | None:
     return quant
 
 
-# Refinement was measured to beat the closed form on held-out text when trained on 32
-# windows (of 512 tokens): benchmarks/results/refine_heldout.md calibrates on 32 × 512 at
-# ratios 0.2, 0.4 and 0.6, refine_probe*.md trains blocks on 32 windows and scores them on
-# 16 others. On 8 windows (of 128 tokens) its 16 epochs made SmolLM2 worse than no
-# refinement (issue 41). Fewer than 32 is unmeasured ground, so it is warned about.
-REFINE_MIN_WINDOWS = 32
-
-
 def check_calibration_size(cfg, blocks: nn.ModuleList, warn: bool = True) -> None:
     """Before any work: refuse calibration with fewer tokens than the widest factorised
     layer has inputs, and warn (where `warn`) when refinement gets fewer windows than it was
@@ -179,13 +172,19 @@ def check_calibration_size(cfg, blocks: nn.ModuleList, warn: bool = True) -> Non
             f"tokens, e.g. --nsamples {-(-inputs // cfg.seqlen)} at --seqlen {cfg.seqlen}, or "
             "--allow-few-tokens to go on anyway"
         )
-    epochs = cfg.refine.epochs
+    epochs, held = cfg.refine.epochs, cfg.refine.holdout
     if warn and epochs and cfg.nsamples < REFINE_MIN_WINDOWS:
+        kept = (
+            f"each block keeps its best epoch on {held} of them, held out, or its closed "
+            "form where no epoch beats it"
+            if held
+            else "nothing guards against that"
+        )
         log.warning(
             "refinement trains each block for %d epochs on %d calibration windows; it was "
             "measured to beat the closed form on held-out text from %d windows, and on 8 it "
-            "made a model worse than none: give --nsamples %d or more, or --refine-epochs 0 "
-            "for the closed form alone", epochs, cfg.nsamples, REFINE_MIN_WINDOWS,
+            "made a model worse than none (%s): give --nsamples %d or more, or --refine-epochs "
+            "0 for the closed form alone", epochs, cfg.nsamples, REFINE_MIN_WINDOWS, kept,
             REFINE_MIN_WINDOWS,
         )  # fmt: skip
 

@@ -198,7 +198,7 @@ def block_seconds(cfg, text, linears, groups: list[list[str]], rates: dict) -> d
     epochs = getattr(cfg, "refine_epochs", 0)
     if epochs:  # forward and backward (twice the forward's flops) of the compressed block;
         # held-out windows: a forward alone, before the first epoch and after each
-        held = getattr(cfg, "refine_holdout", 0) * cfg.seqlen
+        held = cfg.refine.holdout * cfg.seqlen
         passes = epochs * (tokens - held) * 3 + (epochs + 1) * held
         seconds["refine"] = passes * (low + attention) / rates["train"]
     if getattr(cfg, "bits", None):  # step.BlockStep.quantize

@@ -317,7 +317,8 @@ def test_refinement_steps_are_cut_from_the_batches_as_asked(setup, monkeypatch):
     monkeypatch.setattr(refine, "_take_step", counted)
     settings = dict(refine_epochs=8, refine_lr=3e-3)
     closed = _compress(model, calib, root / "closed-2", refine_epochs=0)
-    small = _compress(model, calib, root / "steps-1", refine_batch=1, **settings)
+    small = _compress(model, calib, root / "steps-1", refine_batch=1, refine_holdout=0,
+                      **settings)  # fmt: skip
     blocks, nsamples = 3, SETTINGS["nsamples"]
     assert steps == [1] * (blocks * settings["refine_epochs"] * nsamples)
     assert small["refine"]["batch"] == 1
@@ -380,9 +381,9 @@ def test_ranks_split_every_step_into_pieces_that_cover_it_once(ranks):
 
 
 def test_no_holdout_trains_on_every_window_and_scores_none(setup, monkeypatch):
-    """--refine-holdout 0 (the default) is refinement as it was: every step trained every
-    epoch, nothing scored, the summary's rows as they were, and the bytes of a run that
-    does not name the option."""
+    """--refine-holdout 0 (the default from REFINE_MIN_WINDOWS windows) trains every step
+    every epoch, scores nothing, and the summary's rows are the plain ones; without
+    refinement the default holds nothing out (the bytes of a run that says 0)."""
     import streamsvd.refine as refine
 
     root, model, calib = setup
@@ -399,18 +400,37 @@ def test_no_holdout_trains_on_every_window_and_scores_none(setup, monkeypatch):
     monkeypatch.setattr(refine, "_take_step", counted)
     monkeypatch.setattr(refine, "_heldout_loss", never)
     settings = dict(refine_epochs=2, refine_lr=3e-3)
-    unnamed = _compress(model, calib, root / "holdout-unnamed", **settings)
     zero = _compress(model, calib, root / "holdout-0", refine_holdout=0, **settings)
-    assert output_hashes(root / "holdout-unnamed") == output_hashes(root / "holdout-0")
     blocks, step_windows = 3, min(DEFAULT_BATCH, SETTINGS["batch_size"])
     nsamples = SETTINGS["nsamples"]
-    assert steps == [step_windows] * (2 * blocks * settings["refine_epochs"] * nsamples
+    assert steps == [step_windows] * (blocks * settings["refine_epochs"] * nsamples
                                       // step_windows)  # fmt: skip
-    for summary in (unnamed, zero):
-        assert "refine_declined" not in summary
-        assert [set(r) for r in summary["refine_losses"]] == [
-            {"block", "first_epoch", "last_epoch"}
-        ] * blocks
+    assert "refine_declined" not in zero
+    assert [set(r) for r in zero["refine_losses"]] == [
+        {"block", "first_epoch", "last_epoch"}
+    ] * blocks
+    closed = {"refine_epochs": 0}
+    _compress(model, calib, root / "closed-unnamed", **closed)
+    _compress(model, calib, root / "closed-0", refine_holdout=0, **closed)
+    assert output_hashes(root / "closed-unnamed") == output_hashes(root / "closed-0")
+
+
+@pytest.mark.parametrize(
+    "nsamples, batch, held",
+    [(64, 2, 0), (32, 2, 0), (16, 2, 4), (8, 2, 2), (8, 4, 0), (4, 2, 0), (12, 4, 0), (20, 4, 4)],
+)
+def test_the_default_holdout_guards_too_little_calibration_alone(nsamples, batch, held):
+    """Held out by default only below REFINE_MIN_WINDOWS (from there holding out lost on P1
+    and held-out text): the most whole steps at the end within a quarter of the windows
+    (none where one step is more than that); none without refinement; a number asked for
+    is kept."""
+    from streamsvd.refine import REFINE_MIN_WINDOWS, holdout_windows, micro_batches
+
+    steps = micro_batches([(k, min(k + 4, nsamples)) for k in range(0, nsamples, 4)], batch)
+    assert REFINE_MIN_WINDOWS == 32
+    assert holdout_windows(None, 16, steps) == held
+    assert holdout_windows(None, 0, steps) == 0
+    assert holdout_windows(6, 16, steps) == 6
 
 
 def test_holdout_runs_repeat_their_bytes_and_say_what_each_block_kept(setup, caplog):
