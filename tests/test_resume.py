@@ -249,9 +249,9 @@ def test_changed_settings_or_checkpoint_are_refused(setup, tmp_path, capsys):
     with pytest.raises(StreamSVDError) as info:
         Compressor(_config(model, calib, out, "svdllm-u", ratio=0.4, nsamples=6))
     message = str(info.value)
-    assert "3 difference(s)" in message
+    assert "4 difference(s)" in message  # 6 windows hold none out by default, 8 held 2
     for line in ("method: was 'svdllm-a', now 'svdllm-u'", "ratio: was 0.3, now 0.4",
-                 "calibration.nsamples: was 8, now 6"):  # fmt: skip
+                 "calibration.nsamples: was 8, now 6", "refine.holdout: was 2, now 0"):  # fmt: skip
         assert line in message
 
     changed = write_checkpoint(tmp_path / "changed", tiny_config(layers=LAYERS), seed=1)
