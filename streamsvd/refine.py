@@ -108,18 +108,25 @@ def micro_batches(batches: list[tuple[int, int]], size: int) -> list[tuple[int, 
     return [(a, min(a + size, stop)) for start, stop in batches for a in range(start, stop, size)]
 
 
+def holdout_choices(steps: list[tuple[int, int]]) -> list[int]:
+    """The windows that whole steps at the end of `steps` can hold out while leaving at
+    least one step to train on, fewest first."""
+    held, ends = 0, []
+    for start, stop in reversed(steps[1:]):
+        held += stop - start
+        ends.append(held)
+    return ends
+
+
 def held_out_steps(steps: list[tuple[int, int]], windows: int) -> int:
     """How many steps at the end of `steps` (every rank's, in rank order: the same list on
     every rank) hold the last `windows` windows. Refused unless that is a whole number of
     steps and leaves at least one step to train on."""
     if windows == 0:
         return 0
-    held, ends = 0, []  # the holdouts that would be whole steps
-    for k, (start, stop) in enumerate(reversed(steps[1:])):
-        held += stop - start
-        ends.append(held)
-        if held == windows:
-            return k + 1
+    ends = holdout_choices(steps)
+    if windows in ends:
+        return ends.index(windows) + 1
     total = sum(stop - start for start, stop in steps)
     raise StreamSVDError(
         f"--refine-holdout {windows}: refinement's {len(steps)} steps hold {total} calibration "
@@ -149,12 +156,7 @@ def holdout_windows(asked: int | None, epochs: int, steps: list[tuple[int, int]]
     total = sum(stop - start for start, stop in steps)
     if not epochs or total >= REFINE_MIN_WINDOWS:
         return 0
-    held = 0
-    for start, stop in reversed(steps[1:]):
-        if held + stop - start > total // 4:
-            break
-        held += stop - start
-    return held
+    return max((held for held in holdout_choices(steps) if held <= total // 4), default=0)
 
 
 def rank_piece(start: int, stop: int, rank: int, ranks: int) -> tuple[int, int]:
