@@ -129,19 +129,20 @@ def threads_of(env: dict | None) -> int:
 
 
 def compress(model: Path, work: Path, proto: Protocol, options: list[str],
-             env: dict | None = None) -> tuple[dict, str]:  # fmt: skip
+             env: dict | None = None, entry: list[str] | None = None) -> tuple[dict, str]:  # fmt: skip
     """`streamsvd compress` of `model` into work/out on the protocol's calibration, in a
-    process of its own; (its summary JSON, its command as a results row shows it). A run
-    that finished before a kill is not redone; one killed midway resumes (streamsvd's own
-    resume)."""
+    process of its own (started as `python *entry`, default `-m streamsvd.cli`); (its
+    summary JSON, its command as a results row shows it). A run that finished before a kill
+    is not redone; one killed midway resumes (streamsvd's own resume)."""
     out, summary = work / "out", work / "summary.json"
-    command = [sys.executable, "-m", "streamsvd.cli", "-q", "compress", "--model", str(model),
+    entry = entry or ["-m", "streamsvd.cli"]
+    command = [sys.executable, *entry, "-q", "compress", "--model", str(model),
                "--out", str(out), "--calib", str(proto.calib), "--nsamples",
                str(proto.nsamples), "--seqlen", str(proto.seqlen), "--seed", "0", "--device",
                "cpu", "--summary-json", str(summary), *options]  # fmt: skip
     if not (out.exists() and summary.exists()):
         subprocess.run(command, check=True, cwd=ROOT, env=env)
-    return json.loads(summary.read_text()), as_shown(command[4:], work)
+    return json.loads(summary.read_text()), as_shown(command[2 + len(entry):], work)
 
 
 def as_shown(arguments: list[str], work: Path) -> str:

@@ -5,14 +5,17 @@ On the held-out protocol (the default, for choosing settings) or P1 (for reporti
 benchmarks/common.py, which runs each cell (compress, then score, each in a process of its
 own).
 
-A cell is `ratio:epochs:lr[:λ][:bN][:hN][:norms][:heal][:qB[:gN][:asym]]` (qB: factors
-quantized to B bits, `compress --bits B`, as benchmarks/quantized.py's cells, with their
-block bytes; hN: the last N calibration windows held out of refinement, the best epoch on
-them kept, `compress --refine-holdout N`, with the blocks that declined):
+A cell is `ratio:epochs:lr[:λ][:bN][:hN][:norms][:heal][:bf16][:qB[:gN][:asym]]` (qB:
+factors quantized to B bits, `compress --bits B`, as benchmarks/quantized.py's cells, with
+their block bytes; hN: the last N calibration windows held out of refinement, the best epoch
+on them kept, `compress --refine-holdout N`, with the blocks that declined; bf16:
+`--refine-precision bfloat16`, its autocast emulated in float32 arithmetic
+(benchmarks/bf16_emulation.py: torch's own is ~10× slower on CPUs without native bf16)):
 
     .venv/bin/python benchmarks/refine.py --cells 0.4:0:0 0.4:2:1e-4 0.4:2:1e-3 --jobs 2
     .venv/bin/python benchmarks/refine.py --protocol p1 --cells 0.4:2:1e-4
     .venv/bin/python benchmarks/refine.py --cells 0.4:16:3e-4:0.25:b2:h8 --no-original
+    .venv/bin/python benchmarks/refine.py --cells 0.4:16:3e-4:0.25:b2:bf16 --no-original
 
 Writes
 benchmarks/results/<name>.{json,md} after every cell; with --jobs N, N cells run at once,
@@ -33,7 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 import common  # noqa: E402  (benchmarks/common.py)
 from quantized import block_bytes  # noqa: E402
 
@@ -41,16 +45,17 @@ from streamsvd.refine import DEFAULT_TARGET  # noqa: E402
 
 
 def parse_cell(text: str) -> dict:
-    """ratio:epochs:lr[:λ][:bN][:hN][:norms][:heal][:qB[:gN][:asym]] (λ: --refine-target,
+    """ratio:epochs:lr[:λ][:bN][:hN][:norms][:heal][:bf16][:qB[:gN][:asym]] (λ: --refine-target,
     default the library's; bN: --refine-batch N, default the calibration batch of 8; hN:
     --refine-holdout N; heal: also `streamsvd heal` the output on the calibration text, and
     score both; qB, gN, asym: --bits B, --group-size N (default compress's), --asymmetric)."""
     ratio, epochs, lr, *rest = text.split(":")
-    flags = {x for x in rest if x in ("norms", "heal", "asym") or x[0] in "bhqg"}
+    flags = {x for x in rest if x in ("norms", "heal", "asym", "bf16") or x[0] in "bhqg"}
     target = next((float(x) for x in rest if x not in flags), DEFAULT_TARGET)
 
     def number(prefix: str) -> int | None:
-        return next((int(x[1:]) for x in flags if x.startswith(prefix)), None)
+        return next((int(x[1:]) for x in flags if x.startswith(prefix) and x[1:].isdigit()),
+                    None)  # fmt: skip
 
     cell = {"ratio": float(ratio), "epochs": int(epochs), "lr": float(lr), "target": target,
             "batch": number("b"), "norms": "norms" in rest, "heal": "heal" in rest}  # fmt: skip
@@ -58,6 +63,8 @@ def parse_cell(text: str) -> dict:
         cell.update(bits=number("q"), group_size=number("g"), symmetric="asym" not in rest)
     if number("h"):  # likewise only cells with a holdout
         cell.update(holdout=number("h"))
+    if "bf16" in rest:  # and cells refined in bf16 autocast
+        cell.update(precision="bfloat16")
     return cell
 
 
@@ -69,6 +76,7 @@ def cell_options(cell: dict, method: str) -> list[str]:
         "--refine-epochs", str(cell["epochs"]), *(refined if cell["epochs"] else []),
         *(["--refine-batch", str(cell["batch"])] if cell["batch"] else []),
         *(["--refine-holdout", str(cell["holdout"])] if "holdout" in cell else []),
+        *(["--refine-precision", cell["precision"]] if "precision" in cell else []),
         *(["--refine-norms"] if cell["norms"] else []),
         *(["--bits", str(cell["bits"])] if "bits" in cell else []),
         *(["--group-size", str(cell["group_size"])] if cell.get("group_size") else []),
@@ -85,7 +93,8 @@ def main() -> None:
         nargs="+",
         type=parse_cell,
         required=True,
-        help="ratio:epochs:lr[:λ][:bN][:hN][:norms][:heal][:qB[:gN][:asym]], e.g. 0.4:2:1e-4",
+        help="ratio:epochs:lr[:λ][:bN][:hN][:norms][:heal][:bf16][:qB[:gN][:asym]], e.g. "
+        "0.4:2:1e-4",
     )
     parser.add_argument("--method", default="svdllm-a")
     parser.add_argument("--no-original", action="store_true", help="skip scoring the original")
@@ -131,7 +140,10 @@ def run_cell(cell: dict, args, model: Path, proto: common.Protocol, tmp: Path) -
         work = Path(tempfile.mkdtemp(dir=tmp))
     resumed = any(work.iterdir())  # a killed earlier run of this cell left its files
     env = common.one_thread_each(args.jobs)
-    summary, command = common.compress(model, work, proto, cell_options(cell, args.method), env)
+    # bf16 on a CPU: torch's autocast, emulated in float32 arithmetic (~10× faster here)
+    entry = [str(HERE / "bf16_emulation.py")] if "precision" in cell else None
+    summary, command = common.compress(model, work, proto, cell_options(cell, args.method), env,
+                                       entry)  # fmt: skip
     row = heal(work, proto, env) if cell["heal"] else {}
     ppl = common.score_in_process(work / "out", proto, env)
     if "holdout" in cell:  # blocks whose closed form scored best on the held-out windows
@@ -177,16 +189,19 @@ def heal(work: Path, proto: common.Protocol, env: dict | None) -> dict:
 def markdown(result: dict) -> str:
     quantized = any("bits" in r for r in result["rows"])  # then two more columns
     held = any("holdout" in r for r in result["rows"])  # and two more
-    extra = 2 * quantized + 2 * held
+    bf16 = any("precision" in r for r in result["rows"])  # and one more
+    extra = 2 * quantized + 2 * held + bf16
     lines = [
         f"# Block refinement{', quantized factors' if quantized else ''}, {result['what']}",
         "",
         f"{result['model']}. Command(s): `{result['command']}` (the last; rows accumulate "
         f"over runs; {os.cpu_count()} cores). Refinement: AdamW, 10% warm-up, cosine decay, "
-        "clip 1.0, float32.",
+        "clip 1.0, float32"
+        + (" or bf16 autocast, emulated (benchmarks/bf16_emulation.py)." if bf16 else "."),
         "",
         "| method | ratio | refine epochs | peak lr | refine batch | target λ | norms too "
         + ("| held out | blocks declined " if held else "")
+        + ("| precision " if bf16 else "")
         + ("| factors | block MiB " if quantized else "")
         + "| perplexity "
         "| compress time (s) | of which refinement (s) | peak RSS (MiB) | healed perplexity "
@@ -205,6 +220,7 @@ def markdown(result: dict) -> str:
             f"{r.get('batch') or 8 if refined else '–'} | "
             f"{r.get('target', 1.0) if refined else '–'} | {'yes' if r['norms'] else 'no'} | "
             + (f"{r.get('holdout', 0)} | {r.get('refine_declined', '–')} | " if held else "")
+            + (f"{r.get('precision', 'float32')} | " if bf16 else "")
             + (factors(r) if quantized else "")
             + f"{r['perplexity']:.2f} | {r['compress_seconds']:.0f} | {r['refine_seconds']:.0f} "
             f"| {r['peak_rss_mb']:.0f} | "

@@ -19,6 +19,7 @@ from .refine import (
     DEFAULT_EPOCHS,
     DEFAULT_LR,
     DEFAULT_TARGET,
+    PRECISIONS,
     REFINE_MIN_WINDOWS,
     RefineSettings,
     held_out_steps,
@@ -121,6 +122,14 @@ class CompressConfig:
         False,
         "refinement also trains the block's norms and the factorised linears' biases "
         "(default: factors only)",
+    )
+    refine_precision: str = option(
+        "float32",
+        "the precision of refinement's forward and backward: float32, or bfloat16 (torch's "
+        "autocast: matrix products in bf16, factors and optimizer state in float32; on a GPU "
+        "many times faster, on CPUs without native bf16 slower; its effect on quality: "
+        "docs/method.md, Block refinement) (default %(default)s)",
+        choices=PRECISIONS,
     )
     refine_streams: str = option(
         "auto",
@@ -258,7 +267,8 @@ class CompressConfig:
         steps = micro_batches(calibration_batches(self), batch)
         holdout = holdout_windows(self.refine_holdout, self.refine_epochs, steps)
         return RefineSettings(self.refine_epochs, self.refine_lr, self.refine_norms, self.seed,
-                              self.refine_target, batch, holdout)  # fmt: skip
+                              self.refine_target, batch, holdout,
+                              self.refine_precision)  # fmt: skip
 
     @property
     def streams(self) -> tuple[str, ...]:

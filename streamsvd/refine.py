@@ -19,8 +19,10 @@ host memory, else read a micro-batch at a time, a step ahead of the compute
 gradients and AdamW's two moments, one micro-batch's activations for backward, those
 outputs, and the streams where held.
 
-Training runs in float32 whatever the compute dtype (no mixed precision: not measured to
-cost nothing; float64 for a float64 checkpoint, whose values float32 would round), AdamW
+Training keeps the factors and AdamW's state in float32 whatever the compute dtype
+(float64 for a float64 checkpoint, whose values float32 would round); its forward runs in
+float32 too, or with `RefineSettings.precision` "bfloat16" in bf16 autocast (matrix products
+in bf16 on float32 factors: on a GPU's tensor cores, many times float32's rate), AdamW
 without weight decay, linear warm-up then cosine decay to zero, gradients clipped to norm 1.
 The micro-batch order is shuffled per epoch by a generator seeded from the run's seed and
 the block index, so a rerun of a block (resume) repeats it exactly. What the defaults are
@@ -37,6 +39,7 @@ worse than no refinement.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable
@@ -67,6 +70,7 @@ DEFAULT_BATCH = 2  # windows per optimiser step, or the calibration batch where 
 DEFAULT_TARGET = 0.25  # λ, as svdllm-a's UPDATE_FRACTION
 WARMUP = 0.1  # share of the steps spent warming up (at least one step)
 CLIP = 1.0  # gradient norm
+PRECISIONS = ("float32", "bfloat16")  # of refinement's forward: float32, or bf16 autocast
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class RefineSettings:
     target: float = DEFAULT_TARGET  # λ: the original outputs' share of the target
     batch: int = DEFAULT_BATCH  # windows per optimiser step; at most the run's calibration batch
     holdout: int = 0  # the last windows, scored not trained on; 0: keep the last epoch
+    precision: str = "float32"  # the forward's: "bfloat16" runs it in bf16 autocast
 
     def __post_init__(self):
         if self.epochs < 0:
@@ -92,6 +97,10 @@ class RefineSettings:
             raise StreamSVDError(f"refine holdout must be 0 or more windows, got {self.holdout}")
         if self.holdout and not self.epochs:
             raise StreamSVDError("a refine holdout needs refinement: --refine-epochs 1 or more")
+        if self.precision not in PRECISIONS:
+            raise StreamSVDError(
+                f"refine precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
 
 
 def step_windows(refine_batch: int | None, batch_size: int) -> int:
@@ -234,6 +243,7 @@ def refine_block(block: nn.Module, arguments: dict[int, dict], batches: list[tup
     # factors must come back as they went in)
     wide = any(before[n] == torch.float64 for n in names)
     train = torch.float64 if wide else torch.float32
+    autocast = torch.bfloat16 if settings.precision == "bfloat16" and not wide else None
     with torch.inference_mode(False), torch.enable_grad():
         # the block and its arguments were made in inference mode; autograd needs copies
         _retensor(block, lambda n, t: t.to(train, copy=True), set(names))
@@ -258,7 +268,8 @@ def refine_block(block: nn.Module, arguments: dict[int, dict], batches: list[tup
         epoch_loss, kept = [], 0
         for epoch in range(1, settings.epochs + 1):
             order = torch.randperm(trained_on, generator=gen).tolist()
-            loss, nan = _epoch(block, arguments, fetch, steps, owners, order, step_with)
+            loss, nan = _epoch(block, arguments, fetch, steps, owners, order, step_with,
+                               autocast)  # fmt: skip
             epoch_loss.append(loss)
             overflowed |= nan
             if held_out:
@@ -332,10 +343,10 @@ class _Fetch:
 
 def _epoch(block: nn.Module, arguments: dict[int, dict], fetch: _Fetch,
            steps: list[tuple[int, int]], owners: list[int], order: list[int],
-           step_with: tuple) -> tuple[float, bool]:  # fmt: skip
-    """One pass over the steps in `order`, an optimiser step each: the mean training loss
-    over every rank's windows, and whether inputs or targets held NaN or inf (not the
-    optimiser's doing)."""
+           step_with: tuple, autocast: torch.dtype | None) -> tuple[float, bool]:  # fmt: skip
+    """One pass over the steps in `order`, an optimiser step each, the forward in
+    `autocast` (`mixed_precision`): the mean training loss over every rank's windows, and
+    whether inputs or targets held NaN or inf (not the optimiser's doing)."""
     world = step_with[-1]
     tally = _Tally()
     fetch.expect([steps[k] for k in order], [owners[k] for k in order])
@@ -345,8 +356,8 @@ def _epoch(block: nn.Module, arguments: dict[int, dict], fetch: _Fetch,
         if len(x) == 0:  # fewer windows in this step than ranks: adds nothing
             _take_step(*step_with, windows=0)
             continue
-        loss = _loss(block, arguments, x, y)
-        loss.backward()
+        loss = _loss(block, arguments, x, y, autocast)
+        loss.backward()  # in the dtypes the forward chose
         _take_step(*step_with, windows=len(x))
         tally.add(loss, x, y)
         del x, y, loss
@@ -396,11 +407,23 @@ class _Tally:
         return self.total.item(), self.windows, bool(self.bad_inputs)
 
 
-def _loss(block: nn.Module, arguments: dict[int, dict], x: torch.Tensor,
-          y: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    out = block(x, **arguments[len(x)])
+def _loss(block: nn.Module, arguments: dict[int, dict], x: torch.Tensor, y: torch.Tensor,
+          autocast: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
+    """The block's mean squared error against the targets; its forward in `autocast`
+    (None: as the block is), the error itself in the targets' dtype."""
+    with mixed_precision(x.device.type, autocast):
+        out = block(x, **arguments[len(x)])
     out = out[0] if isinstance(out, tuple) else out
-    return nn.functional.mse_loss(out, y)
+    return nn.functional.mse_loss(out.to(y.dtype), y)
+
+
+def mixed_precision(device_type: str, dtype: torch.dtype | None):
+    """The context refinement's training forward runs in: torch's autocast to `dtype`
+    (matrix products in it, on float32 factors), or none. The held-out score always runs
+    without: it chooses the epoch kept, at full precision."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype)
 
 
 def _mean_over_ranks(total: float, windows: int, world: World) -> float:

@@ -132,6 +132,73 @@ def test_trained_values_are_rounded_to_the_output_dtype():
         assert torch.equal(value, value.to(torch.bfloat16).float()), name
 
 
+class _Products(torch.utils._python_dispatch.TorchDispatchMode):
+    """The dtype of every matrix product's operands (the first two tensors: attention's
+    backward also takes float32 log-sum-exps), in the order the products ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name in ("mm", "addmm", "bmm", "baddbmm") or "scaled_dot_product" in name:
+            operands = [a.dtype for a in args if isinstance(a, torch.Tensor)][:2]
+            self.dtypes.append(operands[0] if len(set(operands)) == 1 else tuple(operands))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("holdout", [0, 4])
+def test_bfloat16_refinement_multiplies_in_bf16_and_trains_float32_factors(holdout):
+    """--refine-precision bfloat16: every matrix product of training (forward and
+    backward) takes bf16 operands (torch's autocast), the held-out score's forwards take
+    float32 ones, and the factors train in float32 and end in their dtype, as in float32
+    refinement, which multiplies in float32 throughout; the block's error still falls."""
+    batch, seqlen, epochs = 16, 16, 3
+    dense, arguments, x = _block_and_arguments(batch, seqlen)
+    x_comp = x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    target = _output(dense, x, arguments)
+    split = {4: {"position_embeddings": tuple(t[:4].clone() for t in
+                                              arguments["position_embeddings"]),
+                 "attention_mask": None}}  # fmt: skip
+    with _Products() as one_forward:
+        _output(_low_rank(dense, 0.5), x_comp[:4], split[4])
+    products = {}
+    for precision in ("float32", "bfloat16"):
+        block = _low_rank(dense, 0.5)
+        before = _output(block, x_comp, arguments)
+        settings = RefineSettings(epochs=epochs, lr=1e-3, holdout=holdout, precision=precision)
+        with _Products() as record:
+            info = refine_block(block, split, [(s, s + 4) for s in range(0, batch, 4)],
+                                lambda a, b: x_comp[a:b], lambda a, b: target[a:b], settings, 0,
+                                torch.float32)  # fmt: skip
+        products[precision] = record.dtypes
+        assert info["loss_last_epoch"] < info["loss_first_epoch"]
+        if not holdout:  # (with one, the closed form may be kept)
+            after = _output(block, x_comp, arguments)
+            assert (after - target).pow(2).mean() < (before - target).pow(2).mean()
+        assert all(p.dtype == torch.float32 and not p.requires_grad for p in block.parameters())
+    assert set(products["float32"]) == {torch.float32}
+    assert len(products["bfloat16"]) == len(products["float32"])  # the same products
+    scoring = (epochs + 1) * len(one_forward.dtypes) if holdout else 0  # before, after each
+    assert products["bfloat16"].count(torch.float32) == scoring
+    assert products["bfloat16"].count(torch.bfloat16) == len(products["bfloat16"]) - scoring
+
+
+def test_a_float64_block_refines_in_float64_whatever_the_precision_asked():
+    """bf16 autocast would round a float64 block's values, which refinement keeps."""
+    dense, arguments, x = _block_and_arguments(4, 8)
+    block = _low_rank(dense, 0.5).double()
+    arguments = {k: tuple(t.double() for t in v) if isinstance(v, tuple) else v
+                 for k, v in arguments.items()}  # fmt: skip
+    target = _output(dense.double(), x.double(), arguments)
+    with _Products() as record:
+        refine_block(block, {4: arguments}, [(0, 4)], lambda a, b: x.double()[a:b],
+                     lambda a, b: target[a:b], RefineSettings(epochs=1, precision="bfloat16"),
+                     0, torch.float64)  # fmt: skip
+    assert record.dtypes and set(record.dtypes) == {torch.float64}
+
+
 def test_held_out_steps_are_whole_steps_at_the_end():
     steps = micro_batches([(0, 4), (4, 8), (8, 11)], 2)  # 2, 2, 2, 2, 2, 1 windows
     assert [held_out_steps(steps, n) for n in (0, 1, 3, 5, 9)] == [0, 1, 2, 3, 5]
@@ -239,6 +306,7 @@ def test_bad_refinement_settings_are_refused(tmp_path):
         dict(nsamples=8, batch_size=4, refine_holdout=8),  # nothing left to train on
         dict(nsamples=8, batch_size=4, refine_holdout=3),  # 2-window steps: not whole steps
         dict(nsamples=7, batch_size=4, refine_batch=4, refine_holdout=4),  # the last step: 3
+        dict(refine_precision="float16"),  # bf16 or float32 only
     )
     for bad in bad_settings:
         with pytest.raises(StreamSVDError, match="refine"):
@@ -297,6 +365,22 @@ def test_refined_compression_is_closer_to_the_original_and_deterministic(setup):
         root / "closed", reference, windows
     )
     assert again["seconds"] > 0
+
+
+def test_bfloat16_refinement_is_deterministic_and_says_its_precision(setup):
+    """A compress run refined in bf16 autocast gives the same bytes twice on a CPU, other
+    bytes than float32 refinement, and its config says the precision it trained in."""
+    root, model, calib = setup
+    settings = dict(refine_epochs=2, refine_lr=3e-3, refine_batch=4)
+    bf16 = [root / f"bf16-{k}" for k in range(2)]
+    for out in bf16:
+        _compress(model, calib, out, refine_precision="bfloat16", **settings)
+    _compress(model, calib, root / "fp32", **settings)
+    assert output_hashes(bf16[0]) == output_hashes(bf16[1])
+    assert output_hashes(bf16[0]) != output_hashes(root / "fp32")
+    said = [json.loads((out / "config.json").read_text())["streamsvd"]["refine"]["precision"]
+            for out in (bf16[0], root / "fp32")]  # fmt: skip
+    assert said == ["bfloat16", "float32"]
 
 
 def test_refinement_steps_are_cut_from_the_batches_as_asked(setup, monkeypatch):
