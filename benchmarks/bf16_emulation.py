@@ -101,11 +101,12 @@ def check(results: Path) -> dict:
         start = torch.cat([p.detach().reshape(-1) for p in block.parameters()])
         if context is not None:
             refine.mixed_precision = context
-        settings = refine.RefineSettings(epochs=4, lr=3e-4,
-                                         precision="float32" if context is None else "bfloat16")
+        precision = "float32" if context is None else "bfloat16"
+        settings = refine.RefineSettings(epochs=4, lr=3e-4, precision=precision)
         try:
             info = refine.refine_block(block, arguments, steps, lambda a, b: x_comp[a:b],
-                                       lambda a, b: target[a:b], settings, 0, torch.float32)
+                                       lambda a, b: target[a:b], settings, 0,
+                                       torch.float32)  # fmt: skip
         finally:
             refine.mixed_precision = _MIXED
         moved = torch.cat([p.detach().reshape(-1) for p in block.parameters()]) - start
@@ -149,10 +150,11 @@ def _markdown(result: dict) -> str:
              "| refinement | loss, first epoch | loss, last epoch |", "|---|---|---|"]  # fmt: skip
     for name, (first, last) in result["loss_first_last"].items():
         lines.append(f"| {name} | {first:.6g} | {last:.6g} |")
-    lines += ["", f"Threads: {result['threads']} (the other-threads run: "
-              f"{2 if result['threads'] == 1 else 1}).", "",
-              "| updates to the factors | relative distance |", "|---|---|"]
-    lines += [f"| {k.replace('_', ' ')} | {v:.3g} |" for k, v in result["relative_distance"].items()]
+    other = 2 if result["threads"] == 1 else 1
+    lines += ["", f"Threads: {result['threads']} (the other-threads run: {other}).", "",
+              "| updates to the factors | relative distance |", "|---|---|"]  # fmt: skip
+    distances = result["relative_distance"].items()
+    lines += [f"| {k.replace('_', ' ')} | {v:.3g} |" for k, v in distances]
     return "\n".join(lines) + "\n"
 
 

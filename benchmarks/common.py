@@ -129,7 +129,8 @@ def threads_of(env: dict | None) -> int:
 
 
 def compress(model: Path, work: Path, proto: Protocol, options: list[str],
-             env: dict | None = None, entry: list[str] | None = None) -> tuple[dict, str]:  # fmt: skip
+             env: dict | None = None,
+             entry: list[str] | None = None) -> tuple[dict, str]:  # fmt: skip
     """`streamsvd compress` of `model` into work/out on the protocol's calibration, in a
     process of its own (started as `python *entry`, default `-m streamsvd.cli`); (its
     summary JSON, its command as a results row shows it). A run that finished before a kill
@@ -142,7 +143,7 @@ def compress(model: Path, work: Path, proto: Protocol, options: list[str],
                "cpu", "--summary-json", str(summary), *options]  # fmt: skip
     if not (out.exists() and summary.exists()):
         subprocess.run(command, check=True, cwd=ROOT, env=env)
-    return json.loads(summary.read_text()), as_shown(command[2 + len(entry):], work)
+    return json.loads(summary.read_text()), as_shown(command[2 + len(entry) :], work)
 
 
 def as_shown(arguments: list[str], work: Path) -> str:
