@@ -15,18 +15,20 @@ Steps, in order of value (each bounded by its own timeout and by what is left of
    report.WORK_STAGES, and untimed time), device and host peaks by phase against the
    plan, and the projected whole model: seconds per block × the real depth (32) + the
    run's fixed time (everything outside the blocks: setup, calibration, the output).
-2. 70b: the same at Llama-2-70B's widths (80 blocks deep when projected).
-3. equivalence: a 1B-width checkpoint (TinyLlama-1.1B's widths, 2 blocks, float32)
+2. 7b-bf16: step 1 with refinement in bf16 autocast (`--refine-precision bfloat16`): what
+   it saves per block, against step 1's float32 refinement (its quality: docs/method.md).
+3. 70b: the same as step 1 at Llama-2-70B's widths (80 blocks deep when projected).
+4. equivalence: a 1B-width checkpoint (TinyLlama-1.1B's widths, 2 blocks, float32)
    compressed with the defaults at ratio 0.4 on CUDA and on the CPU: the ranks must agree,
    and each output's logit error against the original says whether both compress equally
    well (on random weights near-tied singular values make the truncation ill-determined,
    so the outputs are not compared value for value).
-4. vllm: if vLLM is installed, whether the 7B-width output loads in its Transformers
+5. vllm: if vLLM is installed, whether the 7B-width output loads in its Transformers
    backend (`LLM(..., model_impl="transformers", trust_remote_code=True)`) and generates;
    "not installed" otherwise. The rules it follows: docs/models.md#vllm.
-5. factorise: each linear of a 7B-width block factorised alone, the device memory it
+6. factorise: each linear of a 7B-width block factorised alone, the device memory it
    allocates against the plan's `factorize.workspace`.
-6. probe: the speed probe's rates at 1024, 2048 and 4096 (the plan extrapolates from them).
+7. probe: the speed probe's rates at 1024, 2048 and 4096 (the plan extrapolates from them).
 
 --dry runs the same steps on the CPU with tiny widths (64 and 128 hidden, 2 blocks, 4
 windows of 32 tokens, 1 epoch; "CUDA against CPU" becomes CPU against CPU, which must give
@@ -55,9 +57,10 @@ from streamsvd.report import WORK_STAGES  # noqa: E402
 from streamsvd.synth import SHAPES, Shape, synthesize  # noqa: E402
 
 MiB = 2**20
-STEPS = ["7b", "70b", "equivalence", "vllm", "factorise", "probe"]  # by value
-STEP_SECONDS = {"7b": 150, "70b": 300, "equivalence": 150, "vllm": 150, "factorise": 60,
-                "probe": 30}  # fmt: skip
+STEPS = ["7b", "7b-bf16", "70b", "equivalence", "vllm", "factorise", "probe"]  # by value
+STEP_SECONDS = {"7b": 150, "7b-bf16": 120, "70b": 300, "equivalence": 150, "vllm": 150,
+                "factorise": 60, "probe": 30}  # fmt: skip
+VARIANTS = {"7b-bf16": ("7b", ["--refine-precision", "bfloat16"])}  # step: (shape, options)
 # --dry: the same shapes' head layout at tiny widths, the real depth kept for projections
 DRY_SHAPES = {
     "7b": Shape(64, 172, 4, 4, 1024, 32, 512, source="7B layout, 64 wide"),
@@ -175,19 +178,22 @@ def projection(summary: dict, wall: float, depth: int) -> dict:
     }
 
 
-def scale_step(check: Check, name: str) -> dict:
-    """Step 1 or 2: the defaults at `name`'s widths, 2 blocks, bfloat16, against the plan."""
-    timeout = check.timeout(name)
-    row = {"shape": name, "widths": _widths(check.shape(name)), "finished": False}
+def scale_step(check: Check, step: str) -> dict:
+    """Step 1, 2 or 3: the defaults (with a variant's options) at a shape's widths, 2
+    blocks, bfloat16, against the plan."""
+    timeout = check.timeout(step)
+    name, variant = VARIANTS.get(step, (step, []))
+    row = {"shape": name, "widths": _widths(check.shape(name)), "finished": False,
+           **({"variant": " ".join(variant)} if variant else {})}  # fmt: skip
     if timeout <= 0:
         return row | {"skipped": "out of budget"}
     start = time.perf_counter()
     model = check.checkpoint(name, torch.bfloat16)
     row["synthesize_seconds"] = round(time.perf_counter() - start, 1)
     timeout -= time.perf_counter() - start
-    out = check.work / f"{name}-out"
+    out = check.work / f"{step}-out"
     plan, summary, wall, stopped = compress(model, out, check.device, "--calib",
-                                            str(check.calib()), *check.options(),
+                                            str(check.calib()), *check.options(), *variant,
                                             timeout=timeout, log=check.log)  # fmt: skip
     row["wall_seconds"] = round(wall, 1)
     if stopped:
@@ -391,12 +397,13 @@ def run_steps(check: Check, steps: list[str]) -> None:
     for step in STEPS:
         if step not in steps:
             continue
-        if step in ("7b", "70b"):
+        if step in ("7b", "70b", *VARIANTS):
             r["scale"].append(scale_step(check, step))
         elif step == "equivalence":
             r["equivalence"] = equivalence_step(check)
         elif step == "vllm":
-            outputs = [s.get("output") for s in r["scale"] if s["shape"] == "7b"]
+            outputs = [s.get("output") for s in r["scale"] if s["shape"] == "7b"
+                       and "variant" not in s]  # fmt: skip
             r["vllm"] = vllm_step(check, outputs[0] if outputs else None)
         elif check.timeout(step) < check.cap(step):  # in this process: cannot be stopped
             r[step] = {"skipped": "out of budget"}
@@ -461,7 +468,9 @@ def markdown(result: dict) -> str:
 
 
 def scale_lines(r: dict) -> list[str]:
-    lines = [f"## {r['shape'].upper()} width ({r['widths']}), 2 blocks, bfloat16, the defaults", ""]
+    variant = f", `{r['variant']}`" if "variant" in r else ""
+    lines = [f"## {r['shape'].upper()} width ({r['widths']}), 2 blocks, bfloat16, the "
+             f"defaults{variant}", ""]  # fmt: skip
     if not r["finished"]:
         why = r.get("skipped") or r.get("stopped")
         return lines + [f"Not measured: {why}.", ""]

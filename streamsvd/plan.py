@@ -168,7 +168,7 @@ if args["timing"]:
     reset_peak()
     t = args["timing"]
     fixed["rates"] = measure_speed(args["device"], getattr(torch, t["dtype"]), t["method"],
-                                   t["width"])
+                                   t["width"], getattr(torch, t["train"]))
     fixed["timing"] = phase_peak_bytes()
     fixed["after_timing"] = psutil.Process().memory_info().rss
 print(json.dumps(fixed))
@@ -242,7 +242,8 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
     can_time = timing and (torch.cuda.is_available() or not cfg.device.startswith("cuda"))
     width = max(lp.shape[1] for lp in linears)
     if fixed is None:
-        bench = {"dtype": str(compute).removeprefix("torch."), "method": cfg.method, "width": width}
+        bench = {"dtype": str(compute).removeprefix("torch."), "method": cfg.method,
+                 "width": width, "train": train_dtype(cfg)}  # fmt: skip
         fixed = measure_baseline(cfg, bench if can_time else None)
     host, device = run_phases(cfg, fixed, text, linears, groups, largest_params * compute.itemsize,
                               rest_bytes, compute.itemsize, width)  # fmt: skip
@@ -253,7 +254,8 @@ def make_plan(cfg, fixed: dict[str, int] | None = None, device_memory: int | Non
     if timing and not can_time:
         note = "unavailable: the GPU is not visible here (planned with --device-memory)"
     elif timing:
-        rates = fixed.get("rates") or measure_speed(cfg.device, compute, cfg.method, width)
+        rates = fixed.get("rates") or measure_speed(cfg.device, compute, cfg.method, width,
+                                                    getattr(torch, train_dtype(cfg)))  # fmt: skip
         if streams:  # the activation store's speed, where the run will keep it
             rates |= measure_store(existing(Path(cfg.run_dir)), cfg.seqlen, text.hidden_size,
                                    compute)  # fmt: skip
@@ -507,6 +509,14 @@ def refine_memory(cfg, text, linears: list[LinearPlan], item: int) -> int:
     local = cfg.nsamples * cfg.seqlen * text.hidden_size * item if cfg.refine_target < 1 else 0
     kept = cfg.refine.holdout > 0  # the best factors' copy
     return trainable_bytes(params, kept) + local + saved
+
+
+def train_dtype(cfg) -> str:
+    """The dtype of refinement's matrix products, whose rate times it: bfloat16 under
+    --refine-precision bfloat16, else float32. (Its memory is planned as float32's, an
+    upper bound: autocast saves bf16 copies of the products' inputs for the backward, 34
+    MiB against float32's 55 for a 2×512-token step of a SmolLM2 block.)"""
+    return "bfloat16" if getattr(cfg, "refine_precision", "float32") == "bfloat16" else "float32"
 
 
 def refine_held_bytes(cfg, hidden: int, compute: torch.dtype) -> int:

@@ -59,9 +59,11 @@ def bench_device_bytes(device: str, width: int) -> int:
     return BENCH_MATRICES * bench_size(device, width) ** 2 * 8
 
 
-def measure_speed(device: str, dtype: torch.dtype, method: str, width: int = BENCH_N) -> dict:
+def measure_speed(device: str, dtype: torch.dtype, method: str, width: int = BENCH_N,
+                  train: torch.dtype = torch.float32) -> dict:  # fmt: skip
     """Rates of this device: flop/s of float64 matrix products, triangular solves and the
-    in-place Cholesky, flop/s of the block's forward matmuls in the checkpoint dtype, and
+    in-place Cholesky, flop/s of the block's forward matmuls in the checkpoint dtype and of
+    refinement's in `train` (float32, or bfloat16 where it runs in bf16 autocast), and
     seconds per k³ of an eigendecomposition (and per m·n·k of an SVD where the method uses
     one). Seeded inputs; takes a few seconds. `width`: the model's, which caps the size
     (a tiny model is timed on its own small shapes, in milliseconds)."""
@@ -75,7 +77,7 @@ def measure_speed(device: str, dtype: torch.dtype, method: str, width: int = BEN
     # One step at a time, each freeing its temporaries: the run times itself with this
     # before its first block, and the plan counts its peak (BENCH_MATRICES).
     with torch.inference_mode():
-        rates |= _product_rates(a, dtype, dev)
+        rates |= _product_rates(a, dtype, dev, train)
         if method in ("svd", "rsvd", "svd-u"):
             rates["svd_mnk"] = _svd_seconds(a[: n // 2], dev) / (n * (n // 2) ** 2)
         gram = a @ a.mT
@@ -85,11 +87,12 @@ def measure_speed(device: str, dtype: torch.dtype, method: str, width: int = BEN
     return rates
 
 
-def _product_rates(a: torch.Tensor, dtype: torch.dtype, dev: torch.device) -> dict:
+def _product_rates(a: torch.Tensor, dtype: torch.dtype, dev: torch.device,
+                   train: torch.dtype) -> dict:  # fmt: skip
     n = a.shape[0]
     rates = {"gemm64": 2 * n**3 / _best_seconds(lambda: a @ a, dev)}
-    # the forward in the compute dtype; refinement trains in float32 (refine.py)
-    for name, kind in (("forward", dtype), ("train", torch.float32)):
+    # the forward in the compute dtype; refinement's products in float32 or bf16 (refine.py)
+    for name, kind in (("forward", dtype), ("train", train)):
         x = a.to(kind)
         rates[name] = 2 * n**3 / _best_seconds(lambda x=x: F.linear(x, x), dev)
     x = a.to(dtype)  # values per second of an elementwise op (norms, activations, softmax)

@@ -207,24 +207,28 @@ class BlockStep:
     def _exchange_factors(self, names: list[str], written: dict, ranks: dict[str, int],
                           dtype: torch.dtype, compute: torch.dtype) -> dict:  # fmt: skip
         """Each linear's factors, as written, from the rank that computed them to every
-        other, which puts them in its block: every rank then runs the same block."""
+        other, which puts them in its block: every rank then runs the same block. They
+        travel on the device (NCCL between GPUs): a receiving rank copies them to the host
+        once, for the shard's checksum."""
         self.world.barrier(f"block {self.index + 1}'s factors")  # names a rank that hangs
         out = {}
         for k, name in enumerate(names):
             linear = self.linears[name]
             m, n = linear_shape(linear)
-            if name in written:
-                down, up = written[name]  # in host memory
+            if name in written:  # ours, in host memory: sent from a device copy
+                down, up = (t.to(self.device) for t in written[name])
             else:
-                down = torch.empty((ranks[name], n), dtype=dtype)
-                up = torch.empty((m, ranks[name]), dtype=dtype)
+                down = torch.empty((ranks[name], n), dtype=dtype, device=self.device)
+                up = torch.empty((m, ranks[name]), dtype=dtype, device=self.device)
             self.world.broadcast_(down, self.world.owner(k))
             self.world.broadcast_(up, self.world.owner(k))
-            out[name] = (down, up)
-            if name not in written:
-                new = LowRankLinear.from_factors(up.to(self.device), down.to(self.device),
-                                                 linear.bias, dtype)  # fmt: skip
+            if name in written:
+                out[name] = written[name]
+            else:
+                out[name] = (down.cpu(), up.cpu())
+                new = LowRankLinear.from_factors(up, down, linear.bias, dtype)
                 replace_module(self.block, name, new.to(compute))
+            del down, up
         return out
 
     def compress(self, method: Method, ranks: dict[str, int], read: Read, write: Write | None,

@@ -63,6 +63,19 @@ def test_refine_cells_give_rows_that_score_the_compressed_model(tiny, tmp_path):
     assert f"{refined['perplexity']:.2f}" in table and "held out" in table
 
 
+def test_a_bf16_refine_cell_runs_through_the_emulation(tiny, tmp_path):
+    """A `bf16` cell compresses with --refine-precision bfloat16 through
+    benchmarks/bf16_emulation.py, which multiplies on bf16-rounded values: not the bytes of
+    float32 refinement, whose cell scores otherwise."""
+    run("refine.py", "--model", str(tiny), "--data-dir", str(DATA), "--results", str(tmp_path),
+        "--cells", "0.4:1:1e-3:b2", "0.4:1:1e-3:b2:bf16", "--no-original")  # fmt: skip
+    fp32, bf16 = json.loads((tmp_path / "refine_heldout.json").read_text())["rows"]
+    assert bf16["precision"] == "bfloat16" and "precision" not in fp32
+    assert "--refine-precision bfloat16" in bf16["command"]
+    assert math.isfinite(bf16["perplexity"]) and bf16["perplexity"] != fp32["perplexity"]
+    assert "| bfloat16 |" in (tmp_path / "refine_heldout.md").read_text()
+
+
 def test_allocation_and_quality_p1_write_their_tables(tiny, tmp_path):
     run("allocation.py", "--model", str(tiny), "--data-dir", str(DATA), "--results",
         str(tmp_path), "--allocations", "uniform", "--sequential", "no")  # fmt: skip

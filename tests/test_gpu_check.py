@@ -24,9 +24,11 @@ def test_dry_run_reports_every_section(tmp_path):
     result = json.loads((results / "gpu_check.json").read_text())
     assert result["dry"] and result["device"] == "CPU (dry run)"
 
-    # both widths finished, each timed by stage, its peaks beside the plan's, projected
-    assert [row["shape"] for row in result["scale"]] == ["7b", "70b"]
-    for row, depth in zip(result["scale"], (32, 80), strict=True):
+    # both widths finished (7B also with bf16 refinement), each timed by stage, its peaks
+    # beside the plan's, projected
+    assert [row["shape"] for row in result["scale"]] == ["7b", "7b", "70b"]
+    assert result["scale"][1]["variant"] == "--refine-precision bfloat16"
+    for row, depth in zip(result["scale"], (32, 32, 80), strict=True):
         assert row["finished"], row
         assert len(row["block_seconds"]) == 2
         for block in row["block_seconds"]:
@@ -58,5 +60,6 @@ def test_dry_run_reports_every_section(tmp_path):
                     "## CPU against CPU (dry run)", "## vLLM, Transformers backend",
                     "## Factorise", "## The speed probe"]:  # fmt: skip
         assert heading in md, heading
-    assert md.count("### Projected whole model") == 2
+    assert md.count("### Projected whole model") == 3
+    assert "the defaults, `--refine-precision bfloat16`" in md
     assert "Status: not installed." in md or importlib.util.find_spec("vllm") is not None

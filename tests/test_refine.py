@@ -383,6 +383,19 @@ def test_bfloat16_refinement_is_deterministic_and_says_its_precision(setup):
     assert said == ["bfloat16", "float32"]
 
 
+@pytest.mark.parametrize("native", [True, False, None])
+def test_bfloat16_refinement_on_a_cpu_without_native_bf16_is_warned_about(native, monkeypatch,
+                                                                          caplog):  # fmt: skip
+    from streamsvd import prepare
+
+    monkeypatch.setattr(prepare, "native_bf16", lambda: native)
+    with caplog.at_level(logging.WARNING, logger="streamsvd.prepare"):
+        prepare.warn_slow_bf16()
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == (native is False)
+    assert all("--refine-precision float32 is faster" in m for m in warned)
+
+
 def test_refinement_steps_are_cut_from_the_batches_as_asked(setup, monkeypatch):
     """--refine-batch 1 from batches of 4: four times the optimiser steps, each of 1 window,
     every block's training loss falls, and the output's config and the summary say what
