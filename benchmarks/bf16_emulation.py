@@ -121,6 +121,7 @@ def check(results: Path) -> dict:
                 "tokens plus 5% noise, "
                 "4 epochs of 4-window steps at lr 3e-4",
         "loss_first_last": {k: v["loss"] for k, v in runs.items()},
+        "command": common.command_line("bf16_emulation.py"),
         "threads": threads,
         "relative_distance": {"emulated_vs_autocast": distance("emulated", "autocast"),
                               "float32_other_threads_vs_float32": distance(
@@ -146,7 +147,7 @@ def _closed_form(dense, plain_svd, rank_for, LowRankLinear, replace_module):
 
 def _markdown(result: dict) -> str:
     lines = ["# bf16 autocast emulated in float32 arithmetic, against torch's CPU autocast", "",
-             result["what"] + " (`python benchmarks/bf16_emulation.py --check`).", "",
+             result["what"] + f" (`{result['command']}`).", "",
              "| refinement | loss, first epoch | loss, last epoch |", "|---|---|---|"]  # fmt: skip
     for name, (first, last) in result["loss_first_last"].items():
         lines.append(f"| {name} | {first:.6g} | {last:.6g} |")

@@ -287,13 +287,7 @@ def refine_block(block: nn.Module, arguments: dict[int, dict], batches: list[tup
         for p in params:  # the same on every rank already; rank 0's, to be sure
             world.broadcast_(p.data, 0)
         del optimizer, params, step_with, best
-        if overflowed:
-            _refuse_overflow(index)
-        if not all(math.isfinite(v) for v in epoch_loss):
-            raise StreamSVDError(
-                f"block {index + 1}: refinement diverged (loss {epoch_loss}); run with a lower "
-                "--refine-lr, or --refine-epochs 0"
-            )
+        _refuse_nonfinite(index, overflowed, epoch_loss)
         changed = set(names) if kept else set()  # declined: the closed form's bytes back
         _retensor(block, lambda n, t: (t.to(dtype) if n in changed else t).to(before[n]), set())
     return {"loss_first_epoch": epoch_loss[0], "loss_last_epoch": epoch_loss[-1],
@@ -436,11 +430,18 @@ def _mean_over_ranks(total: float, windows: int, world: World) -> float:
     return total / windows
 
 
-def _refuse_overflow(index: int):
-    raise StreamSVDError(
-        f"block {index + 1}: its inputs or targets hold NaN or inf: the activations "
-        "overflowed; run the blocks in a wider dtype (compress --compute-dtype float32)"
-    )
+def _refuse_nonfinite(index: int, overflowed: bool, epoch_loss: list[float]) -> None:
+    """Stop where inputs or targets held NaN or inf, or the training loss did."""
+    if overflowed:
+        raise StreamSVDError(
+            f"block {index + 1}: its inputs or targets hold NaN or inf: the activations "
+            "overflowed; run the blocks in a wider dtype (compress --compute-dtype float32)"
+        )
+    if not all(math.isfinite(v) for v in epoch_loss):
+        raise StreamSVDError(
+            f"block {index + 1}: refinement diverged (loss {epoch_loss}); run with a lower "
+            "--refine-lr, or --refine-epochs 0"
+        )
 
 
 def _take_step(params, optimizer, schedule, world: World, windows: int) -> None:
