@@ -241,11 +241,19 @@ def run_status(workdir: Path) -> dict:
     }
 
 
+# Settings the manifest gained after runs had started without them, with the value those
+# runs had: such a run resumes where the setting still has that value.
+ADDED_SETTINGS = {"refine.holdout": 0, "refine.precision": "float32"}
+
+
 def diff_settings(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Each setting that differs, as 'name: was X, now Y'."""
+    """Each setting that differs, as 'name: was X, now Y' (a setting added since `old`
+    was written counts as its ADDED_SETTINGS value there)."""
     out = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
+        if key not in old and ADDED_SETTINGS.get(f"{prefix}{key}", a) == b:
+            continue  # the value the run had before the setting existed
         if isinstance(a, dict) and isinstance(b, dict):
             out += diff_settings(a, b, f"{prefix}{key}.")
         elif a != b:

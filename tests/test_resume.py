@@ -240,6 +240,21 @@ def test_disk_full_then_resume(setup, tmp_path, capsys):
     assert output_hashes(out) == reference("svdllm-a")
 
 
+def test_a_run_from_before_a_setting_existed_resumes_at_its_old_value(setup, tmp_path):
+    """A manifest written before refine.precision existed resumes with float32 (what such
+    runs did), and is refused with bfloat16, naming it."""
+    model, calib, _ = setup
+    out, work = tmp_path / "out", tmp_path / "out.work"
+    Compressor(_config(model, calib, out, "svdllm-a"))  # writes the manifest
+    manifest = json.loads((work / "manifest.json").read_text())
+    del manifest["refine"]["precision"]  # as the code before it wrote it
+    (work / "manifest.json").write_text(json.dumps(manifest))
+    Compressor(_config(model, calib, out, "svdllm-a"))  # no refusal
+    with pytest.raises(StreamSVDError) as info:
+        Compressor(_config(model, calib, out, "svdllm-a", refine_precision="bfloat16"))
+    assert "1 difference(s):\n  refine.precision: was None, now 'bfloat16'" in str(info.value)
+
+
 def test_changed_settings_or_checkpoint_are_refused(setup, tmp_path, capsys):
     model, calib, _ = setup
     out, work = tmp_path / "out", tmp_path / "out.work"
