@@ -20,6 +20,7 @@ of SmolLM2 against torch's own CPU autocast.
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 from pathlib import Path
 
@@ -68,8 +69,6 @@ def check(results: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import streamsvd.refine as refine
-    from streamsvd.factorize import plain_svd, rank_for
-    from streamsvd.modeling import LowRankLinear, replace_module
 
     torch.manual_seed(0)
     path = common.smollm2()
@@ -89,18 +88,17 @@ def check(results: Path) -> dict:
         target = target[0] if isinstance(target, tuple) else target
         x_comp = x + 0.05 * x.std() * torch.randn(x.shape)
     steps = [(s, s + 4) for s in range(0, windows, 4)]
-    runs = {}
+    runs, original = {}, refine.mixed_precision
     threads = torch.get_num_threads()
     for name, context in [("float32", None), ("float32, other threads", None),
-                          ("autocast", refine.mixed_precision),
+                          ("autocast", original),
                           ("emulated", emulated_mixed_precision)]:  # fmt: skip
         # the same float32 arithmetic, summed in another order: rounding's own scale
         torch.set_num_threads(threads if name != "float32, other threads" else
                               (2 if threads == 1 else 1))  # fmt: skip
-        block = _closed_form(dense, plain_svd, rank_for, LowRankLinear, replace_module)
+        block = _closed_form(dense)
         start = torch.cat([p.detach().reshape(-1) for p in block.parameters()])
-        if context is not None:
-            refine.mixed_precision = context
+        refine.mixed_precision = context or original
         precision = "float32" if context is None else "bfloat16"
         settings = refine.RefineSettings(epochs=4, lr=3e-4, precision=precision)
         try:
@@ -108,7 +106,7 @@ def check(results: Path) -> dict:
                                        lambda a, b: target[a:b], settings, 0,
                                        torch.float32)  # fmt: skip
         finally:
-            refine.mixed_precision = _MIXED
+            refine.mixed_precision = original
         moved = torch.cat([p.detach().reshape(-1) for p in block.parameters()]) - start
         runs[name] = {"update": moved, "loss": [info["loss_first_epoch"],
                                                    info["loss_last_epoch"]]}  # fmt: skip
@@ -133,8 +131,10 @@ def check(results: Path) -> dict:
     return result
 
 
-def _closed_form(dense, plain_svd, rank_for, LowRankLinear, replace_module):
-    import copy
+def _closed_form(dense: torch.nn.Module) -> torch.nn.Module:
+    """The block with every linear replaced by its plain truncated SVD at ratio 0.4."""
+    from streamsvd.factorize import plain_svd, rank_for
+    from streamsvd.modeling import LowRankLinear, replace_module
 
     block = copy.deepcopy(dense)
     for name, module in list(block.named_modules()):
@@ -159,12 +159,9 @@ def _markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-_MIXED = None
-
 if __name__ == "__main__":
     import streamsvd.refine
 
-    _MIXED = streamsvd.refine.mixed_precision
     if sys.argv[1:2] == ["--check"]:
         print(check(Path(sys.argv[3]) if sys.argv[2:3] == ["--results"] else
                     Path(__file__).resolve().parent / "results"))  # fmt: skip

@@ -235,7 +235,7 @@ class CompressConfig:
             )
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise StreamSVDError(f"device must be cpu or cuda, got {self.device!r}")
-        _ = self.refine  # checks the refinement settings
+        refine = self.refine  # checks the refinement settings
         if self.refine_batch is not None and not 1 <= self.refine_batch <= self.batch_size:
             raise StreamSVDError(
                 f"--refine-batch must be 1 to --batch-size ({self.batch_size}) windows, got "
@@ -250,9 +250,9 @@ class CompressConfig:
                 "--refine-streams device holds the streams in GPU memory: it needs --device "
                 "cuda (on a CPU, host memory is the device: --refine-streams host)"
             )
-        if self.refine.holdout:  # whole steps at the end, at least one left to train on
-            held_out_steps(micro_batches(calibration_batches(self), self.refine.batch),
-                           self.refine.holdout)  # fmt: skip
+        if refine.holdout:  # whole steps at the end, at least one left to train on
+            held_out_steps(micro_batches(calibration_batches(self), refine.batch),
+                           refine.holdout)  # fmt: skip
         if self.bits is not None:
             QuantSettings(self.bits, self.group_size or 128, self.quant_symmetric)  # checks
             if self.dense:

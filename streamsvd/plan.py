@@ -516,7 +516,7 @@ def train_dtype(cfg) -> str:
     --refine-precision bfloat16, else float32. (Its memory is planned as float32's, an
     upper bound: autocast saves bf16 copies of the products' inputs for the backward, 34
     MiB against float32's 55 for a 2×512-token step of a SmolLM2 block.)"""
-    return "bfloat16" if getattr(cfg, "refine_precision", "float32") == "bfloat16" else "float32"
+    return getattr(cfg, "refine_precision", "float32")  # refine.PRECISIONS: torch's dtype names
 
 
 def refine_held_bytes(cfg, hidden: int, compute: torch.dtype) -> int:
