@@ -1,7 +1,8 @@
 """The GPU acceptance check, as one prepared script for a lent GPU (a session gets about
-15 minutes of one, ~10 of them for this): the compress defaults on 7B- and 70B-width
-synthetic checkpoints, timed by stage and measured against the plan, the whole model
-projected from them, CUDA against the CPU path, and whether vLLM serves an output.
+15 minutes of one; benchmarks/gpu_run.sh runs this there): the compress defaults on 7B-
+and 70B-width synthetic checkpoints, timed by stage and measured against the plan, the
+whole model projected from them, CUDA against the CPU path, and whether vLLM serves an
+output.
 
     python benchmarks/gpu_check.py --results DIR    # on the GPU machine; DIR: its $OUT
     python benchmarks/gpu_check.py --dry --results DIR    # the same steps on a CPU, tiny
@@ -15,9 +16,9 @@ Steps, in order of value (each bounded by its own timeout and by what is left of
    report.WORK_STAGES, and untimed time), device and host peaks by phase against the
    plan, and the projected whole model: seconds per block × the real depth (32) + the
    run's fixed time (everything outside the blocks: setup, calibration, the output).
-2. 7b-bf16: step 1 with refinement in bf16 autocast (`--refine-precision bfloat16`): what
+2. 70b: the same as step 1 at Llama-2-70B's widths (80 blocks deep when projected).
+3. 7b-bf16: step 1 with refinement in bf16 autocast (`--refine-precision bfloat16`): what
    it saves per block, against step 1's float32 refinement (its quality: docs/method.md).
-3. 70b: the same as step 1 at Llama-2-70B's widths (80 blocks deep when projected).
 4. equivalence: a 1B-width checkpoint (TinyLlama-1.1B's widths, 2 blocks, float32)
    compressed with the defaults at ratio 0.4 on CUDA and on the CPU: the ranks must agree,
    and each output's logit error against the original says whether both compress equally
@@ -33,8 +34,11 @@ Steps, in order of value (each bounded by its own timeout and by what is left of
 --dry runs the same steps on the CPU with tiny widths (64 and 128 hidden, 2 blocks, 4
 windows of 32 tokens, 1 epoch; "CUDA against CPU" becomes CPU against CPU, which must give
 the same bytes): tests/test_gpu_check.py runs it. Each compress is its own `streamsvd
-compress` process, killed at its timeout; logs go to DIR/gpu_check.log; gpu_check.json and
-gpu_check.md are rewritten after every step, so a run cut short still reports what it did.
+compress` process, killed at its timeout; logs go to DIR/gpu_check.log. gpu_check.json and
+gpu_check.md (`--name` for other names) are rewritten after every step, so a run cut short
+still reports what it did, and a compress stopped at its timeout still reports the blocks it
+finished (its log lines). A step is skipped when less than MIN_SHARE of its own limit is
+left: it could not finish a block.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -57,10 +63,14 @@ from streamsvd.report import WORK_STAGES  # noqa: E402
 from streamsvd.synth import SHAPES, Shape, synthesize  # noqa: E402
 
 MiB = 2**20
-STEPS = ["7b", "7b-bf16", "70b", "equivalence", "vllm", "factorise", "probe"]  # by value
-STEP_SECONDS = {"7b": 150, "7b-bf16": 120, "70b": 300, "equivalence": 150, "vllm": 150,
+STEPS = ["7b", "70b", "7b-bf16", "equivalence", "vllm", "factorise", "probe"]  # by value
+# each step's limit in seconds (70b: what the default budget leaves after 7b)
+STEP_SECONDS = {"7b": 150, "7b-bf16": 120, "70b": 340, "equivalence": 150, "vllm": 150,
                 "factorise": 60, "probe": 30}  # fmt: skip
 VARIANTS = {"7b-bf16": ("7b", ["--refine-precision", "bfloat16"])}  # step: (shape, options)
+MIN_SHARE = 0.4  # of a step's own limit, left in the budget, for it to start
+# what the pipeline logs as each block is committed (pipeline.Compressor._compress_block)
+BLOCK_LINE = re.compile(r"block (\d+)/\d+: ranks .*?, ([\d.]+)s, peak RSS")
 # --dry: the same shapes' head layout at tiny widths, the real depth kept for projections
 DRY_SHAPES = {
     "7b": Shape(64, 172, 4, 4, 1024, 32, 512, source="7B layout, 64 wide"),
@@ -79,6 +89,7 @@ class Check:
     work: Path
     dry: bool
     budget: float
+    name: str = "gpu_check"  # of its results: NAME.json, NAME.md, NAME.log
     started: float = field(default_factory=time.perf_counter)
     result: dict = field(default_factory=dict)
 
@@ -88,7 +99,7 @@ class Check:
 
     @property
     def log(self) -> Path:
-        return self.results / "gpu_check.log"
+        return self.results / f"{self.name}.log"
 
     def shape(self, name: str) -> Shape:
         return DRY_SHAPES[name] if self.dry else SHAPES[name]
@@ -102,8 +113,10 @@ class Check:
         return STEP_SECONDS[step] * (4 if self.dry else 1)
 
     def timeout(self, step: str) -> float:
-        """What a step may take: its own cap, within what is left of the budget."""
-        return min(self.cap(step), self.budget - (time.perf_counter() - self.started))
+        """What a step may take: its own cap, within what is left of the budget; 0 when
+        less than MIN_SHARE of its cap is left."""
+        left = min(self.cap(step), self.budget - (time.perf_counter() - self.started))
+        return left if left >= MIN_SHARE * self.cap(step) else 0.0
 
     def checkpoint(self, name: str, dtype: torch.dtype) -> Path:
         path = self.work / f"{name}-{'dry' if self.dry else 'full'}"
@@ -125,7 +138,7 @@ def compress(model: Path, out: Path, device: str, *extra: str, timeout: float, l
     """(plan, summary, wall seconds of the run itself: its process start, setup and output
     included, what stopped it) of one `streamsvd compress`, `--dry-run` first if asked for
     a plan; the summary None where it failed or the two passed `timeout`."""
-    cli = [sys.executable, "-m", "streamsvd.cli", "-q", "compress", "--model", str(model),
+    cli = [sys.executable, "-m", "streamsvd.cli", "compress", "--model", str(model),
            "--out", str(out), "--device", device, *extra]  # fmt: skip
     plan_json, summary_json = out.parent / f"{out.name}.plan.json", out.parent / f"{out.name}.json"
     for stale in (out, Path(f"{out}.work"), plan_json, summary_json):
@@ -145,7 +158,7 @@ def compress(model: Path, out: Path, device: str, *extra: str, timeout: float, l
         except subprocess.TimeoutExpired:
             stopped = f"stopped unfinished after {timeout:.0f} s"
         except subprocess.CalledProcessError as exc:
-            stopped = f"failed with exit status {exc.returncode} (see gpu_check.log)"
+            stopped = f"failed with exit status {exc.returncode} (see the log)"
         f.write(f"{stopped}\n" if stopped else "")
     wall = time.perf_counter() - run_start
     return _read(plan_json if plan else None), _read(summary_json), wall, stopped
@@ -192,6 +205,7 @@ def scale_step(check: Check, step: str) -> dict:
     row["synthesize_seconds"] = round(time.perf_counter() - start, 1)
     timeout -= time.perf_counter() - start
     out = check.work / f"{step}-out"
+    log_start = check.log.stat().st_size if check.log.exists() else 0
     plan, summary, wall, stopped = compress(model, out, check.device, "--calib",
                                             str(check.calib()), *check.options(), *variant,
                                             timeout=timeout, log=check.log)  # fmt: skip
@@ -205,7 +219,7 @@ def scale_step(check: Check, step: str) -> dict:
             "host_phases_mb": {k: round(v / MiB) for k, v in plan["host_phases"].items()},
         }
     if summary is None:
-        return row
+        return row | finished_blocks(check.log, log_start, check.shape(name).layers)
     row |= {
         "finished": True,
         "block_seconds": summary["block_seconds"],
@@ -219,6 +233,23 @@ def scale_step(check: Check, step: str) -> dict:
     if planned.get("total"):
         row["projection"]["planned_seconds"] = round(planned["total"] * check.shape(name).layers)
     return row
+
+
+def finished_blocks(log: Path, start: int, depth: int) -> dict:
+    """What a compress stopped before its end still tells: the seconds of each block it
+    finished, from its log lines (after byte `start` of the log), and the blocks of a model
+    `depth` deep projected from them (its fixed time unknown)."""
+    text = log.read_bytes()[start:].decode(errors="replace") if log.exists() else ""
+    seconds = [float(m.group(2)) for m in BLOCK_LINE.finditer(text)]
+    if not seconds:
+        return {}
+    per_block = sum(seconds) / len(seconds)
+    return {"logged_block_seconds": seconds,
+            "projected_block_seconds": round(per_block * depth, 1)}  # fmt: skip
+
+
+def _round(seconds: float | None) -> str:
+    return "–" if seconds is None else f"{seconds:.2f}"
 
 
 def _widths(shape: Shape) -> str:
@@ -296,8 +327,9 @@ def vllm_step(check: Check, output: str | None) -> dict:
     if output is None or timeout <= 0:
         return {"status": "skipped: " + ("no 7b output" if output is None else "out of budget")}
     try:
+        env = {**os.environ, "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}  # apply_model: a function
         done = subprocess.run([sys.executable, "-c", VLLM, output], capture_output=True,
-                              text=True, timeout=timeout)  # fmt: skip
+                              text=True, timeout=timeout, env=env)  # fmt: skip
     except subprocess.TimeoutExpired:
         return {"status": f"unfinished after {timeout:.0f} s"}
     with check.log.open("a") as f:
@@ -412,7 +444,7 @@ def run_steps(check: Check, steps: list[str]) -> None:
         else:
             r[step] = probe_step(check)
         r["seconds"] = round(time.perf_counter() - check.started, 1)
-        common.save(check.results, "gpu_check", r, markdown(r))
+        common.save(check.results, check.name, r, markdown(r))
     for row in r["scale"]:  # the outputs are large; kept until the vLLM step has run
         shutil.rmtree(row.get("output", ""), ignore_errors=True)
 
@@ -421,8 +453,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=common.ROOT / "benchmarks/results")
     parser.add_argument("--work", type=Path, default=Path("/tmp/streamsvd-gpu-check"))
-    parser.add_argument("--budget", type=float, default=570,
-                        help="seconds for all steps together (default 570)")  # fmt: skip
+    parser.add_argument("--budget", type=float, default=450,
+                        help="seconds for all steps together (default 450: the 7b and 70b "
+                             "steps, in a 540 s command; gpu_run.sh)")  # fmt: skip
+    parser.add_argument("--name", default="gpu_check",
+                        help="the results' file names: NAME.json, NAME.md, NAME.log")  # fmt: skip
     parser.add_argument("--steps", nargs="*", default=STEPS, choices=STEPS)
     parser.add_argument("--dry", action="store_true",
                         help="on the CPU at tiny widths: the script's own check")  # fmt: skip
@@ -432,7 +467,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.work.mkdir(parents=True, exist_ok=True)
     args.results.mkdir(parents=True, exist_ok=True)
     budget = args.budget * (4 if args.dry else 1)
-    check = Check(args.results, args.work, args.dry, budget)
+    check = Check(args.results, args.work, args.dry, budget, args.name)
     check.result = {
         "device": "CPU (dry run)" if args.dry else torch.cuda.get_device_name(),
         "torch": torch.__version__,
@@ -473,14 +508,20 @@ def scale_lines(r: dict) -> list[str]:
              f"defaults{variant}", ""]  # fmt: skip
     if not r["finished"]:
         why = r.get("skipped") or r.get("stopped")
-        return lines + [f"Not measured: {why}.", ""]
+        lines.append(f"Not finished: {why}.")
+        if "logged_block_seconds" in r:
+            lines.append(f"Blocks it finished, seconds each (its log): "
+                         f"{', '.join(map(str, r['logged_block_seconds']))}; the blocks of the "
+                         f"whole model at that rate: {r['projected_block_seconds']} s "
+                         f"(setup and output not counted).")  # fmt: skip
+        return lines + [""]
     plan = r.get("plan", {})
     planned = plan.get("seconds_per_block") or {}
     lines += ["### Time per block by stage (seconds)", "",
               "| block | total | by stage | planned total |", "|---|---|---|---|"]  # fmt: skip
     for b in r["block_seconds"]:
         stages = ", ".join(f"{k} {v}" for k, v in b.items() if k not in ("block", "total"))
-        lines.append(f"| {b['block']} | {b['total']} | {stages} | {planned.get('total', '–')} |")
+        lines.append(f"| {b['block']} | {b['total']} | {stages} | {_round(planned.get('total'))} |")
     lines += ["", "### Peaks against the plan (MiB)", "",
               "| phase | planned device | measured device | planned host | measured host |",
               "|---|---|---|---|---|"]  # fmt: skip

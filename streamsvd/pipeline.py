@@ -78,6 +78,7 @@ class Compressor(SpectraPass):
         self.world = world = world or World()
         self.timer = StageTimer(cuda=cfg.device.startswith("cuda"))
         self.phase_peaks: dict[str, dict] = {}  # phase -> peak memory over the blocks
+        self.device_peak = 0  # bytes: the process's device peak before the last phase began
         self.block_seconds: list[dict] = []  # per block computed here: stage -> seconds
         self.setup = setup = prepare(cfg, world)  # prepare.py: checks, windows, manifest
         self.device, self.compute, self.dtype = setup.device, setup.compute, setup.dtype
@@ -273,10 +274,10 @@ class Compressor(SpectraPass):
         empty(block)
         spent = {k: v - stages_before.get(k, 0.0) for k, v in self.timer.seconds.items()}
         spent = {k: round(v, 2) for k, v in spent.items() if v > 0}
-        self.block_seconds.append({"block": i, "total": round(time.perf_counter() - t0, 2),
-                                   **spent})  # fmt: skip
+        total = time.perf_counter() - t0
+        self.block_seconds.append({"block": i, "total": round(total, 2), **spent})
         log.info("block %d/%d: ranks %s, %.1fs, peak RSS %.0f MB%s", i + 1, len(self.blocks),
-                 sorted(set(ranks.values())), time.perf_counter() - t0, peak_rss_mb(),
+                 sorted(set(ranks.values())), total, peak_rss_mb(),
                  losses_line(losses))  # fmt: skip
 
     def _reset_next(self, stream: str, i: int) -> None:
@@ -327,7 +328,8 @@ class Compressor(SpectraPass):
         """Record the phase's peak host (and device) memory, and turn a CUDA out-of-memory
         error into a message naming the phase and what the plan says it needs."""
         reset_peak()
-        if self.device.type == "cuda":
+        if self.device.type == "cuda":  # the run's peak so far is kept before it is reset
+            self.device_peak = max(self.device_peak, torch.cuda.max_memory_allocated(self.device))
             torch.cuda.reset_peak_memory_stats(self.device)
         try:
             yield

@@ -154,8 +154,15 @@ def run_summary(run, seconds: float, ranks: dict) -> dict:
         summary["expert_tokens"] = expert_tokens
         summary["experts_without_tokens"] = [e for e, n in expert_tokens.items() if n == 0]
     if run.device.type == "cuda":
-        summary["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        summary["peak_cuda_mb"] = peak_cuda_mb(run)
     return summary
+
+
+def peak_cuda_mb(run) -> float:
+    """The run's device peak. Each phase resets CUDA's peak counter to measure its own, so
+    the peak from before the last phase began is kept in `run.device_peak`."""
+    peak = max(run.device_peak, torch.cuda.max_memory_allocated(run.device))
+    return round(peak / 2**20, 1)
 
 
 def all_sessions(run, seconds: float) -> dict:

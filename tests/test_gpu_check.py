@@ -26,9 +26,9 @@ def test_dry_run_reports_every_section(tmp_path):
 
     # both widths finished (7B also with bf16 refinement), each timed by stage, its peaks
     # beside the plan's, projected
-    assert [row["shape"] for row in result["scale"]] == ["7b", "7b", "70b"]
-    assert result["scale"][1]["variant"] == "--refine-precision bfloat16"
-    for row, depth in zip(result["scale"], (32, 32, 80), strict=True):
+    assert [row["shape"] for row in result["scale"]] == ["7b", "70b", "7b"]
+    assert result["scale"][2]["variant"] == "--refine-precision bfloat16"
+    for row, depth in zip(result["scale"], (32, 80, 32), strict=True):
         assert row["finished"], row
         assert len(row["block_seconds"]) == 2
         for block in row["block_seconds"]:
@@ -63,3 +63,25 @@ def test_dry_run_reports_every_section(tmp_path):
     assert md.count("### Projected whole model") == 3
     assert "the defaults, `--refine-precision bfloat16`" in md
     assert "Status: not installed." in md or importlib.util.find_spec("vllm") is not None
+
+
+def test_a_compress_cut_short_still_reports_the_blocks_it_finished(tmp_path, monkeypatch):
+    """A scale step whose compress dies before its second block (killed by fault injection,
+    as a timeout kills it): the step is unfinished, but keeps the first block's seconds
+    from the run's log and projects the model's blocks from them; the markdown says so."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+
+    monkeypatch.setenv("STREAMSVD_FAULT", "between:1")  # SIGKILL before block 1 is loaded
+    results, work = tmp_path / "results", tmp_path / "work"
+    results.mkdir()
+    work.mkdir()
+    check = gpu_check.Check(results, work, dry=True, budget=4 * 450)
+    row = gpu_check.scale_step(check, "7b")
+    assert not row["finished"] and "exit status" in row["stopped"]
+    [seconds] = row["logged_block_seconds"]  # block 0 alone
+    assert seconds > 0
+    assert row["projected_block_seconds"] == round(seconds * 32, 1)
+    md = "\n".join(gpu_check.scale_lines(row))
+    assert "Not finished: failed with exit status" in md
+    assert f"Blocks it finished, seconds each (its log): {seconds};" in md

@@ -1,10 +1,13 @@
 """Phase peaks (streamsvd/memory.py): a sample of resident memory taken before a phase
-starts never counts toward it, however the sampling thread is scheduled."""
+starts never counts toward it, however the sampling thread is scheduled; and the device
+peak a run reports is the whole run's, though each phase resets CUDA's counter."""
 
 from __future__ import annotations
 
 import threading
 from types import SimpleNamespace
+
+import torch
 
 from streamsvd.memory import _PhaseSampler
 
@@ -44,3 +47,36 @@ def test_a_sample_read_before_a_reset_does_not_count_after_it():
     resetting.join(5)
     assert not resetting.is_alive() and process.sampled_again.wait(5)
     assert sampler.read() == LOW
+
+
+class _CudaCounters:
+    """torch.cuda's peak counters, stubbed on a CPU: `use(n)` allocates n bytes and frees
+    them again, as a phase's temporaries do."""
+
+    def __init__(self, monkeypatch):
+        self.allocated = self.peak = 0
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: self.peak)
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", self.reset)
+
+    def reset(self, device=None):
+        self.peak = self.allocated
+
+    def use(self, n: int):
+        self.peak = max(self.peak, self.allocated + n)
+
+
+def test_the_run_reports_its_device_peak_though_each_phase_resets_it(monkeypatch):
+    """A large phase, then a smaller one: each phase's own peak is recorded, and the run's
+    device peak is still the large phase's (the summary read the counter since the last
+    reset: the smaller phase's)."""
+    from streamsvd.pipeline import Compressor
+    from streamsvd.report import peak_cuda_mb
+
+    cuda = _CudaCounters(monkeypatch)
+    run = SimpleNamespace(device=torch.device("cuda"), phase_peaks={}, plan=None, device_peak=0)
+    for phase, used in (("factorise", 900 << 20), ("refine", 300 << 20)):
+        with Compressor._phase(run, phase):
+            cuda.use(used)
+    assert run.phase_peaks["factorise"]["device_mb"] == 900
+    assert run.phase_peaks["refine"]["device_mb"] == 300
+    assert peak_cuda_mb(run) == 900
