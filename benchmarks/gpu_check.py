@@ -507,8 +507,8 @@ def scale_lines(r: dict) -> list[str]:
     lines = [f"## {r['shape'].upper()} width ({r['widths']}), 2 blocks, bfloat16, the "
              f"defaults{variant}", ""]  # fmt: skip
     if not r["finished"]:
-        why = r.get("skipped") or r.get("stopped")
-        lines.append(f"Not finished: {why}.")
+        lines.append(f"Not measured: {r['skipped']}." if "skipped" in r else
+                     f"Not finished: {r.get('stopped')}.")  # fmt: skip
         if "logged_block_seconds" in r:
             lines.append(f"Blocks it finished, seconds each (its log): "
                          f"{', '.join(map(str, r['logged_block_seconds']))}; the blocks of the "

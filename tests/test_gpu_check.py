@@ -69,7 +69,7 @@ def test_a_compress_cut_short_still_reports_the_blocks_it_finished(tmp_path, mon
     """A scale step whose compress dies before its second block (killed by fault injection,
     as a timeout kills it): the step is unfinished, but keeps the first block's seconds
     from the run's log and projects the model's blocks from them; the markdown says so."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import gpu_check
 
     monkeypatch.setenv("STREAMSVD_FAULT", "between:1")  # SIGKILL before block 1 is loaded
